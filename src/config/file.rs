@@ -1,0 +1,112 @@
+//! The config as written: RON file structs, also built in code by embedders.
+//!
+//! Everything is a plain string or number here; [`Config::validate`] turns it into typed
+//! [`super::Settings`] and reports every problem by its path.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole config file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `error`, `warn`, `info` (default), `debug` or `trace`.
+    pub log_level: Option<String>,
+    /// How long shutdown waits for live sessions before closing them (default `30s`).
+    pub drain_timeout: Option<String>,
+    /// Capacity of each actor's mailbox (default 1024).
+    pub mailbox: Option<usize>,
+    /// Named ways out of the host. The name `default` is used by routes that name none.
+    pub egress: BTreeMap<String, EgressConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+/// A way out of the host: an interface, a source address, and socket options.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EgressConfig {
+    /// Interface to bind outbound sockets to (SO_BINDTODEVICE; needs root or CAP_NET_RAW).
+    pub device: Option<String>,
+    /// Source IP address for outbound sockets.
+    pub source: Option<String>,
+    /// TCP_NODELAY on upstream connections (default true).
+    pub nodelay: Option<bool>,
+    /// TCP keepalive idle time, e.g. `"60s"` (default: off).
+    pub keepalive: Option<String>,
+    /// TCP_MAXSEG in bytes.
+    pub mss: Option<u32>,
+    /// SO_SNDBUF in bytes.
+    pub send_buffer: Option<usize>,
+    /// SO_RCVBUF in bytes.
+    pub recv_buffer: Option<usize>,
+}
+
+/// How a route's traffic is carried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Protocol {
+    #[default]
+    Tcp,
+}
+
+/// How a route picks a backend for a new session.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+}
+
+/// One listening address and the backends behind it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteConfig {
+    pub name: String,
+    /// `IP:port` to listen on; port 0 picks a free port.
+    pub listen: String,
+    pub protocol: Protocol,
+    pub balance: Balance,
+    /// Egress for this route's backends (default: the `default` egress).
+    pub egress: Option<String>,
+    pub backends: Vec<BackendConfig>,
+    /// Per connect attempt (default `3s`).
+    pub connect_timeout: Option<String>,
+    /// Backends tried per session before giving up (default: each backend once).
+    pub connect_attempts: Option<usize>,
+    /// A session with no traffic either way for this long is closed (default `10m`).
+    pub idle_timeout: Option<String>,
+    /// After one direction ends, the other is closed after this long without traffic (default `30s`).
+    pub fin_timeout: Option<String>,
+    /// Listen backlog (default 1024).
+    pub backlog: Option<u32>,
+}
+
+/// One backend of a route.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendConfig {
+    /// `IP:port`.
+    pub addr: String,
+    /// Egress for this backend only, overriding the route's.
+    pub egress: Option<String>,
+}
+
+impl RouteConfig {
+    /// A TCP route with default settings: the usual start when building a config in code.
+    pub fn tcp(name: &str, listen: &str, backends: &[&str]) -> Self {
+        RouteConfig {
+            name: name.to_string(),
+            listen: listen.to_string(),
+            backends: backends.iter().map(|addr| BackendConfig::new(addr)).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+impl BackendConfig {
+    pub fn new(addr: &str) -> Self {
+        BackendConfig {
+            addr: addr.to_string(),
+            egress: None,
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! Config: the RON file ([`Config`]) and the checked, typed [`Settings`] the relay runs on.
+
+mod file;
+mod validate;
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+pub use file::{Balance, BackendConfig, Config, EgressConfig, Protocol, RouteConfig};
+
+use crate::error::ConfigError;
+
+/// Name of the egress used by routes and backends that name none.
+pub const DEFAULT_EGRESS: &str = "default";
+
+/// A validated config. Only [`Config::validate`] makes one, so every field is usable as it is.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub log_level: log::LevelFilter,
+    pub drain_timeout: Duration,
+    pub mailbox: NonZeroUsize,
+    /// Index 0 is always the `default` egress.
+    pub egress: Vec<Egress>,
+    pub routes: Vec<Route>,
+}
+
+/// Index into [`Settings::egress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EgressId(pub usize);
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Egress {
+    pub name: String,
+    pub device: Option<String>,
+    pub source: Option<IpAddr>,
+    pub options: SocketOptions,
+}
+
+/// Options set on every upstream socket of an egress.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SocketOptions {
+    pub nodelay: bool,
+    pub keepalive: Option<Duration>,
+    pub mss: Option<u32>,
+    pub send_buffer: Option<usize>,
+    pub recv_buffer: Option<usize>,
+}
+
+impl Default for SocketOptions {
+    fn default() -> Self {
+        SocketOptions {
+            nodelay: true,
+            keepalive: None,
+            mss: None,
+            send_buffer: None,
+            recv_buffer: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub protocol: Protocol,
+    pub balance: Balance,
+    pub backends: Vec<Backend>,
+    pub connect_timeout: Duration,
+    pub connect_attempts: NonZeroUsize,
+    pub timeouts: Timeouts,
+    pub backlog: u32,
+}
+
+/// When a relayed pair is closed for want of traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// No traffic in either direction.
+    pub idle: Duration,
+    /// One direction has ended and the other carried nothing.
+    pub fin: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// The backend's own egress, else its route's, else the default.
+    pub egress: EgressId,
+}
+
+impl Config {
+    /// Reads and validates a RON config file.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())?.validate_as(&path.display().to_string())
+    }
+
+    /// Parses RON text; `origin` names it in errors (a path, or `<inline>`).
+    ///
+    /// `Some(..)` may be left out around optional values (RON's `implicit_some`).
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        options.from_str(text).map_err(|e| ConfigError::Syntax {
+            origin: origin.to_string(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            message: e.code.to_string(),
+        })
+    }
+
+    /// Checks everything and returns typed settings, or every problem found.
+    pub fn validate(&self) -> Result<Settings, ConfigError> {
+        self.validate_as("config")
+    }
+
+    fn validate_as(&self, origin: &str) -> Result<Settings, ConfigError> {
+        validate::settings(self).map_err(|problems| ConfigError::Invalid {
+            origin: origin.to_string(),
+            problems,
+        })
+    }
+}

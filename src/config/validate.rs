@@ -1,0 +1,280 @@
+//! [`Config`] → [`Settings`]: every check, every problem collected by its path.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::str::FromStr;
+use std::time::Duration;
+
+use super::{
+    Backend, Config, DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Route, RouteConfig, Settings, SocketOptions,
+    Timeouts,
+};
+use crate::error::Problem;
+
+/// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
+const IFNAME_MAX: usize = 15;
+
+/// Collects problems while the walk goes on, so one run reports all of them.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(Problem {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+
+    /// A positive duration such as "250ms" or "5m", or `default` when absent.
+    fn duration(&mut self, path: String, value: &Option<String>, default: Duration) -> Duration {
+        let Some(text) = value else { return default };
+        match humantime::parse_duration(text) {
+            Ok(d) if d.is_zero() => self.add(path, "must be greater than zero"),
+            Ok(d) => return d,
+            Err(e) => self.add(path, format!("{text:?} is not a duration like \"250ms\", \"5s\" or \"5m\" ({e})")),
+        }
+        default
+    }
+
+    fn parse<T: FromStr>(&mut self, path: String, text: &str, what: &str) -> Option<T> {
+        let parsed = text.parse().ok();
+        if parsed.is_none() {
+            self.add(path, format!("{text:?} is not {what}"));
+        }
+        parsed
+    }
+}
+
+pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
+    let mut p = Problems::default();
+    let log_level = match &config.log_level {
+        None => log::LevelFilter::Info,
+        Some(text) => p.parse("log_level".into(), text, "one of error, warn, info, debug, trace").unwrap_or(log::LevelFilter::Info),
+    };
+    let drain_timeout = p.duration("drain_timeout".into(), &config.drain_timeout, Duration::from_secs(30));
+    let mailbox = NonZeroUsize::new(config.mailbox.unwrap_or(1024)).unwrap_or_else(|| {
+        p.add("mailbox", "must be greater than zero");
+        NonZeroUsize::MIN
+    });
+    let egress = egresses(config, &mut p);
+    let ids: HashMap<&str, EgressId> = egress.iter().enumerate().map(|(i, e)| (e.name.as_str(), EgressId(i))).collect();
+    if config.routes.is_empty() {
+        p.add("routes", "no routes: nothing to relay");
+    }
+    let routes: Vec<Route> = config.routes.iter().enumerate().filter_map(|(i, r)| route(i, r, &ids, &mut p)).collect();
+    unique_routes(config, &mut p);
+    if p.0.is_empty() {
+        Ok(Settings {
+            log_level,
+            drain_timeout,
+            mailbox,
+            egress,
+            routes,
+        })
+    } else {
+        Err(p.0)
+    }
+}
+
+/// The configured egresses, with `default` first (implicit unless the file defines it).
+fn egresses(config: &Config, p: &mut Problems) -> Vec<Egress> {
+    let implicit = EgressConfig::default();
+    let default = config.egress.get(DEFAULT_EGRESS).unwrap_or(&implicit);
+    let others = config.egress.iter().filter(|(name, _)| name.as_str() != DEFAULT_EGRESS);
+    std::iter::once((DEFAULT_EGRESS, default))
+        .chain(others.map(|(name, e)| (name.as_str(), e)))
+        .map(|(name, e)| egress(name, e, p))
+        .collect()
+}
+
+fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
+    let at = |field: &str| format!("egress.{name}.{field}");
+    if name.is_empty() {
+        p.add("egress", "an egress name is empty");
+    }
+    if let Some(device) = &e.device {
+        if device.is_empty() || device.len() > IFNAME_MAX || device.contains(['/', ' ', '\0']) {
+            p.add(at("device"), format!("{device:?} is not an interface name (1 to {IFNAME_MAX} bytes)"));
+        }
+    }
+    let source = e.source.as_ref().and_then(|s| p.parse::<IpAddr>(at("source"), s, "an IP address"));
+    let keepalive = e.keepalive.as_ref().map(|_| p.duration(at("keepalive"), &e.keepalive, Duration::ZERO));
+    if let Some(mss) = e.mss.filter(|m| !(88..=65535).contains(m)) {
+        p.add(at("mss"), format!("{mss} is outside 88..=65535"));
+    }
+    for (field, size) in [("send_buffer", e.send_buffer), ("recv_buffer", e.recv_buffer)] {
+        if size == Some(0) {
+            p.add(at(field), "must be greater than zero");
+        }
+    }
+    Egress {
+        name: name.to_string(),
+        device: e.device.clone(),
+        source,
+        options: SocketOptions {
+            nodelay: e.nodelay.unwrap_or(true),
+            keepalive,
+            mss: e.mss,
+            send_buffer: e.send_buffer,
+            recv_buffer: e.recv_buffer,
+        },
+    }
+}
+
+fn egress_id(path: String, name: &Option<String>, ids: &HashMap<&str, EgressId>, p: &mut Problems) -> Option<EgressId> {
+    let name = name.as_deref()?;
+    let id = ids.get(name).copied();
+    if id.is_none() {
+        let mut known: Vec<&str> = ids.keys().copied().collect();
+        known.sort_unstable();
+        p.add(path, format!("unknown egress {name:?} (known: {})", known.join(", ")));
+    }
+    id
+}
+
+fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Problems) -> Option<Route> {
+    let at = |field: &str| format!("routes[{i}].{field}");
+    if r.name.is_empty() {
+        p.add(at("name"), "missing: every route needs a name");
+    }
+    let listen = p.parse::<SocketAddr>(at("listen"), &r.listen, "an IP:port address such as \"127.0.0.1:8080\"");
+    let route_egress = egress_id(at("egress"), &r.egress, ids, p).unwrap_or(EgressId(0));
+    if r.backends.is_empty() {
+        p.add(at("backends"), "empty: a route needs at least one backend");
+    }
+    let backends: Vec<Backend> = (r.backends.iter().enumerate())
+        .filter_map(|(j, b)| {
+            let path = |field: &str| format!("routes[{i}].backends[{j}].{field}");
+            let egress = egress_id(path("egress"), &b.egress, ids, p).unwrap_or(route_egress);
+            let addr = p.parse::<SocketAddr>(path("addr"), &b.addr, "an IP:port address such as \"10.0.0.1:80\"")?;
+            if addr.port() == 0 {
+                p.add(path("addr"), format!("{addr} has port 0"));
+            }
+            Some(Backend { addr, egress })
+        })
+        .collect();
+    let attempts = r.connect_attempts.unwrap_or(r.backends.len());
+    let connect_attempts = NonZeroUsize::new(attempts).or_else(|| {
+        if r.connect_attempts.is_some() {
+            p.add(at("connect_attempts"), "must be at least 1");
+        }
+        None
+    });
+    let timeouts = Timeouts {
+        idle: p.duration(at("idle_timeout"), &r.idle_timeout, Duration::from_secs(600)),
+        fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
+    };
+    let connect_timeout = p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3));
+    Some(Route {
+        name: r.name.clone(),
+        listen: listen?,
+        protocol: r.protocol,
+        balance: r.balance,
+        backends,
+        connect_timeout,
+        connect_attempts: connect_attempts?,
+        timeouts,
+        backlog: r.backlog.unwrap_or(1024),
+    })
+}
+
+/// Two routes may share neither a name nor a listening address (port 0 excepted).
+fn unique_routes(config: &Config, p: &mut Problems) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        if let Some(first) = names.insert(r.name.as_str(), i).filter(|_| !r.name.is_empty()) {
+            p.add(format!("routes[{i}].name"), format!("{:?} is also the name of routes[{first}]", r.name));
+        }
+        let addr = r.listen.parse::<SocketAddr>().ok().filter(|a| a.port() != 0);
+        if let Some(first) = addr.and_then(|a| listens.insert(a, i)) {
+            p.add(format!("routes[{i}].listen"), format!("{} is also the address of routes[{first}]", r.listen));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        let config = Config::parse(text, "test").expect("parses");
+        match config.validate() {
+            Ok(_) => vec![],
+            Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"(routes: [(name: "a", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")])])"#;
+
+    #[test]
+    fn a_minimal_route_takes_the_defaults() {
+        let settings = Config::parse(GOOD, "test").unwrap().validate().unwrap();
+        let route = &settings.routes[0];
+        assert_eq!(route.connect_timeout, Duration::from_secs(3));
+        assert_eq!(route.connect_attempts.get(), 1);
+        assert_eq!(route.timeouts.idle, Duration::from_secs(600));
+        assert_eq!(settings.egress[0].name, DEFAULT_EGRESS);
+        assert_eq!(route.backends[0].egress, EgressId(0));
+    }
+
+    #[test]
+    fn backend_egress_overrides_the_route_egress() {
+        let text = r#"(egress: {"a": (source: "127.0.0.2"), "b": (device: "lo")},
+            routes: [(name: "r", listen: "127.0.0.1:0", egress: "a",
+                backends: [(addr: "127.0.0.1:1"), (addr: "127.0.0.1:2", egress: "b")])])"#;
+        let settings = Config::parse(text, "test").unwrap().validate().unwrap();
+        let names: Vec<&str> = settings.routes[0].backends.iter().map(|b| settings.egress[b.egress.0].name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"(egress: {"up": (source: "nope", mss: 5)},
+            routes: [
+                (name: "a", listen: "127.0.0.1:80", egress: "missing", backends: []),
+                (name: "a", listen: "localhost", backends: [(addr: "10.0.0.1")], idle_timeout: "0s"),
+                (name: "c", listen: "127.0.0.1:80", backends: [(addr: "10.0.0.1:80")], connect_timeout: "soon"),
+            ])"#;
+        let found = problems(text);
+        for expected in [
+            "egress.up.source: \"nope\" is not an IP address",
+            "egress.up.mss: 5 is outside 88..=65535",
+            "routes[0].egress: unknown egress \"missing\"",
+            "routes[0].backends: empty",
+            "routes[1].name: \"a\" is also the name of routes[0]",
+            "routes[1].listen: \"localhost\" is not an IP:port",
+            "routes[1].backends[0].addr: \"10.0.0.1\" is not an IP:port",
+            "routes[1].idle_timeout: must be greater than zero",
+            "routes[2].listen: 127.0.0.1:80 is also the address of routes[0]",
+            "routes[2].connect_timeout: \"soon\" is not a duration",
+        ] {
+            assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected:?} in {found:#?}");
+        }
+        assert_eq!(found.len(), 10, "{found:#?}");
+    }
+
+    #[test]
+    fn syntax_errors_give_line_and_column() {
+        let err = Config::parse("(\n  routes: [\n    (name: 5)\n  ]\n)", "f.ron").unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("f.ron:3:"), "{text}");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let err = Config::parse(r#"(routes: [(name: "a", lisen: "x")])"#, "f.ron").unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn zero_attempts_and_bad_device_names_are_rejected() {
+        let text = r#"(egress: {"x": (device: "a-name-far-too-long")},
+            routes: [(name: "a", listen: "127.0.0.1:0", connect_attempts: 0, backends: [(addr: "127.0.0.1:1")])])"#;
+        let found = problems(text);
+        assert!(found.iter().any(|f| f.starts_with("egress.x.device:")), "{found:?}");
+        assert!(found.iter().any(|f| f.starts_with("routes[0].connect_attempts: must be at least 1")), "{found:?}");
+    }
+}

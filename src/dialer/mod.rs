@@ -1,0 +1,148 @@
+//! Dialer actor, one per relay: holds a socket [`Factory`] per egress and hands out connected
+//! upstream sockets. It builds each socket in its loop (quick, non-blocking) and spawns the
+//! connect, so one slow or dead backend never holds up another session's dial.
+
+mod socket;
+
+use std::io;
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use socket2::{SockAddr, Socket};
+
+use crate::config::{Egress, EgressId};
+use crate::error::{DialError, Gone};
+use crate::rt::{self, Async, TcpConn};
+
+pub(crate) use socket::Factory;
+
+pub(crate) enum DialerMsg {
+    Tcp {
+        target: SocketAddr,
+        egress: EgressId,
+        timeout: Duration,
+        reply: flume::Sender<Result<TcpConn, DialError>>,
+    },
+    Udp {
+        target: SocketAddr,
+        egress: EgressId,
+        reply: flume::Sender<Result<Async<UdpSocket>, DialError>>,
+    },
+}
+
+/// Asks the relay's dialer for upstream sockets. Cheap to clone.
+#[derive(Clone)]
+pub struct DialerHandle {
+    tx: flume::Sender<DialerMsg>,
+}
+
+impl DialerHandle {
+    pub(crate) fn spawn(egress: &[Egress], mailbox: usize) -> (Self, rt::JoinHandle<()>) {
+        let (tx, rx) = flume::bounded(mailbox);
+        let dialer = Dialer {
+            factories: egress.iter().cloned().map(Factory::new).collect(),
+        };
+        (DialerHandle { tx }, rt::spawn(dialer.run(rx)))
+    }
+
+    async fn ask<T>(&self, msg: DialerMsg, answer: flume::Receiver<Result<T, DialError>>) -> Result<T, DialError> {
+        self.tx.send_async(msg).await.map_err(|_| Gone("dialer"))?;
+        answer.recv_async().await.map_err(|_| Gone("dialer"))?
+    }
+
+    /// A TCP connection to `target` leaving by `egress`, or why not within `timeout`.
+    pub async fn tcp(&self, target: SocketAddr, egress: EgressId, timeout: Duration) -> Result<TcpConn, DialError> {
+        let (reply, answer) = flume::bounded(1);
+        let msg = DialerMsg::Tcp {
+            target,
+            egress,
+            timeout,
+            reply,
+        };
+        self.ask(msg, answer).await
+    }
+
+    /// A UDP socket bound as `egress` says and connected to `target`.
+    pub async fn udp(&self, target: SocketAddr, egress: EgressId) -> Result<Async<UdpSocket>, DialError> {
+        let (reply, answer) = flume::bounded(1);
+        self.ask(DialerMsg::Udp { target, egress, reply }, answer).await
+    }
+}
+
+struct Dialer {
+    /// Indexed by [`EgressId`]; validation guarantees every id is in range.
+    factories: Vec<Factory>,
+}
+
+impl Dialer {
+    async fn run(self, rx: flume::Receiver<DialerMsg>) {
+        while let Ok(msg) = rx.recv_async().await {
+            match msg {
+                DialerMsg::Tcp {
+                    target,
+                    egress,
+                    timeout,
+                    reply,
+                } => self.tcp(target, egress, timeout, reply),
+                DialerMsg::Udp { target, egress, reply } => {
+                    let factory = &self.factories[egress.0];
+                    let _ = reply.send(factory.udp(target).and_then(|s| register(s, target, factory)));
+                }
+            }
+        }
+        log::debug!(actor = "dialer"; "stopped, no handles left");
+    }
+
+    /// Builds the socket here and leaves the connect to a task of its own.
+    fn tcp(&self, target: SocketAddr, egress: EgressId, timeout: Duration, reply: flume::Sender<Result<TcpConn, DialError>>) {
+        let factory = &self.factories[egress.0];
+        match factory.tcp(target) {
+            Ok(socket) => {
+                let name = factory.name().to_string();
+                rt::detach(async move {
+                    let _ = reply.send(connect(socket, target, timeout, name).await);
+                });
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+            }
+        }
+    }
+}
+
+fn register(socket: UdpSocket, target: SocketAddr, factory: &Factory) -> Result<Async<UdpSocket>, DialError> {
+    Async::new(socket).map_err(|source| DialError::Connect {
+        egress: factory.name().to_string(),
+        target,
+        source,
+    })
+}
+
+/// Completes a non-blocking connect within `limit`.
+async fn connect(socket: Socket, target: SocketAddr, limit: Duration, egress: String) -> Result<TcpConn, DialError> {
+    let failed = |source: io::Error| DialError::Connect {
+        egress: egress.clone(),
+        target,
+        source,
+    };
+    match socket.connect(&SockAddr::from(target)) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(failed(e)),
+    }
+    let stream = Async::new(TcpStream::from(socket)).map_err(failed)?;
+    match rt::timeout(limit, stream.writable()).await {
+        None => {
+            return Err(DialError::Timeout {
+                egress: egress.clone(),
+                target,
+                after: limit,
+            });
+        }
+        Some(ready) => ready.map_err(failed)?,
+    }
+    if let Some(e) = stream.get_ref().take_error().map_err(failed)? {
+        return Err(failed(e));
+    }
+    Ok(TcpConn::from_async(stream))
+}

@@ -1,0 +1,142 @@
+//! Errors shared across the actors. Each carries the context an operator needs to act on it.
+
+use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// An actor this one depended on has stopped (the relay is shutting down).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("{0} actor has stopped")]
+pub struct Gone(pub &'static str);
+
+/// One problem in a config, located by its path (`routes[1].backends[0].addr`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Why a config could not be loaded. Nothing starts while one of these exists.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{origin}:{line}:{col}: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    #[error("{} invalid:\n{}", .origin, list(.problems))]
+    Invalid { origin: String, problems: Vec<Problem> },
+}
+
+impl ConfigError {
+    /// Every problem found by validation (empty for read and syntax errors).
+    pub fn problems(&self) -> &[Problem] {
+        match self {
+            ConfigError::Invalid { problems, .. } => problems,
+            _ => &[],
+        }
+    }
+}
+
+fn list(problems: &[Problem]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+    lines.join("\n")
+}
+
+/// Why the relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("route {route}: cannot listen on {addr}: {source}")]
+    Listen {
+        route: String,
+        addr: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What part of building an outbound socket failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindStep {
+    /// SO_BINDTODEVICE to this interface.
+    Device(String),
+    /// bind() to this source address.
+    Source(IpAddr),
+    /// A socket option (name).
+    Option(&'static str),
+    /// socket() itself.
+    Create,
+}
+
+impl fmt::Display for BindStep {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BindStep::Device(name) => write!(f, "device {name}"),
+            BindStep::Source(ip) => write!(f, "source {ip}"),
+            BindStep::Option(name) => write!(f, "option {name}"),
+            BindStep::Create => f.write_str("socket"),
+        }
+    }
+}
+
+/// Why an upstream socket could not be had. The dial fails; nothing falls back to the default
+/// route behind the operator's back.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("egress {egress}: cannot bind {step} to reach {target}: {source}")]
+    Bind {
+        egress: String,
+        step: BindStep,
+        target: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("egress {egress}: source {source_ip} cannot reach {target} (address family differs)")]
+    Family {
+        egress: String,
+        source_ip: IpAddr,
+        target: SocketAddr,
+    },
+    #[error("egress {egress}: connect to {target}: {source}")]
+    Connect {
+        egress: String,
+        target: SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("egress {egress}: connect to {target} timed out after {}", humantime::format_duration(*.after))]
+    Timeout {
+        egress: String,
+        target: SocketAddr,
+        after: Duration,
+    },
+    #[error(transparent)]
+    Gone(#[from] Gone),
+}
+
+/// Why [`crate::Relay::inject`] could not start a session.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("no route named {0:?}")]
+    UnknownRoute(String),
+    #[error("the relay is shutting down")]
+    ShuttingDown,
+}

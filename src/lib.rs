@@ -1,0 +1,35 @@
+//! relayd: a layer-4 TCP relay that balances sessions across backends and dials each backend
+//! out of a chosen network interface or source address.
+//!
+//! Actors exchange messages over bounded flume channels:
+//! a **Listener** per route accepts connections and opens a **Session** for each; the Session asks
+//! its route's **Balancer** for a backend and the relay's **Dialer** for an upstream socket that
+//! leaves by the backend's egress, then relays both directions. [`Relay`] starts them from a
+//! [`Config`], runs synthetic sessions with [`Relay::inject`], and stops them with
+//! [`Relay::shutdown`].
+//!
+//! # Layout
+//! - [`config`]: the RON file structs and their validation into typed [`Settings`].
+//! - [`relay`]: wiring and the stop sequence.
+//! - `listener`, `balancer`, `dialer`, `session`: one module per actor.
+//! - [`shutdown`]: stop signals and the session drain.
+//! - [`rt`]: the only module that names the async runtime.
+//! - [`logging`]: the daemon's log output (pretty or ndjson).
+
+pub mod balancer;
+pub mod config;
+pub mod dialer;
+pub mod error;
+mod listener;
+pub mod logging;
+pub mod relay;
+pub mod rt;
+pub mod session;
+pub mod shutdown;
+
+pub use balancer::BackendSnapshot;
+pub use config::{BackendConfig, Config, EgressConfig, RouteConfig, Settings};
+pub use error::{ConfigError, DialError, InjectError, StartError};
+pub use relay::{Relay, RouteSnapshot, ShutdownReport, run};
+pub use rt::Conn;
+pub use session::{SessionEnd, SessionReport};

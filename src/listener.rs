@@ -1,0 +1,74 @@
+//! Listener actor, one per TCP route: accepts connections and opens a Session for each. It stops
+//! on the relay's stop signal; running out of file descriptors or memory is logged and backed
+//! off, never fatal, and never a busy loop.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
+
+use socket2::{Domain, Socket, Type};
+
+use crate::config::Route;
+use crate::error::StartError;
+use crate::rt::{self, Async, TcpConn};
+use crate::session::Sessions;
+use crate::shutdown::{DrainGuard, Signal};
+
+const BACKOFF_MIN: Duration = Duration::from_millis(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// Binds a route's listening socket (SO_REUSEADDR, the route's backlog).
+pub(crate) fn bind(route: &Route) -> Result<Async<TcpListener>, StartError> {
+    let failed = |source: io::Error| StartError::Listen {
+        route: route.name.clone(),
+        addr: route.listen,
+        source,
+    };
+    let socket = Socket::new(Domain::for_address(route.listen), Type::STREAM, None).map_err(failed)?;
+    socket.set_reuse_address(true).map_err(failed)?;
+    socket.bind(&route.listen.into()).map_err(failed)?;
+    let backlog = i32::try_from(route.backlog).unwrap_or(i32::MAX);
+    socket.listen(backlog).map_err(failed)?;
+    Async::new(TcpListener::from(socket)).map_err(failed)
+}
+
+pub(crate) struct Listener {
+    pub socket: Async<TcpListener>,
+    pub sessions: Sessions,
+}
+
+impl Listener {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.socket.get_ref().local_addr()
+    }
+
+    /// Accepts until `stop` fires; each session gets a clone of `guard`.
+    pub async fn run(self, stop: Signal, guard: DrainGuard) {
+        let route = self.sessions.route_name.clone();
+        let mut backoff = BACKOFF_MIN;
+        while let Some(accepted) = stop.unless(self.socket.accept()).await {
+            match accepted {
+                Ok((stream, peer)) => {
+                    backoff = BACKOFF_MIN;
+                    // Small writes (prompts, handshakes) go out at once, as they came in.
+                    let _ = stream.get_ref().set_nodelay(true);
+                    drop(self.sessions.open(TcpConn::from_async(stream), peer, guard.clone()));
+                }
+                Err(e) if is_transient(&e) => {
+                    log::debug!(route = &*route, err:% = e; "accept: connection gone before it was taken");
+                }
+                Err(e) => {
+                    log::warn!(route = &*route, err:% = e, backoff_ms = backoff.as_millis() as u64; "accept failed, backing off");
+                    stop.unless(rt::sleep(backoff)).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
+        }
+        log::info!(route = &*route; "listener stopped");
+    }
+}
+
+/// The client gave up between SYN and accept: nothing is wrong with the listener.
+fn is_transient(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET))
+}

@@ -1,0 +1,156 @@
+//! The daemon's log output: a line per record on stderr, with the record's key-values.
+//!
+//! `Pretty` reads well on a terminal; `Json` (ndjson, one object per line) is for collectors.
+//! `Format::auto` picks pretty on a terminal and ndjson otherwise. (femme, the usual choice,
+//! decides by build profile only, so it cannot follow the terminal or a flag.)
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Write};
+use std::time::SystemTime;
+
+use log::kv::{Key, Value, VisitSource};
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Pretty,
+    Json,
+}
+
+impl Format {
+    /// Pretty on a terminal, ndjson otherwise.
+    pub fn auto() -> Format {
+        if std::io::stderr().is_terminal() { Format::Pretty } else { Format::Json }
+    }
+}
+
+impl std::str::FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Format::auto()),
+            "pretty" => Ok(Format::Pretty),
+            "json" => Ok(Format::Json),
+            other => Err(format!("{other:?} is not one of auto, pretty, json")),
+        }
+    }
+}
+
+/// Installs the logger. Records from other crates are shown from `warn` up only.
+pub fn init(level: LevelFilter, format: Format) -> Result<(), log::SetLoggerError> {
+    log::set_boxed_logger(Box::new(Logger { level, format }))?;
+    log::set_max_level(level);
+    Ok(())
+}
+
+struct Logger {
+    level: LevelFilter,
+    format: Format,
+}
+
+impl Log for Logger {
+    fn enabled(&self, meta: &Metadata) -> bool {
+        let limit = if meta.target().starts_with("relayd") { self.level } else { self.level.min(LevelFilter::Warn) };
+        meta.level() <= limit
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let line = match self.format {
+            Format::Pretty => pretty(record),
+            Format::Json => json(record),
+        };
+        let _ = std::io::stderr().lock().write_all(line.as_bytes());
+    }
+
+    fn flush(&self) {
+        let _ = std::io::stderr().flush();
+    }
+}
+
+fn now() -> String {
+    humantime::format_rfc3339_millis(SystemTime::now()).to_string()
+}
+
+fn pretty(record: &Record) -> String {
+    let colour = match record.level() {
+        Level::Error => "31",
+        Level::Warn => "33",
+        Level::Info => "32",
+        Level::Debug | Level::Trace => "36",
+    };
+    let mut line = format!("{} \x1b[{colour}m{:<5}\x1b[0m {}", now(), record.level(), record.args());
+    let mut pairs = Pairs(|key: &str, value: &Value| {
+        let _ = write!(line, " \x1b[2m{key}=\x1b[0m{value}");
+    });
+    let _ = record.key_values().visit(&mut pairs);
+    line.push('\n');
+    line
+}
+
+fn json(record: &Record) -> String {
+    let mut line = format!("{{\"time\":\"{}\",\"level\":\"{}\",\"msg\":", now(), record.level().as_str().to_lowercase());
+    quote(&mut line, &record.args().to_string());
+    let mut pairs = Pairs(|key: &str, value: &Value| {
+        line.push(',');
+        quote(&mut line, key);
+        line.push(':');
+        match (value.to_u64(), value.to_i64(), value.to_bool()) {
+            (Some(n), _, _) => line.push_str(&n.to_string()),
+            (_, Some(n), _) => line.push_str(&n.to_string()),
+            (_, _, Some(b)) => line.push_str(if b { "true" } else { "false" }),
+            _ => quote(&mut line, &value.to_string()),
+        }
+    });
+    let _ = record.key_values().visit(&mut pairs);
+    line.push_str("}\n");
+    line
+}
+
+/// A JSON string literal for `s`.
+fn quote(out: &mut String, s: &str) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+struct Pairs<F>(F);
+
+impl<'kvs, F: FnMut(&str, &Value)> VisitSource<'kvs> for Pairs<F> {
+    fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), log::kv::Error> {
+        (self.0)(key.as_str(), &value);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_lines_escape_strings_and_keep_numbers_bare() {
+        let record = Record::builder()
+            .args(format_args!("say \"hi\"\n"))
+            .level(Level::Warn)
+            .key_values(&[("route", Value::from("a\\b")), ("bytes", Value::from(42u64))])
+            .build();
+        let line = json(&record);
+        assert!(line.contains(r#""level":"warn","msg":"say \"hi\"\n""#), "{line}");
+        assert!(line.trim_end().ends_with(r#","route":"a\\b","bytes":42}"#), "{line}");
+    }
+}

@@ -1,0 +1,104 @@
+//! The relayd daemon: arguments → config → logger → relay until SIGINT/SIGTERM → exit code.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use async_signal::{Signal, Signals};
+use futures::StreamExt;
+use relayd::logging::{self, Format};
+use relayd::{Config, rt};
+
+const USAGE: &str = "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json]
+
+  --config PATH       RON config file (default: config/relayd.ron)
+  --check             validate the config and exit (0 when valid)
+  --log-level LEVEL   error, warn, info, debug or trace (overrides the config's log_level)
+  --log-format FMT    pretty on a terminal and json otherwise (auto, the default), or as given";
+
+/// Exit code for a config or usage error; 1 is for a failure to run.
+const BAD_INPUT: u8 = 2;
+
+struct Args {
+    config: PathBuf,
+    check: bool,
+    log_level: Option<log::LevelFilter>,
+    log_format: Option<Format>,
+}
+
+impl Args {
+    /// `Ok(None)` for `--help`.
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Option<Args>, String> {
+        let mut parsed = Args {
+            config: PathBuf::from("config/relayd.ron"),
+            check: false,
+            log_level: None,
+            log_format: None,
+        };
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().ok_or_else(|| format!("{arg} needs a value"));
+            match arg.as_str() {
+                "--config" | "-c" => parsed.config = value()?.into(),
+                "--check" => parsed.check = true,
+                "--log-level" => {
+                    let level = value()?;
+                    let level = level.parse().map_err(|_| format!("--log-level: {level:?} is not a level"))?;
+                    parsed.log_level = Some(level);
+                }
+                "--log-format" => parsed.log_format = Some(value()?.parse().map_err(|e| format!("--log-format: {e}"))?),
+                "--help" | "-h" => return Ok(None),
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        Ok(Some(parsed))
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match Args::parse(std::env::args().skip(1)) {
+        Ok(Some(args)) => args,
+        Ok(None) => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("relayd: {e}\n{USAGE}");
+            return ExitCode::from(BAD_INPUT);
+        }
+    };
+    let settings = match Config::load(&args.config) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("relayd: {e}");
+            return ExitCode::from(BAD_INPUT);
+        }
+    };
+    if args.check {
+        println!("{}: ok ({} routes)", args.config.display(), settings.routes.len());
+        return ExitCode::SUCCESS;
+    }
+    let level = args.log_level.unwrap_or(settings.log_level);
+    let _ = logging::init(level, args.log_format.unwrap_or_else(Format::auto));
+    match rt::block_on(relayd::run(settings, stop_signal())) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!(err:% = e; "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Completes on the first SIGINT or SIGTERM.
+async fn stop_signal() {
+    match Signals::new([Signal::Int, Signal::Term]) {
+        Ok(mut signals) => {
+            if let Some(Ok(signal)) = signals.next().await {
+                log::info!(signal:? = signal; "signal received");
+            }
+        }
+        Err(e) => {
+            // Without a handler the default action (exit) still stops the process.
+            log::warn!(err:% = e; "cannot handle SIGINT/SIGTERM, they will end the process at once");
+            futures::future::pending::<()>().await
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! The one place that names the async runtime.
+//!
+//! Tasks run on async-std's executor; sockets and timers use async-io, the reactor async-std is
+//! built on. Everything else in the crate goes through these few items, so a change of runtime
+//! touches this file only.
+
+use std::future::Future;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::io::{AsyncRead, AsyncWrite};
+
+pub(crate) use async_io::{Async, Timer};
+
+/// A handle to a spawned task; awaiting it yields the task's output.
+pub type JoinHandle<T> = async_std::task::JoinHandle<T>;
+
+/// Runs `future` as a task of its own.
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    async_std::task::spawn(future)
+}
+
+/// Runs `future` as a task nobody waits for (it answers through a channel of its own).
+pub fn detach<F>(future: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    // Dropping an async-std JoinHandle lets the task run on.
+    drop(async_std::task::spawn(future));
+}
+
+/// Runs `future` to completion on the current thread (for `main`, examples and tests).
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    async_std::task::block_on(future)
+}
+
+/// Waits `duration`. For back-off only: code never sleeps to wait for an event.
+pub async fn sleep(duration: Duration) {
+    Timer::after(duration).await;
+}
+
+/// `future`'s output, or `None` when `limit` passed first.
+pub async fn timeout<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    async_std::future::timeout(limit, future).await.ok()
+}
+
+/// A socket whose write side can be shut down on its own (TCP FIN, or its Unix equivalent).
+pub trait HalfClose {
+    /// Ends the write direction; the read direction stays open.
+    fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl HalfClose for TcpStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+impl HalfClose for UnixStream {
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(Shutdown::Write)
+    }
+}
+
+/// An async stream socket whose `poll_close` half-closes (shutdown(Write)) instead of only
+/// flushing, so a relayed FIN reaches the peer while the other direction keeps flowing.
+///
+/// async-io's and async-std's own stream types only flush on close; a session needs the FIN.
+pub struct Conn<S>(Async<S>);
+
+impl<S: std::os::fd::AsFd> Conn<S> {
+    /// Registers a connected socket with the reactor (it is made non-blocking).
+    pub fn new(socket: S) -> io::Result<Self> {
+        Async::new(socket).map(Conn)
+    }
+
+    pub(crate) fn from_async(socket: Async<S>) -> Self {
+        Conn(socket)
+    }
+
+    /// The underlying socket.
+    pub fn get_ref(&self) -> &S {
+        self.0.get_ref()
+    }
+}
+
+impl Conn<UnixStream> {
+    /// A connected pair of Unix stream sockets: one end for a synthetic client, the other for
+    /// [`crate::Relay::inject`].
+    pub fn pair() -> io::Result<(Self, Self)> {
+        let (a, b) = UnixStream::pair()?;
+        Ok((Conn::new(a)?, Conn::new(b)?))
+    }
+}
+
+impl<S> AsyncRead for Conn<S>
+where
+    S: Unpin,
+    for<'a> &'a S: Read,
+{
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S> AsyncWrite for Conn<S>
+where
+    S: HalfClose + Unpin,
+    for<'a> &'a S: Write,
+{
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &self.0).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures::ready!(Pin::new(&mut &self.0).poll_flush(cx))?;
+        match self.0.get_ref().shutdown_write() {
+            // The peer already went away: nothing is left to close.
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
+            other => Poll::Ready(other),
+        }
+    }
+}
+
+/// A relayed TCP connection, accepted or dialed.
+pub type TcpConn = Conn<TcpStream>;
