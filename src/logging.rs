@@ -144,12 +144,8 @@ mod tests {
 
     #[test]
     fn json_lines_escape_strings_and_keep_numbers_bare() {
-        let record = Record::builder()
-            .args(format_args!("say \"hi\"\n"))
-            .level(Level::Warn)
-            .key_values(&[("route", Value::from("a\\b")), ("bytes", Value::from(42u64))])
-            .build();
-        let line = json(&record);
+        let kvs = [("route", Value::from("a\\b")), ("bytes", Value::from(42u64))];
+        let line = json(&Record::builder().args(format_args!("say \"hi\"\n")).level(Level::Warn).key_values(&kvs).build());
         assert!(line.contains(r#""level":"warn","msg":"say \"hi\"\n""#), "{line}");
         assert!(line.trim_end().ends_with(r#","route":"a\\b","bytes":42}"#), "{line}");
     }

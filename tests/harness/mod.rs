@@ -1,0 +1,109 @@
+//! Test harness: starts a relay from RON text, injects synthetic sessions, connects real
+//! clients, and shuts the relay down with a report. Every wait is on an event, bounded by
+//! [`PATIENCE`] only so that a hung test fails instead of hanging.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+pub mod backend;
+
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use async_std::net::TcpStream;
+use async_std::prelude::*;
+use relayd::rt::JoinHandle;
+use relayd::{Config, Conn, Relay, SessionReport, ShutdownReport};
+
+/// The longest any single wait may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// A synthetic client's address, as reported in logs and session reports.
+pub const SYNTHETIC_PEER: &str = "192.0.2.1:40000";
+
+pub struct Harness {
+    relay: Relay,
+}
+
+/// A client injected through [`Relay::inject`] and the session serving it.
+pub struct Injected {
+    pub client: Conn<UnixStream>,
+    pub session: JoinHandle<SessionReport>,
+}
+
+impl Harness {
+    /// Starts a relay from RON text; returns once every listener is bound.
+    pub fn start(ron: &str) -> Harness {
+        raise_fd_limit();
+        if let Ok(level) = std::env::var("RELAYD_TEST_LOG") {
+            // Set RELAYD_TEST_LOG=debug to see the relay's log lines while debugging a test.
+            let _ = relayd::logging::init(level.parse().unwrap_or(log::LevelFilter::Debug), relayd::logging::Format::Pretty);
+        }
+        let config = Config::parse(ron, "test").expect("test config parses");
+        let relay = Relay::start(&config).expect("relay starts");
+        Harness { relay }
+    }
+
+    pub fn relay(&self) -> &Relay {
+        &self.relay
+    }
+
+    pub fn addr(&self, route: &str) -> SocketAddr {
+        self.relay.local_addr(route).expect("route exists")
+    }
+
+    /// A real TCP client connected to the route's listener.
+    pub async fn connect(&self, route: &str) -> TcpStream {
+        TcpStream::connect(self.addr(route)).await.expect("connect to the relay")
+    }
+
+    /// A synthetic session on a Unix socket pair, run exactly like an accepted one.
+    pub fn inject(&self, route: &str) -> Injected {
+        let (client, relay_side) = Conn::pair().expect("socket pair");
+        let session = self.relay.inject(route, relay_side, SYNTHETIC_PEER.parse().unwrap()).expect("inject");
+        Injected { client, session }
+    }
+
+    pub async fn shutdown(self) -> ShutdownReport {
+        within(self.relay.shutdown()).await
+    }
+}
+
+/// `future`'s output; fails the test if it takes longer than [`PATIENCE`].
+pub async fn within<F: Future>(future: F) -> F::Output {
+    async_std::future::timeout(PATIENCE, future).await.expect("finished within the test's patience")
+}
+
+/// Everything the peer sends until its FIN.
+pub async fn read_all<R: async_std::io::Read + Unpin>(reader: &mut R) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    within(reader.read_to_end(&mut bytes)).await.expect("read to end");
+    bytes
+}
+
+/// Many sessions hold two sockets each, plus the clients' and backends'.
+pub fn raise_fd_limit() {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// A TCP route `name` on 127.0.0.1:0 to `backends`, with extra route fields in RON.
+pub fn route(name: &str, backends: &[SocketAddr], extra: &str) -> String {
+    let list: Vec<String> = backends.iter().map(|b| format!("(addr: \"{b}\")")).collect();
+    format!("(name: \"{name}\", listen: \"127.0.0.1:0\", backends: [{}], {extra})", list.join(", "))
+}
+
+/// A whole config with these routes.
+pub fn config(routes: &[String]) -> String {
+    format!("(routes: [{}])", routes.join(", "))
+}
+
+/// Sends our FIN: ends the write direction, keeps reading possible.
+pub async fn close_write<W: futures::io::AsyncWrite + Unpin>(writer: &mut W) {
+    futures::io::AsyncWriteExt::close(writer).await.expect("half-close");
+}
