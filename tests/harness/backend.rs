@@ -20,6 +20,7 @@ pub struct Received {
 pub struct Backend {
     pub addr: SocketAddr,
     accepted: Arc<AtomicUsize>,
+    accepts: flume::Receiver<SocketAddr>,
     received: flume::Receiver<Received>,
 }
 
@@ -27,18 +28,25 @@ type Handler = fn(TcpStream, &'static str, flume::Sender<Received>) -> futures::
 
 impl Backend {
     async fn serve(name: &'static str, handler: Handler) -> Backend {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a backend");
+        let listener = TcpListener::from(listen_any(1024));
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (tx, received) = flume::unbounded();
+        let (accept_tx, accepts) = flume::unbounded();
         let count = accepted.clone();
         task::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
+            while let Ok((stream, peer)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
+                let _ = accept_tx.send(peer);
                 task::spawn(handler(stream, name, tx.clone()));
             }
         });
-        Backend { addr, accepted, received }
+        Backend {
+            addr,
+            accepted,
+            accepts,
+            received,
+        }
     }
 
     /// Echoes every byte and passes a FIN back once it sees one.
@@ -115,6 +123,14 @@ impl Backend {
         self.accepted.load(Ordering::SeqCst)
     }
 
+    /// The peer address of the next connection this backend accepts (bounded wait).
+    pub async fn next_accept(&self) -> SocketAddr {
+        async_std::future::timeout(super::PATIENCE, self.accepts.recv_async())
+            .await
+            .expect("the backend accepted a connection in time")
+            .expect("backend alive")
+    }
+
     /// The next connection this backend recorded (bounded wait).
     pub async fn received(&self) -> Received {
         async_std::future::timeout(super::PATIENCE, self.received.recv_async())
@@ -122,6 +138,14 @@ impl Backend {
             .expect("the backend recorded a connection in time")
             .expect("backend alive")
     }
+}
+
+/// A std listener on 127.0.0.1:0 with a real backlog (std's own is 128: too few for floods).
+pub fn listen_any(backlog: i32) -> std::net::TcpListener {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.listen(backlog).unwrap();
+    socket.into()
 }
 
 /// An address that refuses connections: a port bound for a moment and then released.
@@ -134,16 +158,14 @@ pub fn refused_addr() -> SocketAddr {
 /// the kernel drops SYNs to a listener whose accept queue (backlog 0, one filler) is full.
 pub struct Blackhole {
     pub addr: SocketAddr,
-    _listener: socket2::Socket,
+    _listener: std::net::TcpListener,
     _filler: std::net::TcpStream,
 }
 
 impl Blackhole {
     pub fn new() -> Blackhole {
-        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-        listener.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
-        listener.listen(0).unwrap();
-        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let listener = listen_any(0);
+        let addr = listener.local_addr().unwrap();
         let filler = std::net::TcpStream::connect(addr).unwrap();
         Blackhole {
             addr,
