@@ -64,9 +64,10 @@ fn list(problems: &[Problem]) -> String {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("route {route}: cannot listen on {addr}: {source}")]
+    #[error("{what}: cannot listen on {addr}: {source}")]
     Listen {
-        route: String,
+        /// `route NAME` or `status page`.
+        what: String,
         addr: SocketAddr,
         #[source]
         source: io::Error,

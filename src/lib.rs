@@ -13,6 +13,7 @@
 //! - [`relay`]: wiring and the stop sequence.
 //! - `listener`, `balancer`, `dialer`, `session`: one module per actor.
 //! - [`shutdown`]: stop signals and the session drain.
+//! - `status`: the plain-text status page.
 //! - [`rt`]: the only module that names the async runtime.
 //! - [`logging`]: the daemon's log output (pretty or ndjson).
 
@@ -26,6 +27,7 @@ pub mod relay;
 pub mod rt;
 pub mod session;
 pub mod shutdown;
+mod status;
 
 pub use balancer::BackendSnapshot;
 pub use config::{BackendConfig, Config, EgressConfig, RouteConfig, Settings};

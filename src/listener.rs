@@ -17,19 +17,23 @@ use crate::shutdown::{DrainGuard, Signal};
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Binds a route's listening socket (SO_REUSEADDR, the route's backlog).
+/// Binds a route's listening socket.
 pub(crate) fn bind(route: &Route) -> Result<Async<TcpListener>, StartError> {
-    let failed = |source: io::Error| StartError::Listen {
-        route: route.name.clone(),
+    bind_tcp(route.listen, route.backlog).map_err(|source| StartError::Listen {
+        what: format!("route {}", route.name),
         addr: route.listen,
         source,
-    };
-    let socket = Socket::new(Domain::for_address(route.listen), Type::STREAM, None).map_err(failed)?;
-    socket.set_reuse_address(true).map_err(failed)?;
-    socket.bind(&route.listen.into()).map_err(failed)?;
-    let backlog = i32::try_from(route.backlog).unwrap_or(i32::MAX);
-    socket.listen(backlog).map_err(failed)?;
-    Async::new(TcpListener::from(socket)).map_err(failed)
+    })
+}
+
+/// A listening TCP socket with SO_REUSEADDR (a restart need not wait out TIME_WAIT) and a real
+/// backlog.
+pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<Async<TcpListener>> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    Async::new(TcpListener::from(socket))
 }
 
 pub(crate) struct Listener {

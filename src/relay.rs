@@ -2,20 +2,30 @@
 //! Listener), lets embedders inject sessions, and runs the stop sequence.
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::io::{AsyncRead, AsyncWrite};
 
 use crate::balancer::{BackendSnapshot, BalancerHandle};
-use crate::config::{Config, Settings};
+use crate::config::{Config, Route, Settings};
 use crate::dialer::DialerHandle;
 use crate::error::{InjectError, StartError};
 use crate::listener::{self, Listener};
-use crate::rt;
+use crate::rt::{self, Async};
 use crate::session::{SessionReport, SessionStats, Sessions};
-use crate::shutdown::{self, Drain, Trigger};
+use crate::shutdown::{self, Drain, Signal, Trigger};
+use crate::status::{RouteView, Status};
+
+/// What every route's actors share.
+struct Common {
+    dialer: DialerHandle,
+    egress_names: Arc<[String]>,
+    stop: Signal,
+    force: Signal,
+    mailbox: usize,
+}
 
 /// How long force-closed sessions get to finish dropping their sockets.
 const FORCE_GRACE: Duration = Duration::from_secs(5);
@@ -33,7 +43,7 @@ pub struct Relay {
 }
 
 struct RouteEntry {
-    listen: SocketAddr,
+    view: RouteView,
     sessions: Sessions,
 }
 
@@ -65,46 +75,81 @@ impl Relay {
         let sockets = (settings.routes.iter())
             .map(listener::bind)
             .collect::<Result<Vec<_>, _>>()?;
-        let mailbox = settings.mailbox.get();
-        let (dialer, dialer_task) = DialerHandle::spawn(&settings.egress, mailbox);
-        let egress_names: Arc<[String]> = settings.egress.iter().map(|e| e.name.clone()).collect();
+        let status_socket = (settings.status)
+            .map(|addr| {
+                let bound = listener::bind_tcp(addr, 64);
+                bound.map_err(|source| StartError::Listen {
+                    what: "status page".into(),
+                    addr,
+                    source,
+                })
+            })
+            .transpose()?;
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
-        let drain = Drain::new();
-        let stats = Arc::new(SessionStats::default());
-        let mut tasks = vec![dialer_task];
-        let mut routes = Vec::new();
-        for (route, socket) in settings.routes.into_iter().zip(sockets) {
-            let (balancer, balancer_task) = BalancerHandle::spawn(&route.backends, mailbox);
-            tasks.push(balancer_task);
-            let sessions = Sessions {
-                route_name: route.name.as_str().into(),
-                route: Arc::new(route),
-                egress_names: egress_names.clone(),
-                balancer,
-                dialer: dialer.clone(),
-                force: force_signal.clone(),
-                stats: stats.clone(),
-            };
-            let listener = Listener { socket, sessions };
-            let listen = listener.local_addr().expect("a bound socket has a local address");
-            log::info!(route = &*listener.sessions.route_name, addr:% = listen; "listening");
-            routes.push(RouteEntry {
-                listen,
-                sessions: listener.sessions.clone(),
-            });
-            let guard = drain.guard().expect("a new drain hands out guards");
-            tasks.push(rt::spawn(listener.run(stop_signal.clone(), guard)));
-        }
-        Ok(Relay {
-            routes,
+        let mailbox = settings.mailbox.get();
+        let (dialer, dialer_task) = DialerHandle::spawn(&settings.egress, mailbox);
+        let common = Common {
+            dialer,
+            egress_names: settings.egress.iter().map(|e| e.name.clone()).collect(),
+            stop: stop_signal,
+            force: force_signal,
+            mailbox,
+        };
+        let mut relay = Relay {
+            routes: Vec::new(),
             stop,
             force,
-            drain,
+            drain: Drain::new(),
             drain_timeout: settings.drain_timeout,
-            tasks,
-            stats,
-        })
+            tasks: vec![dialer_task],
+            stats: Arc::default(),
+        };
+        for (route, socket) in settings.routes.into_iter().zip(sockets) {
+            relay.start_route(route, socket, &common);
+        }
+        if let Some(socket) = status_socket {
+            relay.start_status(socket, &common);
+        }
+        Ok(relay)
+    }
+
+    /// A Balancer and a Listener for `route`.
+    fn start_route(&mut self, route: Route, socket: Async<TcpListener>, common: &Common) {
+        let (balancer, balancer_task) = BalancerHandle::spawn(&route.backends, common.mailbox);
+        self.tasks.push(balancer_task);
+        let sessions = Sessions {
+            route_name: route.name.as_str().into(),
+            route: Arc::new(route),
+            egress_names: common.egress_names.clone(),
+            balancer,
+            dialer: common.dialer.clone(),
+            force: common.force.clone(),
+            stats: self.stats.clone(),
+        };
+        let listener = Listener { socket, sessions };
+        let listen = listener.local_addr().expect("a bound socket has a local address");
+        log::info!(route = &*listener.sessions.route_name, addr:% = listen; "listening");
+        let view = RouteView {
+            name: listener.sessions.route_name.clone(),
+            listen,
+            balancer: listener.sessions.balancer.clone(),
+        };
+        let sessions = listener.sessions.clone();
+        self.routes.push(RouteEntry { view, sessions });
+        let guard = self.drain.guard().expect("a new drain hands out guards");
+        self.tasks.push(rt::spawn(listener.run(common.stop.clone(), guard)));
+    }
+
+    fn start_status(&mut self, socket: Async<TcpListener>, common: &Common) {
+        let status = Status {
+            socket,
+            routes: self.routes.iter().map(|r| r.view.clone()).collect(),
+            stats: self.stats.clone(),
+        };
+        let addr = status.socket.get_ref().local_addr().expect("a bound socket has a local address");
+        log::info!(addr:% = addr; "status page listening");
+        self.tasks.push(rt::spawn(status.run(common.stop.clone())));
     }
 
     fn route(&self, name: &str) -> Option<&RouteEntry> {
@@ -113,7 +158,7 @@ impl Relay {
 
     /// The address a route listens on (useful with port 0).
     pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
-        self.route(route).map(|r| r.listen)
+        self.route(route).map(|r| r.view.listen)
     }
 
     /// Runs a session on `stream` exactly as if the route's listener had accepted it from
@@ -137,11 +182,7 @@ impl Relay {
     pub async fn snapshot(&self) -> Vec<RouteSnapshot> {
         let mut out = Vec::with_capacity(self.routes.len());
         for r in &self.routes {
-            out.push(RouteSnapshot {
-                name: r.sessions.route_name.to_string(),
-                listen: r.listen,
-                backends: r.sessions.balancer.snapshot().await.unwrap_or_default(),
-            });
+            out.push(r.view.snapshot().await);
         }
         out
     }

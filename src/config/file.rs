@@ -15,6 +15,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// How long shutdown waits for live sessions before closing them (default `30s`).
     pub drain_timeout: Option<String>,
+    /// `IP:port` of the plain-text status page (default: none).
+    pub status: Option<String>,
     /// Capacity of each actor's mailbox (default 1024).
     pub mailbox: Option<usize>,
     /// Named ways out of the host. The name `default` is used by routes that name none.

@@ -20,6 +20,7 @@ pub const DEFAULT_EGRESS: &str = "default";
 pub struct Settings {
     pub log_level: log::LevelFilter,
     pub drain_timeout: Duration,
+    pub status: Option<SocketAddr>,
     pub mailbox: NonZeroUsize,
     /// Index 0 is always the `default` egress.
     pub egress: Vec<Egress>,

@@ -54,6 +54,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         Some(text) => p.parse("log_level".into(), text, "one of error, warn, info, debug, trace").unwrap_or(log::LevelFilter::Info),
     };
     let drain_timeout = p.duration("drain_timeout".into(), &config.drain_timeout, Duration::from_secs(30));
+    let status = config.status.as_ref().and_then(|s| p.parse::<SocketAddr>("status".into(), s, "an IP:port address such as \"127.0.0.1:9901\""));
     let mailbox = NonZeroUsize::new(config.mailbox.unwrap_or(1024)).unwrap_or_else(|| {
         p.add("mailbox", "must be greater than zero");
         NonZeroUsize::MIN
@@ -69,6 +70,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         Ok(Settings {
             log_level,
             drain_timeout,
+            status,
             mailbox,
             egress,
             routes,

@@ -1,0 +1,112 @@
+//! Status page: a read-only, plain-text HTTP view of every route's backends and the session
+//! counters, taken from the Balancers' own snapshots. `curl http://ADDR/` reads it.
+
+use std::fmt::Write as _;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::balancer::BalancerHandle;
+use crate::relay::RouteSnapshot;
+use crate::rt::{self, Async, TcpConn};
+use crate::session::SessionStats;
+use crate::shutdown::Signal;
+
+/// A request head larger than this, or slower than [`HEAD_TIMEOUT`], gets no page.
+const HEAD_MAX: usize = 4096;
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the page shows of one route.
+#[derive(Clone)]
+pub(crate) struct RouteView {
+    pub name: Arc<str>,
+    pub listen: SocketAddr,
+    pub balancer: BalancerHandle,
+}
+
+impl RouteView {
+    pub async fn snapshot(&self) -> RouteSnapshot {
+        RouteSnapshot {
+            name: self.name.to_string(),
+            listen: self.listen,
+            backends: self.balancer.snapshot().await.unwrap_or_default(),
+        }
+    }
+}
+
+pub(crate) struct Status {
+    pub socket: Async<TcpListener>,
+    pub routes: Vec<RouteView>,
+    pub stats: Arc<SessionStats>,
+}
+
+impl Status {
+    pub async fn run(self, stop: Signal) {
+        while let Some(accepted) = stop.unless(self.socket.accept()).await {
+            match accepted {
+                Ok((stream, _)) => {
+                    let page = self.render().await;
+                    rt::detach(serve(TcpConn::from_async(stream), page));
+                }
+                Err(e) => {
+                    log::warn!(err:% = e; "status page: accept failed, backing off");
+                    stop.unless(rt::sleep(Duration::from_millis(100))).await;
+                }
+            }
+        }
+        log::debug!("status page stopped");
+    }
+
+    async fn render(&self) -> String {
+        let s = &self.stats;
+        let mut page = format!("relayd {}\n", env!("CARGO_PKG_VERSION"));
+        let _ = writeln!(page, "sessions active={} total={} forced={}", s.active(), s.total(), s.forced());
+        for route in &self.routes {
+            let snapshot = route.snapshot().await;
+            let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);
+            for b in snapshot.backends {
+                let _ = writeln!(
+                    page,
+                    "  backend {} active={} sessions={} connect_failures={} failing={}",
+                    b.addr, b.active, b.sessions, b.connect_failures, b.failing
+                );
+            }
+        }
+        page
+    }
+}
+
+/// Reads the request head (bounded in size and time), then answers and closes.
+async fn serve(mut stream: TcpConn, page: String) {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 512];
+    let complete = rt::timeout(HEAD_TIMEOUT, async {
+        loop {
+            if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                return true;
+            }
+            if head.len() >= HEAD_MAX {
+                return false;
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(n) => head.extend_from_slice(&buf[..n]),
+            }
+        }
+    });
+    if complete.await != Some(true) {
+        return;
+    }
+    let response = if head.starts_with(b"GET ") {
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        )
+    } else {
+        "HTTP/1.0 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+    };
+    let _ = stream.write_all(response.as_bytes()).await;
+    let _ = stream.close().await;
+}
