@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part of the harness
 
 pub mod backend;
+pub mod daemon;
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;

@@ -1,0 +1,112 @@
+//! The `relayd` binary end to end: config checks, relaying, signals and exit codes.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use harness::backend::Backend;
+use harness::daemon::{Daemon, TempFile, run};
+use harness::route;
+
+fn fetch(addr: std::net::SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to relayd");
+    stream.set_read_timeout(Some(harness::PATIENCE)).unwrap();
+    let mut got = String::new();
+    stream.read_to_string(&mut got).expect("read the backend's answer");
+    got
+}
+
+#[async_std::test]
+async fn the_daemon_relays_round_robin_and_exits_zero_on_sigterm() {
+    let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
+    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &[a.addr, b.addr], "")));
+    let addr = daemon.listening("web");
+    let answers: Vec<String> = (0..4).map(|_| fetch(addr)).collect();
+    assert_eq!(answers, ["a", "b", "a", "b"]);
+    daemon.signal(libc::SIGTERM);
+    daemon.wait_for(|l| l.contains(r#""msg":"stopped""#)).expect("relayd logs its stop");
+    let status = daemon.wait();
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[async_std::test]
+async fn sigint_drains_a_live_session_before_exit() {
+    let sink = Backend::sink().await;
+    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &[sink.addr], "")));
+    let mut client = TcpStream::connect(daemon.listening("web")).unwrap();
+    client.write_all(b"half").unwrap();
+    sink.next_accept().await;
+    daemon.signal(libc::SIGINT);
+    daemon.wait_for(|l| l.contains(r#""msg":"stopping""#)).expect("relayd begins its stop");
+    // The stop has begun; the live session still completes.
+    client.write_all(b" done").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut reply = String::new();
+    client.read_to_string(&mut reply).unwrap();
+    assert_eq!(reply, "got 9");
+    let stopped = daemon.wait_for(|l| l.contains(r#""msg":"stopped""#)).unwrap();
+    assert!(stopped.contains(r#""drained":1,"forced":0"#), "{stopped}");
+    assert_eq!(daemon.wait().code(), Some(0));
+}
+
+#[test]
+fn check_accepts_the_shipped_config() {
+    let (code, stderr) = run(&["--check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/relayd.ron")]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+#[test]
+fn check_names_every_problem_and_exits_non_zero() {
+    let bad = TempFile::new(
+        "bad.ron",
+        r#"(routes: [
+            (name: "a", listen: "127.0.0.1:8080", egress: "nope", backends: []),
+            (name: "a", listen: "127.0.0.1:8081", backends: [(addr: "nowhere")], connect_timeout: "0s"),
+        ])"#,
+    );
+    let (code, stderr) = run(&["--check", "--config", bad.0.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    for expected in [
+        "routes[0].egress: unknown egress \"nope\"",
+        "routes[0].backends: empty",
+        "routes[1].name: \"a\" is also the name of routes[0]",
+        "routes[1].backends[0].addr: \"nowhere\" is not an IP:port",
+        "routes[1].connect_timeout: must be greater than zero",
+    ] {
+        assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
+
+#[test]
+fn a_syntax_error_gives_file_line_and_column() {
+    let bad = TempFile::new("syntax.ron", "(\n  routes: [\n    (name: \"a\" listen: \"x\"),\n  ],\n)\n");
+    let (code, stderr) = run(&["--check", "--config", bad.0.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains(&format!("{}:3:", bad.0.display())), "{stderr}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let (code, stderr) = run(&["--config", "/nonexistent/relayd.ron"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("cannot read config /nonexistent/relayd.ron"), "{stderr}");
+}
+
+#[test]
+fn a_listen_address_in_use_is_named_and_nothing_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let config = format!(r#"(routes: [(name: "web", listen: "{addr}", backends: [(addr: "127.0.0.1:9")])])"#);
+    let daemon = Daemon::spawn(&[], &config);
+    let line = daemon.wait_for(|l| l.contains(r#""level":"error""#)).expect("an error line");
+    assert!(line.contains(&format!("route web: cannot listen on {addr}")), "{line}");
+    assert_eq!(daemon.wait().code(), Some(1));
+}
+
+#[test]
+fn unknown_arguments_are_refused() {
+    let (code, stderr) = run(&["--frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(stderr.contains("unknown argument \"--frobnicate\""), "{stderr}");
+}
