@@ -37,7 +37,9 @@ pub struct DialerHandle {
 }
 
 impl DialerHandle {
-    pub(crate) fn spawn(egress: &[Egress], mailbox: usize) -> (Self, rt::JoinHandle<()>) {
+    /// Starts a dialer with one factory per egress ([`crate::Settings::egress`]; an
+    /// [`EgressId`] is an index into it). The dialer ends when the last handle is dropped.
+    pub fn spawn(egress: &[Egress], mailbox: usize) -> (Self, rt::JoinHandle<()>) {
         let (tx, rx) = flume::bounded(mailbox);
         let dialer = Dialer {
             factories: egress.iter().cloned().map(Factory::new).collect(),

@@ -1,0 +1,268 @@
+//! Interface and source-address binding for real: two network namespaces joined by two veth
+//! links, like a host with two NICs and two routes of different metric to the same backend.
+//!
+//! ```text
+//!  ns R (relayd, clients)                         ns B (backend 198.18.9.1 on lo)
+//!  up1 198.18.1.1/24 (+198.18.1.3) ───────────── dn1 198.18.1.2/24
+//!  up2 198.18.2.1/24 (+198.18.2.3) ───────────── dn2 198.18.2.2/24
+//!  198.18.9.1 via 198.18.1.2 dev up1 metric 10  (the default way)
+//!  198.18.9.1 via 198.18.2.2 dev up2 metric 20
+//! ```
+//!
+//! The backend answers every TCP connection and UDP datagram with the source address it saw.
+//! The helper processes are this test binary run again inside a namespace (see `helper`).
+//! Needs root and iproute2: under `CI=true` they must run; elsewhere they skip, saying why.
+
+mod harness;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use harness::PATIENCE;
+use harness::daemon::Daemon;
+
+const BACKEND: &str = "198.18.9.1";
+const TCP_PORT: u16 = 7000;
+const UDP_PORT: u16 = 7001;
+
+/// Two namespaces, removed (with their veths) when dropped.
+struct Topology {
+    relay: String,
+    backend: String,
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+    }
+}
+
+impl Topology {
+    fn build() -> Result<Topology, String> {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let t = Topology {
+            relay: format!("relayd-r-{id}"),
+            backend: format!("relayd-b-{id}"),
+        };
+        ip(&["netns", "add", &t.relay])?;
+        ip(&["netns", "add", &t.backend])?;
+        let (r, b) = (t.relay.as_str(), t.backend.as_str());
+        for (up, dn, net) in [("up1", "dn1", 1), ("up2", "dn2", 2)] {
+            ip(&["-n", r, "link", "add", up, "type", "veth", "peer", "name", dn, "netns", b])?;
+            ip(&["-n", r, "addr", "add", &format!("198.18.{net}.1/24"), "dev", up])?;
+            ip(&["-n", r, "addr", "add", &format!("198.18.{net}.3/24"), "dev", up])?;
+            ip(&["-n", b, "addr", "add", &format!("198.18.{net}.2/24"), "dev", dn])?;
+            ip(&["-n", r, "link", "set", up, "up"])?;
+            ip(&["-n", b, "link", "set", dn, "up"])?;
+        }
+        for ns in [r, b] {
+            ip(&["-n", ns, "link", "set", "lo", "up"])?;
+        }
+        ip(&["-n", b, "addr", "add", &format!("{BACKEND}/32"), "dev", "lo"])?;
+        let host = format!("{BACKEND}/32");
+        ip(&["-n", r, "route", "add", &host, "via", "198.18.1.2", "dev", "up1", "metric", "10"])?;
+        ip(&["-n", r, "route", "add", &host, "via", "198.18.2.2", "dev", "up2", "metric", "20"])?;
+        Ok(t)
+    }
+
+    /// The topology, or `None` when it cannot be built outside CI (the reason is printed).
+    fn build_or_skip() -> Option<Topology> {
+        match Topology::build() {
+            Ok(t) => Some(t),
+            Err(e) if std::env::var_os("CI").is_none() => {
+                eprintln!("SKIPPED: network namespaces unavailable (needs root and iproute2): {e}");
+                None
+            }
+            Err(e) => panic!("CI=true, yet the namespace topology cannot be built: {e}"),
+        }
+    }
+
+    /// Runs this test binary's helper in `ns` with `role`, and waits for its "ready" line.
+    fn helper(&self, ns: &str, role: &str, env: &[(&str, &str)]) -> Helper {
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(exe).args(["helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+        cmd.env("RELAYD_NETNS_ROLE", role).envs(env.iter().copied());
+        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let (tx, lines) = flume::unbounded();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let helper = Helper { child, lines };
+        helper.line("ready");
+        helper
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        for ns in [&self.relay, &self.backend] {
+            let _ = ip(&["netns", "del", ns]);
+        }
+    }
+}
+
+/// A helper process; killed when dropped.
+struct Helper {
+    child: Child,
+    lines: flume::Receiver<String>,
+}
+
+impl Helper {
+    /// What follows `@@prefix` on the helper's next such line (bounded wait). The marker finds
+    /// it even where libtest's own "test helper ... " shares the line.
+    fn line(&self, prefix: &str) -> String {
+        let marker = format!("@@{prefix}");
+        loop {
+            let line = self.lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("helper said no {prefix:?}: {e}"));
+            if let Some((_, rest)) = line.split_once(&marker) {
+                return rest.trim().to_string();
+            }
+        }
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const EGRESS: &str = r#"{
+    "dev": (device: "up2"),
+    "src": (source: "198.18.1.3"),
+    "both": (device: "up2", source: "198.18.2.3"),
+    "missing": (device: "nosuch0"),
+}"#;
+
+#[test]
+fn tcp_leaves_by_the_named_device_and_source() {
+    let Some(topology) = Topology::build_or_skip() else { return };
+    let _backend = topology.helper(&topology.backend, "backend", &[]);
+    let route = |name: &str, egress: &str| {
+        format!(r#"(name: "{name}", listen: "127.0.0.1:0", egress: {egress}, connect_timeout: "2s", backends: [(addr: "{BACKEND}:{TCP_PORT}")])"#)
+    };
+    let config = format!(
+        "(egress: {EGRESS}, routes: [{}, {}, {}, {}, {}])",
+        route("plain", "None"),
+        route("dev", "\"dev\""),
+        route("src", "\"src\""),
+        route("both", "\"both\""),
+        route("missing", "\"missing\""),
+    );
+    let daemon = Daemon::spawn(&["ip", "netns", "exec", &topology.relay], &config);
+    let mut seen = Vec::new();
+    for name in ["plain", "dev", "src", "both", "missing"] {
+        let addr = daemon.listening(name).to_string();
+        let client = topology.helper(&topology.relay, "client", &[("RELAYD_NETNS_TARGET", &addr)]);
+        seen.push((name, client.line("got")));
+    }
+    let ip_of = |answer: &str| answer.split(':').next().unwrap_or_default().to_string();
+    let ips: Vec<(&str, String)> = seen.iter().map(|(n, a)| (*n, ip_of(a))).collect();
+    assert_eq!(
+        ips,
+        [
+            ("plain", "198.18.1.1".to_string()), // the metric-10 route
+            ("dev", "198.18.2.1".to_string()),   // SO_BINDTODEVICE up2: the metric-20 route
+            ("src", "198.18.1.3".to_string()),
+            ("both", "198.18.2.3".to_string()),
+            ("missing", String::new()), // no device: the dial fails, nothing leaves
+        ]
+    );
+    let failure = daemon
+        .wait_for(|l| l.contains(r#""msg":"connect failed""#) && l.contains("nosuch0"))
+        .expect("the failed bind is logged");
+    assert!(failure.contains(&format!("cannot bind device nosuch0 to reach {BACKEND}:{TCP_PORT}")), "{failure}");
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait().code(), Some(0));
+}
+
+#[test]
+fn udp_dials_leave_by_the_named_device_and_source() {
+    let Some(topology) = Topology::build_or_skip() else { return };
+    let _backend = topology.helper(&topology.backend, "backend", &[]);
+    let dialer = topology.helper(&topology.relay, "udp-dial", &[]);
+    let answers: Vec<(String, String)> = ["default", "dev", "src", "both", "missing"]
+        .iter()
+        .map(|name| (name.to_string(), dialer.line(&format!("{name}="))))
+        .collect();
+    let ip_of = |answer: &str| answer.split(':').next().unwrap_or_default().to_string();
+    assert_eq!(ip_of(&answers[0].1), "198.18.1.1", "{answers:?}");
+    assert_eq!(ip_of(&answers[1].1), "198.18.2.1", "{answers:?}");
+    assert_eq!(ip_of(&answers[2].1), "198.18.1.3", "{answers:?}");
+    assert_eq!(ip_of(&answers[3].1), "198.18.2.3", "{answers:?}");
+    let missing = &answers[4].1;
+    assert!(missing.starts_with("error: egress missing: cannot bind device nosuch0"), "{missing}");
+}
+
+/// Not a test of its own: the processes the tests above start inside a namespace.
+#[test]
+#[ignore = "run by the netns tests inside a namespace"]
+fn helper() {
+    match std::env::var("RELAYD_NETNS_ROLE").as_deref() {
+        Ok("backend") => backend(),
+        Ok("client") => client(&std::env::var("RELAYD_NETNS_TARGET").unwrap()),
+        Ok("udp-dial") => udp_dial(),
+        other => panic!("no RELAYD_NETNS_ROLE ({other:?}): this helper is run by the netns tests"),
+    }
+}
+
+/// Answers each TCP connection and UDP datagram with the peer address it saw.
+fn backend() {
+    let tcp = TcpListener::bind(("0.0.0.0", TCP_PORT)).unwrap();
+    // Bound to the service address, so replies come from it (a connected client drops others).
+    let udp = UdpSocket::bind((BACKEND, UDP_PORT)).unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, peer)) = udp.recv_from(&mut buf) {
+            let _ = udp.send_to(peer.to_string().as_bytes(), peer);
+        }
+    });
+    println!("@@ready");
+    for mut stream in tcp.incoming().map_while(Result::ok) {
+        let peer = stream.peer_addr().unwrap();
+        let _ = stream.write_all(peer.to_string().as_bytes());
+    }
+}
+
+fn client(target: &str) {
+    println!("@@ready");
+    let mut stream = TcpStream::connect(target).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = String::new();
+    let _ = stream.read_to_string(&mut got);
+    println!("@@got {got}");
+}
+
+/// Dials the backend over UDP through each egress with the library's Dialer.
+fn udp_dial() {
+    println!("@@ready");
+    let config = format!(r#"(egress: {EGRESS}, routes: [(name: "x", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:9")])])"#);
+    let settings = relayd::Config::parse(&config, "helper").unwrap().validate().unwrap();
+    let (dialer, _task) = relayd::dialer::DialerHandle::spawn(&settings.egress, 8);
+    let target = format!("{BACKEND}:{UDP_PORT}").parse().unwrap();
+    for name in ["default", "dev", "src", "both", "missing"] {
+        let id = settings.egress.iter().position(|e| e.name == name).unwrap();
+        let answer = relayd::rt::block_on(async {
+            let socket = dialer.udp(target, relayd::config::EgressId(id)).await.map_err(|e| e.to_string())?;
+            socket.send(b"who am i").await.map_err(|e| e.to_string())?;
+            let mut buf = [0u8; 64];
+            let n = relayd::rt::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;
+            let n = n.ok_or("no answer")?.map_err(|e| e.to_string())?;
+            Ok::<String, String>(String::from_utf8_lossy(&buf[..n]).into_owned())
+        });
+        println!("@@{name}={}", answer.unwrap_or_else(|e| format!("error: {e}")));
+    }
+}
