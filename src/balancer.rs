@@ -38,9 +38,14 @@ pub(crate) enum BalancerMsg {
         reply: flume::Sender<Option<Pick>>,
     },
     /// A connect to `backend` succeeded (a session is now open on it) or failed.
-    Connected { backend: BackendId, ok: bool },
+    Connected {
+        backend: BackendId,
+        ok: bool,
+    },
     /// A session on `backend` has ended.
-    Closed { backend: BackendId },
+    Closed {
+        backend: BackendId,
+    },
     Snapshot {
         reply: flume::Sender<Vec<BackendSnapshot>>,
     },
@@ -146,7 +151,9 @@ impl Balancer {
     }
 
     fn connected(&mut self, id: BackendId, ok: bool) {
-        let Some(entry) = self.entries.get_mut(id.0) else { return };
+        let Some(entry) = self.entries.get_mut(id.0) else {
+            return;
+        };
         if ok {
             entry.active += 1;
             entry.sessions += 1;

@@ -74,5 +74,8 @@ impl Listener {
 
 /// The client gave up between SYN and accept: nothing is wrong with the listener.
 fn is_transient(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ECONNABORTED | libc::EPROTO | libc::ECONNRESET)
+    )
 }

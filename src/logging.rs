@@ -20,7 +20,11 @@ pub enum Format {
 impl Format {
     /// Pretty on a terminal, ndjson otherwise.
     pub fn auto() -> Format {
-        if std::io::stderr().is_terminal() { Format::Pretty } else { Format::Json }
+        if std::io::stderr().is_terminal() {
+            Format::Pretty
+        } else {
+            Format::Json
+        }
     }
 }
 
@@ -51,7 +55,11 @@ struct Logger {
 
 impl Log for Logger {
     fn enabled(&self, meta: &Metadata) -> bool {
-        let limit = if meta.target().starts_with("relayd") { self.level } else { self.level.min(LevelFilter::Warn) };
+        let limit = if meta.target().starts_with("relayd") {
+            self.level
+        } else {
+            self.level.min(LevelFilter::Warn)
+        };
         meta.level() <= limit
     }
 
@@ -92,7 +100,11 @@ fn pretty(record: &Record) -> String {
 }
 
 fn json(record: &Record) -> String {
-    let mut line = format!("{{\"time\":\"{}\",\"level\":\"{}\",\"msg\":", now(), record.level().as_str().to_lowercase());
+    let mut line = format!(
+        "{{\"time\":\"{}\",\"level\":\"{}\",\"msg\":",
+        now(),
+        record.level().as_str().to_lowercase()
+    );
     quote(&mut line, &record.args().to_string());
     let mut pairs = Pairs(|key: &str, value: &Value| {
         line.push(',');
@@ -145,7 +157,13 @@ mod tests {
     #[test]
     fn json_lines_escape_strings_and_keep_numbers_bare() {
         let kvs = [("route", Value::from("a\\b")), ("bytes", Value::from(42u64))];
-        let line = json(&Record::builder().args(format_args!("say \"hi\"\n")).level(Level::Warn).key_values(&kvs).build());
+        let line = json(
+            &Record::builder()
+                .args(format_args!("say \"hi\"\n"))
+                .level(Level::Warn)
+                .key_values(&kvs)
+                .build(),
+        );
         assert!(line.contains(r#""level":"warn","msg":"say \"hi\"\n""#), "{line}");
         assert!(line.trim_end().ends_with(r#","route":"a\\b","bytes":42}"#), "{line}");
     }

@@ -41,7 +41,9 @@ impl Args {
                 "--check" => parsed.check = true,
                 "--log-level" => {
                     let level = value()?;
-                    let level = level.parse().map_err(|_| format!("--log-level: {level:?} is not a level"))?;
+                    let level = level
+                        .parse()
+                        .map_err(|_| format!("--log-level: {level:?} is not a level"))?;
                     parsed.log_level = Some(level);
                 }
                 "--log-format" => parsed.log_format = Some(value()?.parse().map_err(|e| format!("--log-format: {e}"))?),

@@ -147,7 +147,11 @@ impl Relay {
             routes: self.routes.iter().map(|r| r.view.clone()).collect(),
             stats: self.stats.clone(),
         };
-        let addr = status.socket.get_ref().local_addr().expect("a bound socket has a local address");
+        let addr = status
+            .socket
+            .get_ref()
+            .local_addr()
+            .expect("a bound socket has a local address");
         log::info!(addr:% = addr; "status page listening");
         self.tasks.push(rt::spawn(status.run(common.stop.clone())));
     }
@@ -164,11 +168,18 @@ impl Relay {
     /// Runs a session on `stream` exactly as if the route's listener had accepted it from
     /// `peer`. `stream`'s `poll_close` must end its write direction (as [`crate::Conn`]'s does),
     /// or a relayed FIN is never seen by the client.
-    pub fn inject<S>(&self, route: &str, stream: S, peer: SocketAddr) -> Result<rt::JoinHandle<SessionReport>, InjectError>
+    pub fn inject<S>(
+        &self,
+        route: &str,
+        stream: S,
+        peer: SocketAddr,
+    ) -> Result<rt::JoinHandle<SessionReport>, InjectError>
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let entry = self.route(route).ok_or_else(|| InjectError::UnknownRoute(route.to_string()))?;
+        let entry = self
+            .route(route)
+            .ok_or_else(|| InjectError::UnknownRoute(route.to_string()))?;
         let guard = self.drain.guard().ok_or(InjectError::ShuttingDown)?;
         Ok(entry.sessions.open(stream, peer, guard))
     }

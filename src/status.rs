@@ -62,7 +62,13 @@ impl Status {
     async fn render(&self) -> String {
         let s = &self.stats;
         let mut page = format!("relayd {}\n", env!("CARGO_PKG_VERSION"));
-        let _ = writeln!(page, "sessions active={} total={} forced={}", s.active(), s.total(), s.forced());
+        let _ = writeln!(
+            page,
+            "sessions active={} total={} forced={}",
+            s.active(),
+            s.total(),
+            s.forced()
+        );
         for route in &self.routes {
             let snapshot = route.snapshot().await;
             let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);

@@ -10,7 +10,11 @@ use relayd::SessionEnd;
 
 #[async_std::test]
 async fn round_robin_visits_three_backends_in_turn() {
-    let backends = [Backend::greeter("a").await, Backend::greeter("b").await, Backend::greeter("c").await];
+    let backends = [
+        Backend::greeter("a").await,
+        Backend::greeter("b").await,
+        Backend::greeter("c").await,
+    ];
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let h = Harness::start(&config(&[route("r", &addrs, "")]));
     let mut answers = Vec::new();
@@ -32,7 +36,11 @@ async fn a_refused_connect_fails_over_to_the_next_backend() {
     let h = Harness::start(&config(&[route("r", &[dead, live.addr], "")]));
     for _ in 0..4 {
         let mut client = h.connect("r").await;
-        assert_eq!(read_all(&mut client).await, b"live", "every client reaches the live backend");
+        assert_eq!(
+            read_all(&mut client).await,
+            b"live",
+            "every client reaches the live backend"
+        );
     }
     let snapshot = h.relay().snapshot().await;
     let dead_state = &snapshot[0].backends[0];
@@ -49,7 +57,11 @@ async fn with_every_backend_down_the_client_is_closed_promptly() {
     let started = Instant::now();
     assert_eq!(read_all(&mut s.client).await, b"");
     let report = within(s.session).await;
-    assert!(matches!(report.end, SessionEnd::NoBackend { tried: 2 }), "{:?}", report.end);
+    assert!(
+        matches!(report.end, SessionEnd::NoBackend { tried: 2 }),
+        "{:?}",
+        report.end
+    );
     assert_eq!(report.backend, None);
     // Refusals are immediate: nothing waited for a connect timeout.
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
@@ -67,7 +79,11 @@ async fn a_blackholed_backend_is_given_up_at_the_connect_timeout() {
     drop(s.client);
     let report = within(s.session).await;
     assert_eq!(report.backend, Some(live.addr));
-    assert!(report.duration >= Duration::from_millis(300), "waited for the timeout: {:?}", report.duration);
+    assert!(
+        report.duration >= Duration::from_millis(300),
+        "waited for the timeout: {:?}",
+        report.duration
+    );
     let snapshot = h.relay().snapshot().await;
     assert_eq!(snapshot[0].backends[0].connect_failures, 1);
     assert_eq!(h.shutdown().await.forced, 0);
@@ -81,7 +97,11 @@ async fn connect_attempts_bound_the_backends_tried() {
     let mut s = h.inject("r");
     assert_eq!(read_all(&mut s.client).await, b"", "two refusals use up both attempts");
     let report = within(s.session).await;
-    assert!(matches!(report.end, SessionEnd::NoBackend { tried: 2 }), "{:?}", report.end);
+    assert!(
+        matches!(report.end, SessionEnd::NoBackend { tried: 2 }),
+        "{:?}",
+        report.end
+    );
     assert_eq!(live.accepted(), 0);
     assert_eq!(h.shutdown().await.forced, 0);
 }

@@ -25,7 +25,9 @@ async fn the_daemon_relays_round_robin_and_exits_zero_on_sigterm() {
     let answers: Vec<String> = (0..4).map(|_| fetch(addr)).collect();
     assert_eq!(answers, ["a", "b", "a", "b"]);
     daemon.signal(libc::SIGTERM);
-    daemon.wait_for(|l| l.contains(r#""msg":"stopped""#)).expect("relayd logs its stop");
+    daemon
+        .wait_for(|l| l.contains(r#""msg":"stopped""#))
+        .expect("relayd logs its stop");
     let status = daemon.wait();
     assert_eq!(status.code(), Some(0), "{status:?}");
 }
@@ -38,7 +40,9 @@ async fn sigint_drains_a_live_session_before_exit() {
     client.write_all(b"half").unwrap();
     sink.next_accept().await;
     daemon.signal(libc::SIGINT);
-    daemon.wait_for(|l| l.contains(r#""msg":"stopping""#)).expect("relayd begins its stop");
+    daemon
+        .wait_for(|l| l.contains(r#""msg":"stopping""#))
+        .expect("relayd begins its stop");
     // The stop has begun; the live session still completes.
     client.write_all(b" done").unwrap();
     client.shutdown(std::net::Shutdown::Write).unwrap();
@@ -52,7 +56,11 @@ async fn sigint_drains_a_live_session_before_exit() {
 
 #[test]
 fn check_accepts_the_shipped_config() {
-    let (code, stderr) = run(&["--check", "--config", concat!(env!("CARGO_MANIFEST_DIR"), "/config/relayd.ron")]);
+    let (code, stderr) = run(&[
+        "--check",
+        "--config",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/config/relayd.ron"),
+    ]);
     assert_eq!(code, 0, "{stderr}");
 }
 
@@ -80,7 +88,10 @@ fn check_names_every_problem_and_exits_non_zero() {
 
 #[test]
 fn a_syntax_error_gives_file_line_and_column() {
-    let bad = TempFile::new("syntax.ron", "(\n  routes: [\n    (name: \"a\" listen: \"x\"),\n  ],\n)\n");
+    let bad = TempFile::new(
+        "syntax.ron",
+        "(\n  routes: [\n    (name: \"a\" listen: \"x\"),\n  ],\n)\n",
+    );
     let (code, stderr) = run(&["--check", "--config", bad.0.to_str().unwrap()]);
     assert_eq!(code, 2, "{stderr}");
     assert!(stderr.contains(&format!("{}:3:", bad.0.display())), "{stderr}");
@@ -90,7 +101,10 @@ fn a_syntax_error_gives_file_line_and_column() {
 fn a_missing_config_file_is_named() {
     let (code, stderr) = run(&["--config", "/nonexistent/relayd.ron"]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("cannot read config /nonexistent/relayd.ron"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read config /nonexistent/relayd.ron"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -99,7 +113,9 @@ fn a_listen_address_in_use_is_named_and_nothing_starts() {
     let addr = taken.local_addr().unwrap();
     let config = format!(r#"(routes: [(name: "web", listen: "{addr}", backends: [(addr: "127.0.0.1:9")])])"#);
     let daemon = Daemon::spawn(&[], &config);
-    let line = daemon.wait_for(|l| l.contains(r#""level":"error""#)).expect("an error line");
+    let line = daemon
+        .wait_for(|l| l.contains(r#""level":"error""#))
+        .expect("an error line");
     assert!(line.contains(&format!("route web: cannot listen on {addr}")), "{line}");
     assert_eq!(daemon.wait().code(), Some(1));
 }

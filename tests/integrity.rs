@@ -106,7 +106,11 @@ async fn client(relay: SocketAddr, id: u64, up: usize, down: usize) -> (usize, [
     };
     let (sent, (got_len, got)) = futures::future::join(send, receive(&stream)).await;
     assert_eq!(got_len, down, "session {id}: bytes from the backend");
-    assert_eq!(got, Payload::new(id, true, down).digest(), "session {id}: digest of bytes from the backend");
+    assert_eq!(
+        got,
+        Payload::new(id, true, down).digest(),
+        "session {id}: digest of bytes from the backend"
+    );
     (up, sent)
 }
 
@@ -134,7 +138,11 @@ async fn a_thousand_concurrent_sessions_arrive_intact_both_ways() {
     }
     for _ in 0..SESSIONS {
         let (id, len, digest) = within(seen.recv_async()).await.unwrap();
-        assert_eq!(sent.remove(&id), Some((len, digest)), "session {id}: bytes the backend received");
+        assert_eq!(
+            sent.remove(&id),
+            Some((len, digest)),
+            "session {id}: bytes the backend received"
+        );
     }
     assert!(sent.is_empty());
     assert_eq!(h.relay().stats().total(), SESSIONS);

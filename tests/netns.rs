@@ -39,7 +39,11 @@ fn ip(args: &[&str]) -> Result<(), String> {
     if out.status.success() {
         Ok(())
     } else {
-        Err(format!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()))
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
     }
 }
 
@@ -56,7 +60,9 @@ impl Topology {
         ip(&["netns", "add", &t.backend])?;
         let (r, b) = (t.relay.as_str(), t.backend.as_str());
         for (up, dn, net) in [("up1", "dn1", 1), ("up2", "dn2", 2)] {
-            ip(&["-n", r, "link", "add", up, "type", "veth", "peer", "name", dn, "netns", b])?;
+            ip(&[
+                "-n", r, "link", "add", up, "type", "veth", "peer", "name", dn, "netns", b,
+            ])?;
             ip(&["-n", r, "addr", "add", &format!("198.18.{net}.1/24"), "dev", up])?;
             ip(&["-n", r, "addr", "add", &format!("198.18.{net}.3/24"), "dev", up])?;
             ip(&["-n", b, "addr", "add", &format!("198.18.{net}.2/24"), "dev", dn])?;
@@ -68,8 +74,32 @@ impl Topology {
         }
         ip(&["-n", b, "addr", "add", &format!("{BACKEND}/32"), "dev", "lo"])?;
         let host = format!("{BACKEND}/32");
-        ip(&["-n", r, "route", "add", &host, "via", "198.18.1.2", "dev", "up1", "metric", "10"])?;
-        ip(&["-n", r, "route", "add", &host, "via", "198.18.2.2", "dev", "up2", "metric", "20"])?;
+        ip(&[
+            "-n",
+            r,
+            "route",
+            "add",
+            &host,
+            "via",
+            "198.18.1.2",
+            "dev",
+            "up1",
+            "metric",
+            "10",
+        ])?;
+        ip(&[
+            "-n",
+            r,
+            "route",
+            "add",
+            &host,
+            "via",
+            "198.18.2.2",
+            "dev",
+            "up2",
+            "metric",
+            "20",
+        ])?;
         Ok(t)
     }
 
@@ -89,9 +119,20 @@ impl Topology {
     fn helper(&self, ns: &str, role: &str, env: &[(&str, &str)]) -> Helper {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(exe).args(["helper", "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+        cmd.args(["netns", "exec", ns]).arg(exe).args([
+            "helper",
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
         cmd.env("RELAYD_NETNS_ROLE", role).envs(env.iter().copied());
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().unwrap();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
         let (tx, lines) = flume::unbounded();
         let stdout = child.stdout.take().unwrap();
         std::thread::spawn(move || {
@@ -125,7 +166,10 @@ impl Helper {
     fn line(&self, prefix: &str) -> String {
         let marker = format!("@@{prefix}");
         loop {
-            let line = self.lines.recv_timeout(PATIENCE).unwrap_or_else(|e| panic!("helper said no {prefix:?}: {e}"));
+            let line = self
+                .lines
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|e| panic!("helper said no {prefix:?}: {e}"));
             if let Some((_, rest)) = line.split_once(&marker) {
                 return rest.trim().to_string();
             }
@@ -149,10 +193,14 @@ const EGRESS: &str = r#"{
 
 #[test]
 fn tcp_leaves_by_the_named_device_and_source() {
-    let Some(topology) = Topology::build_or_skip() else { return };
+    let Some(topology) = Topology::build_or_skip() else {
+        return;
+    };
     let _backend = topology.helper(&topology.backend, "backend", &[]);
     let route = |name: &str, egress: &str| {
-        format!(r#"(name: "{name}", listen: "127.0.0.1:0", egress: {egress}, connect_timeout: "2s", backends: [(addr: "{BACKEND}:{TCP_PORT}")])"#)
+        format!(
+            r#"(name: "{name}", listen: "127.0.0.1:0", egress: {egress}, connect_timeout: "2s", backends: [(addr: "{BACKEND}:{TCP_PORT}")])"#
+        )
     };
     let config = format!(
         "(egress: {EGRESS}, routes: [{}, {}, {}, {}, {}])",
@@ -184,14 +232,19 @@ fn tcp_leaves_by_the_named_device_and_source() {
     let failure = daemon
         .wait_for(|l| l.contains(r#""msg":"connect failed""#) && l.contains("nosuch0"))
         .expect("the failed bind is logged");
-    assert!(failure.contains(&format!("cannot bind device nosuch0 to reach {BACKEND}:{TCP_PORT}")), "{failure}");
+    assert!(
+        failure.contains(&format!("cannot bind device nosuch0 to reach {BACKEND}:{TCP_PORT}")),
+        "{failure}"
+    );
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait().code(), Some(0));
 }
 
 #[test]
 fn udp_dials_leave_by_the_named_device_and_source() {
-    let Some(topology) = Topology::build_or_skip() else { return };
+    let Some(topology) = Topology::build_or_skip() else {
+        return;
+    };
     let _backend = topology.helper(&topology.backend, "backend", &[]);
     let dialer = topology.helper(&topology.relay, "udp-dial", &[]);
     let answers: Vec<(String, String)> = ["default", "dev", "src", "both", "missing"]
@@ -204,7 +257,10 @@ fn udp_dials_leave_by_the_named_device_and_source() {
     assert_eq!(ip_of(&answers[2].1), "198.18.1.3", "{answers:?}");
     assert_eq!(ip_of(&answers[3].1), "198.18.2.3", "{answers:?}");
     let missing = &answers[4].1;
-    assert!(missing.starts_with("error: egress missing: cannot bind device nosuch0"), "{missing}");
+    assert!(
+        missing.starts_with("error: egress missing: cannot bind device nosuch0"),
+        "{missing}"
+    );
 }
 
 /// Not a test of its own: the processes the tests above start inside a namespace.
@@ -249,14 +305,19 @@ fn client(target: &str) {
 /// Dials the backend over UDP through each egress with the library's Dialer.
 fn udp_dial() {
     println!("@@ready");
-    let config = format!(r#"(egress: {EGRESS}, routes: [(name: "x", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:9")])])"#);
+    let config = format!(
+        r#"(egress: {EGRESS}, routes: [(name: "x", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:9")])])"#
+    );
     let settings = relayd::Config::parse(&config, "helper").unwrap().validate().unwrap();
     let (dialer, _task) = relayd::dialer::DialerHandle::spawn(&settings.egress, 8);
     let target = format!("{BACKEND}:{UDP_PORT}").parse().unwrap();
     for name in ["default", "dev", "src", "both", "missing"] {
         let id = settings.egress.iter().position(|e| e.name == name).unwrap();
         let answer = relayd::rt::block_on(async {
-            let socket = dialer.udp(target, relayd::config::EgressId(id)).await.map_err(|e| e.to_string())?;
+            let socket = dialer
+                .udp(target, relayd::config::EgressId(id))
+                .await
+                .map_err(|e| e.to_string())?;
             socket.send(b"who am i").await.map_err(|e| e.to_string())?;
             let mut buf = [0u8; 64];
             let n = relayd::rt::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;

@@ -13,7 +13,10 @@ use relayd::SessionEnd;
 #[async_std::test]
 async fn shutdown_waits_for_live_sessions_then_ends() {
     let sink = Backend::sink().await;
-    let h = Harness::start(&format!("(drain_timeout: \"1h\", routes: [{}])", route("r", &[sink.addr], "")));
+    let h = Harness::start(&format!(
+        "(drain_timeout: \"1h\", routes: [{}])",
+        route("r", &[sink.addr], "")
+    ));
     let addr = h.addr("r");
     let mut client = h.connect("r").await;
     client.write_all(b"in flight").await.unwrap();
@@ -45,7 +48,10 @@ async fn shutdown_waits_for_live_sessions_then_ends() {
 #[async_std::test]
 async fn sessions_outliving_the_drain_deadline_are_closed() {
     let silent = Backend::silent().await;
-    let h = Harness::start(&format!("(drain_timeout: \"200ms\", routes: [{}])", route("r", &[silent.addr], "")));
+    let h = Harness::start(&format!(
+        "(drain_timeout: \"200ms\", routes: [{}])",
+        route("r", &[silent.addr], "")
+    ));
     let mut s = h.inject("r");
     let (report, (eof, session)) = within(futures::future::join(h.shutdown(), async {
         (read_all(&mut s.client).await, within(s.session).await)
@@ -61,7 +67,10 @@ async fn nothing_is_injected_into_an_unknown_route() {
     let echo = Backend::echo().await;
     let h = Harness::start(&config(&[route("r", &[echo.addr], "")]));
     let (_, relay_side) = relayd::Conn::pair().unwrap();
-    let err = h.relay().inject("nope", relay_side, harness::SYNTHETIC_PEER.parse().unwrap()).unwrap_err();
+    let err = h
+        .relay()
+        .inject("nope", relay_side, harness::SYNTHETIC_PEER.parse().unwrap())
+        .unwrap_err();
     assert_eq!(err.to_string(), "no route named \"nope\"");
     assert_eq!(h.shutdown().await.forced, 0);
 }

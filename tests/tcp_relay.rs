@@ -37,7 +37,11 @@ async fn a_client_fin_reaches_the_backend_and_the_reply_still_comes_back() {
     assert_eq!(read_all(&mut client).await, b"got 12");
     let got = sink.received().await;
     assert_eq!(got.bytes, b"request body");
-    assert_eq!(got.peer.ip(), h.addr("r").ip(), "the backend sees the relay, not the client");
+    assert_eq!(
+        got.peer.ip(),
+        h.addr("r").ip(),
+        "the backend sees the relay, not the client"
+    );
     assert_eq!(h.shutdown().await.forced, 0);
 }
 
@@ -110,7 +114,11 @@ async fn a_backend_that_closes_at_once_ends_the_session_cleanly() {
     let closing = Backend::closing().await;
     let h = Harness::start(&config(&[route("r", &[closing.addr], "")]));
     let mut s = h.inject("r");
-    assert_eq!(read_all(&mut s.client).await, b"", "the backend's FIN reaches the client");
+    assert_eq!(
+        read_all(&mut s.client).await,
+        b"",
+        "the backend's FIN reaches the client"
+    );
     // The client's own direction stays open until it closes too, as with any half-close.
     drop(s.client);
     let report = within(s.session).await;

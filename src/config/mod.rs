@@ -8,7 +8,7 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
-pub use file::{Balance, BackendConfig, Config, EgressConfig, Protocol, RouteConfig};
+pub use file::{BackendConfig, Balance, Config, EgressConfig, Protocol, RouteConfig};
 
 use crate::error::ConfigError;
 

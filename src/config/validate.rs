@@ -33,7 +33,10 @@ impl Problems {
         match humantime::parse_duration(text) {
             Ok(d) if d.is_zero() => self.add(path, "must be greater than zero"),
             Ok(d) => return d,
-            Err(e) => self.add(path, format!("{text:?} is not a duration like \"250ms\", \"5s\" or \"5m\" ({e})")),
+            Err(e) => self.add(
+                path,
+                format!("{text:?} is not a duration like \"250ms\", \"5s\" or \"5m\" ({e})"),
+            ),
         }
         default
     }
@@ -51,20 +54,34 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
     let mut p = Problems::default();
     let log_level = match &config.log_level {
         None => log::LevelFilter::Info,
-        Some(text) => p.parse("log_level".into(), text, "one of error, warn, info, debug, trace").unwrap_or(log::LevelFilter::Info),
+        Some(text) => p
+            .parse("log_level".into(), text, "one of error, warn, info, debug, trace")
+            .unwrap_or(log::LevelFilter::Info),
     };
     let drain_timeout = p.duration("drain_timeout".into(), &config.drain_timeout, Duration::from_secs(30));
-    let status = config.status.as_ref().and_then(|s| p.parse::<SocketAddr>("status".into(), s, "an IP:port address such as \"127.0.0.1:9901\""));
+    let status = config
+        .status
+        .as_ref()
+        .and_then(|s| p.parse::<SocketAddr>("status".into(), s, "an IP:port address such as \"127.0.0.1:9901\""));
     let mailbox = NonZeroUsize::new(config.mailbox.unwrap_or(1024)).unwrap_or_else(|| {
         p.add("mailbox", "must be greater than zero");
         NonZeroUsize::MIN
     });
     let egress = egresses(config, &mut p);
-    let ids: HashMap<&str, EgressId> = egress.iter().enumerate().map(|(i, e)| (e.name.as_str(), EgressId(i))).collect();
+    let ids: HashMap<&str, EgressId> = egress
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.name.as_str(), EgressId(i)))
+        .collect();
     if config.routes.is_empty() {
         p.add("routes", "no routes: nothing to relay");
     }
-    let routes: Vec<Route> = config.routes.iter().enumerate().filter_map(|(i, r)| route(i, r, &ids, &mut p)).collect();
+    let routes: Vec<Route> = config
+        .routes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| route(i, r, &ids, &mut p))
+        .collect();
     unique_routes(config, &mut p);
     if p.0.is_empty() {
         Ok(Settings {
@@ -98,11 +115,20 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
     }
     if let Some(device) = &e.device {
         if device.is_empty() || device.len() > IFNAME_MAX || device.contains(['/', ' ', '\0']) {
-            p.add(at("device"), format!("{device:?} is not an interface name (1 to {IFNAME_MAX} bytes)"));
+            p.add(
+                at("device"),
+                format!("{device:?} is not an interface name (1 to {IFNAME_MAX} bytes)"),
+            );
         }
     }
-    let source = e.source.as_ref().and_then(|s| p.parse::<IpAddr>(at("source"), s, "an IP address"));
-    let keepalive = e.keepalive.as_ref().map(|_| p.duration(at("keepalive"), &e.keepalive, Duration::ZERO));
+    let source = e
+        .source
+        .as_ref()
+        .and_then(|s| p.parse::<IpAddr>(at("source"), s, "an IP address"));
+    let keepalive = e
+        .keepalive
+        .as_ref()
+        .map(|_| p.duration(at("keepalive"), &e.keepalive, Duration::ZERO));
     if let Some(mss) = e.mss.filter(|m| !(88..=65535).contains(m)) {
         p.add(at("mss"), format!("{mss} is outside 88..=65535"));
     }
@@ -188,11 +214,17 @@ fn unique_routes(config: &Config, p: &mut Problems) {
     let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
     for (i, r) in config.routes.iter().enumerate() {
         if let Some(first) = names.insert(r.name.as_str(), i).filter(|_| !r.name.is_empty()) {
-            p.add(format!("routes[{i}].name"), format!("{:?} is also the name of routes[{first}]", r.name));
+            p.add(
+                format!("routes[{i}].name"),
+                format!("{:?} is also the name of routes[{first}]", r.name),
+            );
         }
         let addr = r.listen.parse::<SocketAddr>().ok().filter(|a| a.port() != 0);
         if let Some(first) = addr.and_then(|a| listens.insert(a, i)) {
-            p.add(format!("routes[{i}].listen"), format!("{} is also the address of routes[{first}]", r.listen));
+            p.add(
+                format!("routes[{i}].listen"),
+                format!("{} is also the address of routes[{first}]", r.listen),
+            );
         }
     }
 }
@@ -228,7 +260,11 @@ mod tests {
             routes: [(name: "r", listen: "127.0.0.1:0", egress: "a",
                 backends: [(addr: "127.0.0.1:1"), (addr: "127.0.0.1:2", egress: "b")])])"#;
         let settings = Config::parse(text, "test").unwrap().validate().unwrap();
-        let names: Vec<&str> = settings.routes[0].backends.iter().map(|b| settings.egress[b.egress.0].name.as_str()).collect();
+        let names: Vec<&str> = settings.routes[0]
+            .backends
+            .iter()
+            .map(|b| settings.egress[b.egress.0].name.as_str())
+            .collect();
         assert_eq!(names, ["a", "b"]);
     }
 
@@ -253,7 +289,10 @@ mod tests {
             "routes[2].listen: 127.0.0.1:80 is also the address of routes[0]",
             "routes[2].connect_timeout: \"soon\" is not a duration",
         ] {
-            assert!(found.iter().any(|f| f.starts_with(expected)), "missing {expected:?} in {found:#?}");
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "missing {expected:?} in {found:#?}"
+            );
         }
         assert_eq!(found.len(), 10, "{found:#?}");
     }
@@ -277,6 +316,11 @@ mod tests {
             routes: [(name: "a", listen: "127.0.0.1:0", connect_attempts: 0, backends: [(addr: "127.0.0.1:1")])])"#;
         let found = problems(text);
         assert!(found.iter().any(|f| f.starts_with("egress.x.device:")), "{found:?}");
-        assert!(found.iter().any(|f| f.starts_with("routes[0].connect_attempts: must be at least 1")), "{found:?}");
+        assert!(
+            found
+                .iter()
+                .any(|f| f.starts_with("routes[0].connect_attempts: must be at least 1")),
+            "{found:?}"
+        );
     }
 }

@@ -96,7 +96,13 @@ impl Dialer {
     }
 
     /// Builds the socket here and leaves the connect to a task of its own.
-    fn tcp(&self, target: SocketAddr, egress: EgressId, timeout: Duration, reply: flume::Sender<Result<TcpConn, DialError>>) {
+    fn tcp(
+        &self,
+        target: SocketAddr,
+        egress: EgressId,
+        timeout: Duration,
+        reply: flume::Sender<Result<TcpConn, DialError>>,
+    ) {
         let factory = &self.factories[egress.0];
         match factory.tcp(target) {
             Ok(socket) => {

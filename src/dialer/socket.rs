@@ -38,18 +38,26 @@ impl Factory {
     pub fn udp(&self, target: SocketAddr) -> Result<UdpSocket, DialError> {
         let socket = self.socket(target, Type::DGRAM, Protocol::UDP)?;
         let buffers = [
-            ("SO_SNDBUF", self.egress.options.send_buffer.map(|n| socket.set_send_buffer_size(n))),
-            ("SO_RCVBUF", self.egress.options.recv_buffer.map(|n| socket.set_recv_buffer_size(n))),
+            (
+                "SO_SNDBUF",
+                self.egress.options.send_buffer.map(|n| socket.set_send_buffer_size(n)),
+            ),
+            (
+                "SO_RCVBUF",
+                self.egress.options.recv_buffer.map(|n| socket.set_recv_buffer_size(n)),
+            ),
         ];
         for (name, result) in buffers {
             self.check(result, BindStep::Option(name), target)?;
         }
         self.bind(&socket, target, false)?;
-        socket.connect(&SockAddr::from(target)).map_err(|source| DialError::Connect {
-            egress: self.egress.name.clone(),
-            target,
-            source,
-        })?;
+        socket
+            .connect(&SockAddr::from(target))
+            .map_err(|source| DialError::Connect {
+                egress: self.egress.name.clone(),
+                target,
+                source,
+            })?;
         Ok(socket.into())
     }
 
@@ -63,13 +71,17 @@ impl Factory {
         }
         let socket = Socket::new(Domain::for_address(target), kind, Some(proto));
         let socket = socket.map_err(|source| self.failed(BindStep::Create, target, source))?;
-        socket.set_nonblocking(true).map_err(|source| self.failed(BindStep::Create, target, source))?;
+        socket
+            .set_nonblocking(true)
+            .map_err(|source| self.failed(BindStep::Create, target, source))?;
         Ok(socket)
     }
 
     fn tcp_options(&self, socket: &Socket, target: SocketAddr) -> Result<(), DialError> {
         let o = &self.egress.options;
-        let keepalive = o.keepalive.map(|idle| socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)));
+        let keepalive = o
+            .keepalive
+            .map(|idle| socket.set_tcp_keepalive(&TcpKeepalive::new().with_time(idle)));
         let steps = [
             ("TCP_NODELAY", Some(socket.set_tcp_nodelay(o.nodelay))),
             ("SO_KEEPALIVE", keepalive),
@@ -99,7 +111,11 @@ impl Factory {
             if tcp {
                 // Let connect() choose the port, so one source address serves more than the
                 // ~28k ports bind() alone would reserve.
-                self.check(Some(bind_address_no_port(socket)), BindStep::Option("IP_BIND_ADDRESS_NO_PORT"), target)?;
+                self.check(
+                    Some(bind_address_no_port(socket)),
+                    BindStep::Option("IP_BIND_ADDRESS_NO_PORT"),
+                    target,
+                )?;
             }
             let bound = socket.bind(&SockAddr::from(SocketAddr::new(source, 0)));
             self.check(Some(bound), BindStep::Source(source), target)?;
@@ -145,7 +161,11 @@ fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[cfg(test)]
@@ -164,21 +184,30 @@ mod tests {
 
     #[test]
     fn a_source_address_is_bound_before_connect() {
-        let udp = factory(None, Some("127.0.0.2")).udp("127.0.0.1:9".parse().unwrap()).unwrap();
+        let udp = factory(None, Some("127.0.0.2"))
+            .udp("127.0.0.1:9".parse().unwrap())
+            .unwrap();
         assert_eq!(udp.local_addr().unwrap().ip(), "127.0.0.2".parse::<IpAddr>().unwrap());
         assert_eq!(udp.peer_addr().unwrap(), "127.0.0.1:9".parse().unwrap());
     }
 
     #[test]
     fn a_source_not_on_the_host_names_egress_source_and_target() {
-        let err = factory(None, Some("192.0.2.77")).tcp("127.0.0.1:9".parse().unwrap()).unwrap_err();
+        let err = factory(None, Some("192.0.2.77"))
+            .tcp("127.0.0.1:9".parse().unwrap())
+            .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("egress test") && text.contains("source 192.0.2.77") && text.contains("127.0.0.1:9"), "{text}");
+        assert!(
+            text.contains("egress test") && text.contains("source 192.0.2.77") && text.contains("127.0.0.1:9"),
+            "{text}"
+        );
     }
 
     #[test]
     fn a_family_mismatch_is_refused() {
-        let err = factory(None, Some("127.0.0.1")).tcp("[::1]:9".parse().unwrap()).unwrap_err();
+        let err = factory(None, Some("127.0.0.1"))
+            .tcp("[::1]:9".parse().unwrap())
+            .unwrap_err();
         assert!(matches!(err, DialError::Family { .. }), "{err}");
     }
 
@@ -191,8 +220,13 @@ mod tests {
 
     #[test]
     fn a_missing_device_names_itself() {
-        let err = factory(Some("nosuchif0"), None).udp("198.18.0.1:9".parse().unwrap()).unwrap_err();
+        let err = factory(Some("nosuchif0"), None)
+            .udp("198.18.0.1:9".parse().unwrap())
+            .unwrap_err();
         let text = err.to_string();
-        assert!(text.contains("device nosuchif0") && text.contains("198.18.0.1:9"), "{text}");
+        assert!(
+            text.contains("device nosuchif0") && text.contains("198.18.0.1:9"),
+            "{text}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use futures::io::{AsyncRead, AsyncWrite};
 pub use pump::Direction;
 use pump::{End, Pump};
 
-use crate::balancer::{BalancerHandle, BackendId, Pick};
+use crate::balancer::{BackendId, BalancerHandle, Pick};
 use crate::config::Route;
 use crate::dialer::DialerHandle;
 use crate::error::DialError;

@@ -146,12 +146,18 @@ where
 
     fn poll_halves(&mut self, cx: &mut Context<'_>) -> Option<End> {
         if !self.up.done {
-            if let Poll::Ready(Err(e)) = self.up.poll(cx, Pin::new(&mut *self.client), Pin::new(&mut *self.backend)) {
+            if let Poll::Ready(Err(e)) = self
+                .up
+                .poll(cx, Pin::new(&mut *self.client), Pin::new(&mut *self.backend))
+            {
                 return Some(End::Failed(Direction::Up, e));
             }
         }
         if !self.down.done {
-            if let Poll::Ready(Err(e)) = self.down.poll(cx, Pin::new(&mut *self.backend), Pin::new(&mut *self.client)) {
+            if let Poll::Ready(Err(e)) = self
+                .down
+                .poll(cx, Pin::new(&mut *self.backend), Pin::new(&mut *self.client))
+            {
                 return Some(End::Failed(Direction::Down, e));
             }
         }

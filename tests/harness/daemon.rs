@@ -55,8 +55,16 @@ impl Daemon {
         let mut argv: Vec<String> = prefix.iter().map(|s| s.to_string()).collect();
         argv.push(RELAYD.to_string());
         let mut cmd = Command::new(&argv[0]);
-        cmd.args(&argv[1..]).arg("--config").arg(&config.0).args(["--log-format", "json"]);
-        let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawn relayd");
+        cmd.args(&argv[1..])
+            .arg("--config")
+            .arg(&config.0)
+            .args(["--log-format", "json"]);
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn relayd");
         let stderr = child.stderr.take().unwrap();
         let (tx, lines) = flume::unbounded();
         std::thread::spawn(move || {
@@ -108,7 +116,9 @@ impl Daemon {
         std::thread::spawn(move || {
             let _ = tx.send(child.wait());
         });
-        rx.recv_timeout(PATIENCE).expect("relayd exited in time").expect("wait for relayd")
+        rx.recv_timeout(PATIENCE)
+            .expect("relayd exited in time")
+            .expect("wait for relayd")
     }
 }
 
@@ -124,6 +134,13 @@ impl Drop for Daemon {
 
 /// Runs `relayd ARGS…` to completion: (exit code, stderr).
 pub fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(RELAYD).args(args).stdin(Stdio::null()).output().expect("run relayd");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(RELAYD)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run relayd");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -37,7 +37,10 @@ impl Harness {
         raise_fd_limit();
         if let Ok(level) = std::env::var("RELAYD_TEST_LOG") {
             // Set RELAYD_TEST_LOG=debug to see the relay's log lines while debugging a test.
-            let _ = relayd::logging::init(level.parse().unwrap_or(log::LevelFilter::Debug), relayd::logging::Format::Pretty);
+            let _ = relayd::logging::init(
+                level.parse().unwrap_or(log::LevelFilter::Debug),
+                relayd::logging::Format::Pretty,
+            );
         }
         let config = Config::parse(ron, "test").expect("test config parses");
         let relay = Relay::start(&config).expect("relay starts");
@@ -54,13 +57,18 @@ impl Harness {
 
     /// A real TCP client connected to the route's listener.
     pub async fn connect(&self, route: &str) -> TcpStream {
-        TcpStream::connect(self.addr(route)).await.expect("connect to the relay")
+        TcpStream::connect(self.addr(route))
+            .await
+            .expect("connect to the relay")
     }
 
     /// A synthetic session on a Unix socket pair, run exactly like an accepted one.
     pub fn inject(&self, route: &str) -> Injected {
         let (client, relay_side) = Conn::pair().expect("socket pair");
-        let session = self.relay.inject(route, relay_side, SYNTHETIC_PEER.parse().unwrap()).expect("inject");
+        let session = self
+            .relay
+            .inject(route, relay_side, SYNTHETIC_PEER.parse().unwrap())
+            .expect("inject");
         Injected { client, session }
     }
 
@@ -71,7 +79,9 @@ impl Harness {
 
 /// `future`'s output; fails the test if it takes longer than [`PATIENCE`].
 pub async fn within<F: Future>(future: F) -> F::Output {
-    async_std::future::timeout(PATIENCE, future).await.expect("finished within the test's patience")
+    async_std::future::timeout(PATIENCE, future)
+        .await
+        .expect("finished within the test's patience")
 }
 
 /// Everything the peer sends until its FIN.
@@ -83,7 +93,10 @@ pub async fn read_all<R: async_std::io::Read + Unpin>(reader: &mut R) -> Vec<u8>
 
 /// Many sessions hold two sockets each, plus the clients' and backends'.
 pub fn raise_fd_limit() {
-    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
     unsafe {
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max {
@@ -96,7 +109,10 @@ pub fn raise_fd_limit() {
 /// A TCP route `name` on 127.0.0.1:0 to `backends`, with extra route fields in RON.
 pub fn route(name: &str, backends: &[SocketAddr], extra: &str) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("(addr: \"{b}\")")).collect();
-    format!("(name: \"{name}\", listen: \"127.0.0.1:0\", backends: [{}], {extra})", list.join(", "))
+    format!(
+        "(name: \"{name}\", listen: \"127.0.0.1:0\", backends: [{}], {extra})",
+        list.join(", ")
+    )
 }
 
 /// A whole config with these routes.
