@@ -90,10 +90,10 @@ pub enum BindStep {
 impl fmt::Display for BindStep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BindStep::Device(name) => write!(f, "device {name}"),
-            BindStep::Source(ip) => write!(f, "source {ip}"),
-            BindStep::Option(name) => write!(f, "option {name}"),
-            BindStep::Create => f.write_str("socket"),
+            BindStep::Device(name) => write!(f, "bind to device {name}"),
+            BindStep::Source(ip) => write!(f, "bind to source {ip}"),
+            BindStep::Option(name) => write!(f, "set {name}"),
+            BindStep::Create => f.write_str("create a socket"),
         }
     }
 }
@@ -102,7 +102,7 @@ impl fmt::Display for BindStep {
 /// route behind the operator's back.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
-    #[error("egress {egress}: cannot bind {step} to reach {target}: {source}")]
+    #[error("egress {egress}: cannot {step} to reach {target}: {source}")]
     Bind {
         egress: String,
         step: BindStep,

@@ -126,3 +126,52 @@ fn unknown_arguments_are_refused() {
     assert_eq!(code, 2);
     assert!(stderr.contains("unknown argument \"--frobnicate\""), "{stderr}");
 }
+
+/// Sets relayd's RLIMIT_NOFILE so that it cannot open one more descriptor than it has now:
+/// a new descriptor takes the lowest free number, so the limit is that number.
+fn exhaust_fds(pid: u32) {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    let open: std::collections::HashSet<u64> = fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    let lowest_free = (0..).find(|n| !open.contains(n)).unwrap();
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit on our own child with valid rlimit structs (read, then lower the soft limit).
+    let rc = unsafe {
+        libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, std::ptr::null(), &mut limit);
+        limit.rlim_cur = lowest_free;
+        libc::prlimit(pid as libc::pid_t, libc::RLIMIT_NOFILE, &limit, std::ptr::null_mut())
+    };
+    assert_eq!(rc, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+fn echo_through(addr: std::net::SocketAddr) -> TcpStream {
+    let mut client = TcpStream::connect(addr).expect("connect to relayd");
+    client.set_read_timeout(Some(harness::PATIENCE)).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut echoed = [0u8; 4];
+    client.read_exact(&mut echoed).expect("echo through relayd");
+    assert_eq!(&echoed, b"ping");
+    client
+}
+
+#[async_std::test]
+async fn the_listener_survives_running_out_of_file_descriptors() {
+    let echo = Backend::echo().await;
+    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &[echo.addr], "")));
+    let addr = daemon.listening("web");
+    let live: Vec<TcpStream> = (0..2).map(|_| echo_through(addr)).collect();
+    exhaust_fds(daemon.pid());
+    // These wait in the backlog, or get closed when the dial finds no descriptor left.
+    let waiting: Vec<TcpStream> = (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let warned = daemon
+        .wait_for(|l| l.contains("os error 24"))
+        .expect("relayd reports the exhaustion");
+    assert!(warned.contains(r#""level":"warn""#), "{warned}");
+    drop((live, waiting));
+    // Descriptors are free again: the same listener serves new clients.
+    drop(echo_through(addr));
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait().code(), Some(0));
+}

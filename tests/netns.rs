@@ -233,7 +233,7 @@ fn tcp_leaves_by_the_named_device_and_source() {
         .wait_for(|l| l.contains(r#""msg":"connect failed""#) && l.contains("nosuch0"))
         .expect("the failed bind is logged");
     assert!(
-        failure.contains(&format!("cannot bind device nosuch0 to reach {BACKEND}:{TCP_PORT}")),
+        failure.contains(&format!("cannot bind to device nosuch0 to reach {BACKEND}:{TCP_PORT}")),
         "{failure}"
     );
     daemon.signal(libc::SIGTERM);
@@ -258,7 +258,7 @@ fn udp_dials_leave_by_the_named_device_and_source() {
     assert_eq!(ip_of(&answers[3].1), "198.18.2.3", "{answers:?}");
     let missing = &answers[4].1;
     assert!(
-        missing.starts_with("error: egress missing: cannot bind device nosuch0"),
+        missing.starts_with("error: egress missing: cannot bind to device nosuch0"),
         "{missing}"
     );
 }

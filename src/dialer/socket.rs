@@ -198,7 +198,9 @@ mod tests {
             .unwrap_err();
         let text = err.to_string();
         assert!(
-            text.contains("egress test") && text.contains("source 192.0.2.77") && text.contains("127.0.0.1:9"),
+            text.contains("egress test")
+                && text.contains("cannot bind to source 192.0.2.77")
+                && text.contains("127.0.0.1:9"),
             "{text}"
         );
     }
