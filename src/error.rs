@@ -129,6 +129,8 @@ pub enum DialError {
         target: SocketAddr,
         after: Duration,
     },
+    #[error("no egress with id {0} (the dialer has {1})")]
+    UnknownEgress(usize, usize),
     #[error(transparent)]
     Gone(#[from] Gone),
 }

@@ -15,7 +15,7 @@
 
 mod harness;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -74,32 +74,9 @@ impl Topology {
         }
         ip(&["-n", b, "addr", "add", &format!("{BACKEND}/32"), "dev", "lo"])?;
         let host = format!("{BACKEND}/32");
-        ip(&[
-            "-n",
-            r,
-            "route",
-            "add",
-            &host,
-            "via",
-            "198.18.1.2",
-            "dev",
-            "up1",
-            "metric",
-            "10",
-        ])?;
-        ip(&[
-            "-n",
-            r,
-            "route",
-            "add",
-            &host,
-            "via",
-            "198.18.2.2",
-            "dev",
-            "up2",
-            "metric",
-            "20",
-        ])?;
+        for (via, dev, metric) in [("198.18.1.2", "up1", "10"), ("198.18.2.2", "up2", "20")] {
+            ip(&["-n", r, "route", "add", &host, "via", via, "dev", dev, "metric", metric])?;
+        }
         Ok(t)
     }
 
@@ -133,13 +110,7 @@ impl Topology {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let (tx, lines) = flume::unbounded();
-        let stdout = child.stdout.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
+        let lines = harness::daemon::lines(child.stdout.take().unwrap(), "helper");
         let helper = Helper { child, lines };
         helper.line("ready");
         helper

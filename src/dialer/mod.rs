@@ -72,7 +72,7 @@ impl DialerHandle {
 }
 
 struct Dialer {
-    /// Indexed by [`EgressId`]; validation guarantees every id is in range.
+    /// Indexed by [`EgressId`].
     factories: Vec<Factory>,
 }
 
@@ -87,12 +87,19 @@ impl Dialer {
                     reply,
                 } => self.tcp(target, egress, timeout, reply),
                 DialerMsg::Udp { target, egress, reply } => {
-                    let factory = &self.factories[egress.0];
-                    let _ = reply.send(factory.udp(target).and_then(|s| register(s, target, factory)));
+                    let socket = self
+                        .factory(egress)
+                        .and_then(|f| f.udp(target).and_then(|s| register(s, target, f)));
+                    let _ = reply.send(socket);
                 }
             }
         }
         log::debug!(actor = "dialer"; "stopped, no handles left");
+    }
+
+    /// Validated settings only hold ids in range; an embedder's own ids might not.
+    fn factory(&self, egress: EgressId) -> Result<&Factory, DialError> {
+        (self.factories.get(egress.0)).ok_or(DialError::UnknownEgress(egress.0, self.factories.len()))
     }
 
     /// Builds the socket here and leaves the connect to a task of its own.
@@ -103,10 +110,11 @@ impl Dialer {
         timeout: Duration,
         reply: flume::Sender<Result<TcpConn, DialError>>,
     ) {
-        let factory = &self.factories[egress.0];
-        match factory.tcp(target) {
-            Ok(socket) => {
-                let name = factory.name().to_string();
+        let built = self
+            .factory(egress)
+            .and_then(|f| Ok((f.name().to_string(), f.tcp(target)?)));
+        match built {
+            Ok((name, socket)) => {
                 rt::detach(async move {
                     let _ = reply.send(connect(socket, target, timeout, name).await);
                 });
@@ -153,4 +161,27 @@ async fn connect(socket: Socket, target: SocketAddr, limit: Duration, egress: St
         return Err(failed(e));
     }
     Ok(TcpConn::from_async(stream))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SocketOptions;
+
+    #[test]
+    fn an_unknown_egress_is_an_error_not_a_crash() {
+        let egress = [Egress {
+            name: "default".into(),
+            device: None,
+            source: None,
+            options: SocketOptions::default(),
+        }];
+        let (dialer, _task) = DialerHandle::spawn(&egress, 4);
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let err = rt::block_on(dialer.udp(target, EgressId(7))).unwrap_err();
+        assert_eq!(err.to_string(), "no egress with id 7 (the dialer has 1)");
+        // The dialer is still there for good requests.
+        let socket = rt::block_on(dialer.udp(target, EgressId(0))).unwrap();
+        assert_eq!(socket.get_ref().peer_addr().unwrap(), target);
+    }
 }

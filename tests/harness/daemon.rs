@@ -65,14 +65,7 @@ impl Daemon {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn relayd");
-        let stderr = child.stderr.take().unwrap();
-        let (tx, lines) = flume::unbounded();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("relayd| {line}");
-                let _ = tx.send(line);
-            }
-        });
+        let lines = lines(child.stderr.take().unwrap(), "relayd");
         Daemon {
             child: Some(child),
             lines,
@@ -130,6 +123,18 @@ impl Drop for Daemon {
             let _ = child.wait();
         }
     }
+}
+
+/// A child's output, line by line, on a channel (and echoed to the test's output, tagged).
+pub fn lines(output: impl std::io::Read + Send + 'static, tag: &'static str) -> flume::Receiver<String> {
+    let (tx, lines) = flume::unbounded();
+    std::thread::spawn(move || {
+        for line in BufReader::new(output).lines().map_while(Result::ok) {
+            eprintln!("{tag}| {line}");
+            let _ = tx.send(line);
+        }
+    });
+    lines
 }
 
 /// Runs `relayd ARGS…` to completion: (exit code, stderr).
