@@ -1,8 +1,8 @@
-//! relayd: a layer-4 TCP relay that balances sessions across backends and dials each backend
+//! relayd: a layer-4 TCP and UDP relay that balances sessions across backends and dials each backend
 //! out of a chosen network interface or source address.
 //!
 //! Actors exchange messages over bounded flume channels:
-//! a **Listener** per route accepts connections and opens a **Session** for each; the Session asks
+//! a **Listener** per route accepts connections (or tracks UDP flows) and opens a **Session** for each; the Session asks
 //! its route's **Balancer** for a backend and the relay's **Dialer** for an upstream socket that
 //! leaves by the backend's egress, then relays both directions. [`Relay`] starts them from a
 //! [`Config`], runs synthetic sessions with [`Relay::inject`], and stops them with
@@ -13,6 +13,7 @@
 //! - [`relay`]: wiring and the stop sequence.
 //! - `listener`, `balancer`, `dialer`, `session`: one module per actor.
 //! - [`shutdown`]: stop signals and the session drain.
+//! - [`stats`]: relay-wide counters, with a way to wait on them.
 //! - `status`: the plain-text status page.
 //! - [`rt`]: the only module that names the async runtime.
 //! - [`logging`]: the daemon's log output (pretty or ndjson).
@@ -27,6 +28,7 @@ pub mod relay;
 pub mod rt;
 pub mod session;
 pub mod shutdown;
+pub mod stats;
 mod status;
 
 pub use balancer::BackendSnapshot;
@@ -35,3 +37,4 @@ pub use error::{ConfigError, DialError, InjectError, StartError};
 pub use relay::{Relay, RouteSnapshot, ShutdownReport, run};
 pub use rt::Conn;
 pub use session::{SessionEnd, SessionReport};
+pub use stats::Stats;

@@ -12,10 +12,11 @@ use crate::balancer::{BackendSnapshot, BalancerHandle};
 use crate::config::{Config, Route, Settings};
 use crate::dialer::DialerHandle;
 use crate::error::{InjectError, StartError};
-use crate::listener::{self, Listener};
+use crate::listener::{self, Bound, Listener, UdpListener};
 use crate::rt::{self, Async};
-use crate::session::{SessionReport, SessionStats, Sessions};
+use crate::session::{SessionReport, Sessions};
 use crate::shutdown::{self, Drain, Signal, Trigger};
+use crate::stats::Stats;
 use crate::status::{RouteView, Status};
 
 /// What every route's actors share.
@@ -39,7 +40,7 @@ pub struct Relay {
     drain: Drain,
     drain_timeout: Duration,
     tasks: Vec<rt::JoinHandle<()>>,
-    stats: Arc<SessionStats>,
+    stats: Arc<Stats>,
 }
 
 struct RouteEntry {
@@ -115,7 +116,7 @@ impl Relay {
     }
 
     /// A Balancer and a Listener for `route`.
-    fn start_route(&mut self, route: Route, socket: Async<TcpListener>, common: &Common) {
+    fn start_route(&mut self, route: Route, socket: Bound, common: &Common) {
         let (balancer, balancer_task) = BalancerHandle::spawn(&route.backends, common.mailbox);
         self.tasks.push(balancer_task);
         let sessions = Sessions {
@@ -124,21 +125,37 @@ impl Relay {
             egress_names: common.egress_names.clone(),
             balancer,
             dialer: common.dialer.clone(),
+            stop: common.stop.clone(),
             force: common.force.clone(),
             stats: self.stats.clone(),
         };
-        let listener = Listener { socket, sessions };
-        let listen = listener.local_addr().expect("a bound socket has a local address");
-        log::info!(route = &*listener.sessions.route_name, addr:% = listen; "listening");
-        let view = RouteView {
-            name: listener.sessions.route_name.clone(),
-            listen,
-            balancer: listener.sessions.balancer.clone(),
-        };
-        let sessions = listener.sessions.clone();
-        self.routes.push(RouteEntry { view, sessions });
         let guard = self.drain.guard().expect("a new drain hands out guards");
-        self.tasks.push(rt::spawn(listener.run(common.stop.clone(), guard)));
+        let stop = common.stop.clone();
+        let (listen, task) = match socket {
+            Bound::Tcp(socket) => {
+                let listener = Listener {
+                    socket,
+                    sessions: sessions.clone(),
+                };
+                (listener.local_addr(), rt::spawn(listener.run(stop, guard)))
+            }
+            Bound::Udp(endpoint) => {
+                let listener = UdpListener {
+                    endpoint: Arc::new(endpoint),
+                    sessions: sessions.clone(),
+                };
+                (listener.local_addr(), rt::spawn(listener.run(stop, guard)))
+            }
+        };
+        let listen = listen.expect("a bound socket has a local address");
+        log::info!(route = &*sessions.route_name, protocol:? = sessions.route.protocol, addr:% = listen; "listening");
+        let view = RouteView {
+            name: sessions.route_name.clone(),
+            listen,
+            balancer: sessions.balancer.clone(),
+        };
+        self.routes.push(RouteEntry { view, sessions });
+        self.tasks.push(task);
     }
 
     fn start_status(&mut self, socket: Async<TcpListener>, common: &Common) {
@@ -184,8 +201,8 @@ impl Relay {
         Ok(entry.sessions.open(stream, peer, guard))
     }
 
-    /// Relay-wide session counters.
-    pub fn stats(&self) -> &SessionStats {
+    /// Relay-wide counters: sessions, UDP drops; [`Stats::until`] waits for a condition.
+    pub fn stats(&self) -> &Stats {
         &self.stats
     }
 

@@ -52,6 +52,15 @@ pub async fn timeout<F: Future>(limit: Duration, future: F) -> Option<F::Output>
     async_std::future::timeout(limit, future).await.ok()
 }
 
+/// The output of whichever of `a` and `b` finishes first (`a` when both are ready); the other is
+/// dropped.
+pub async fn race<T>(a: impl Future<Output = T>, b: impl Future<Output = T>) -> T {
+    futures::future::select(std::pin::pin!(a), std::pin::pin!(b))
+        .await
+        .factor_first()
+        .0
+}
+
 /// A socket whose write side can be shut down on its own (TCP FIN, or its Unix equivalent).
 pub trait HalfClose {
     /// Ends the write direction; the read direction stays open.

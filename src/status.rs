@@ -11,8 +11,8 @@ use futures::io::{AsyncReadExt, AsyncWriteExt};
 use crate::balancer::BalancerHandle;
 use crate::relay::RouteSnapshot;
 use crate::rt::{self, Async, TcpConn};
-use crate::session::SessionStats;
 use crate::shutdown::Signal;
+use crate::stats::Stats;
 
 /// A request head larger than this, or slower than [`HEAD_TIMEOUT`], gets no page.
 const HEAD_MAX: usize = 4096;
@@ -39,7 +39,7 @@ impl RouteView {
 pub(crate) struct Status {
     pub socket: Async<TcpListener>,
     pub routes: Vec<RouteView>,
-    pub stats: Arc<SessionStats>,
+    pub stats: Arc<Stats>,
 }
 
 impl Status {

@@ -234,6 +234,43 @@ fn udp_dials_leave_by_the_named_device_and_source() {
     );
 }
 
+#[test]
+fn udp_through_relayd_leaves_by_the_named_device_and_source() {
+    let Some(topology) = Topology::build_or_skip() else {
+        return;
+    };
+    let _backend = topology.helper(&topology.backend, "backend", &[]);
+    let route = |name: &str, egress: &str| {
+        format!(
+            r#"(name: "{name}", listen: "127.0.0.1:0", protocol: Udp, egress: {egress}, backends: [(addr: "{BACKEND}:{UDP_PORT}")])"#
+        )
+    };
+    let config = format!(
+        "(egress: {EGRESS}, routes: [{}, {}, {}, {}])",
+        route("plain", "None"),
+        route("dev", "\"dev\""),
+        route("src", "\"src\""),
+        route("both", "\"both\""),
+    );
+    let daemon = Daemon::spawn(&["ip", "netns", "exec", &topology.relay], &config);
+    let mut seen = Vec::new();
+    for name in ["plain", "dev", "src", "both"] {
+        let addr = daemon.listening(name).to_string();
+        let client = topology.helper(&topology.relay, "udp-client", &[("RELAYD_NETNS_TARGET", &addr)]);
+        let answer = client.line("got");
+        seen.push((name, answer.split(':').next().unwrap_or_default().to_string()));
+    }
+    let expected = [
+        ("plain", "198.18.1.1"),
+        ("dev", "198.18.2.1"),
+        ("src", "198.18.1.3"),
+        ("both", "198.18.2.3"),
+    ];
+    assert_eq!(seen, expected.map(|(n, ip)| (n, ip.to_string())));
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait().code(), Some(0));
+}
+
 /// Not a test of its own: the processes the tests above start inside a namespace.
 #[test]
 #[ignore = "run by the netns tests inside a namespace"]
@@ -242,6 +279,7 @@ fn helper() {
         Ok("backend") => backend(),
         Ok("client") => client(&std::env::var("RELAYD_NETNS_TARGET").unwrap()),
         Ok("udp-dial") => udp_dial(),
+        Ok("udp-client") => udp_client(&std::env::var("RELAYD_NETNS_TARGET").unwrap()),
         other => panic!("no RELAYD_NETNS_ROLE ({other:?}): this helper is run by the netns tests"),
     }
 }
@@ -271,6 +309,18 @@ fn client(target: &str) {
     let mut got = String::new();
     let _ = stream.read_to_string(&mut got);
     println!("@@got {got}");
+}
+
+/// One datagram through relayd's UDP route; prints the answer (the source the backend saw).
+fn udp_client(target: &str) {
+    println!("@@ready");
+    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.connect(target).unwrap();
+    socket.set_read_timeout(Some(PATIENCE)).unwrap();
+    socket.send(b"who am i").unwrap();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap_or(0);
+    println!("@@got {}", String::from_utf8_lossy(&buf[..n]));
 }
 
 /// Dials the backend over UDP through each egress with the library's Dialer.

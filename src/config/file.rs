@@ -45,10 +45,12 @@ pub struct EgressConfig {
 }
 
 /// How a route's traffic is carried.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Protocol {
     #[default]
     Tcp,
+    /// Datagrams, tracked as flows per client address.
+    Udp,
 }
 
 /// How a route picks a backend for a new session.
@@ -74,12 +76,16 @@ pub struct RouteConfig {
     pub connect_timeout: Option<String>,
     /// Backends tried per session before giving up (default: each backend once).
     pub connect_attempts: Option<usize>,
-    /// A session with no traffic either way for this long is closed (default `10m`).
+    /// A session with no traffic either way for this long is closed (default `10m` for TCP,
+    /// `60s` for UDP flows).
     pub idle_timeout: Option<String>,
     /// After one direction ends, the other is closed after this long without traffic (default `30s`).
     pub fin_timeout: Option<String>,
-    /// Listen backlog (default 1024).
+    /// Listen backlog (default 1024; TCP only).
     pub backlog: Option<u32>,
+    /// UDP only: client flows tracked at once; a datagram that would open one more is dropped
+    /// and counted (default 1024).
+    pub max_flows: Option<usize>,
 }
 
 /// One backend of a route.
@@ -100,6 +106,14 @@ impl RouteConfig {
             listen: listen.to_string(),
             backends: backends.iter().map(|addr| BackendConfig::new(addr)).collect(),
             ..Default::default()
+        }
+    }
+
+    /// A UDP route with default settings.
+    pub fn udp(name: &str, listen: &str, backends: &[&str]) -> Self {
+        RouteConfig {
+            protocol: Protocol::Udp,
+            ..RouteConfig::tcp(name, listen, backends)
         }
     }
 }

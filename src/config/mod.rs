@@ -72,6 +72,7 @@ pub struct Route {
     pub connect_attempts: NonZeroUsize,
     pub timeouts: Timeouts,
     pub backlog: u32,
+    pub max_flows: NonZeroUsize,
 }
 
 /// When a relayed pair is closed for want of traffic.

@@ -7,8 +7,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use super::{
-    Backend, Config, DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Route, RouteConfig, Settings, SocketOptions,
-    Timeouts,
+    Backend, Config, DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Protocol, Route, RouteConfig, Settings,
+    SocketOptions, Timeouts,
 };
 use crate::error::Problem;
 
@@ -190,8 +190,16 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         }
         None
     });
+    let idle = match r.protocol {
+        Protocol::Tcp => Duration::from_secs(600),
+        Protocol::Udp => Duration::from_secs(60),
+    };
+    let max_flows = NonZeroUsize::new(r.max_flows.unwrap_or(1024)).or_else(|| {
+        p.add(at("max_flows"), "must be at least 1");
+        None
+    });
     let timeouts = Timeouts {
-        idle: p.duration(at("idle_timeout"), &r.idle_timeout, Duration::from_secs(600)),
+        idle: p.duration(at("idle_timeout"), &r.idle_timeout, idle),
         fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
     };
     let connect_timeout = p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3));
@@ -205,13 +213,15 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         connect_attempts: connect_attempts?,
         timeouts,
         backlog: r.backlog.unwrap_or(1024),
+        max_flows: max_flows?,
     })
 }
 
-/// Two routes may share neither a name nor a listening address (port 0 excepted).
+/// Two routes may share neither a name nor a listening address and protocol (port 0 excepted;
+/// a TCP and a UDP route may share an address, as DNS does).
 fn unique_routes(config: &Config, p: &mut Problems) {
     let mut names: HashMap<&str, usize> = HashMap::new();
-    let mut listens: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut listens: HashMap<(Protocol, SocketAddr), usize> = HashMap::new();
     for (i, r) in config.routes.iter().enumerate() {
         if let Some(first) = names.insert(r.name.as_str(), i).filter(|_| !r.name.is_empty()) {
             p.add(
@@ -220,7 +230,7 @@ fn unique_routes(config: &Config, p: &mut Problems) {
             );
         }
         let addr = r.listen.parse::<SocketAddr>().ok().filter(|a| a.port() != 0);
-        if let Some(first) = addr.and_then(|a| listens.insert(a, i)) {
+        if let Some(first) = addr.and_then(|a| listens.insert((r.protocol, a), i)) {
             p.add(
                 format!("routes[{i}].listen"),
                 format!("{} is also the address of routes[{first}]", r.listen),

@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod udp;
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;

@@ -1,6 +1,13 @@
-//! Listener actor, one per TCP route: accepts connections and opens a Session for each. It stops
-//! on the relay's stop signal; running out of file descriptors or memory is logged and backed
-//! off, never fatal, and never a busy loop.
+//! Listener actors, one per route: the TCP one (here) accepts connections and opens a Session
+//! for each; the UDP one (`udp`) keeps the flow table. Both stop on the relay's stop signal.
+//! Running out of file descriptors or memory is logged and backed off, never fatal, and never a
+//! busy loop.
+
+mod endpoint;
+mod udp;
+
+pub(crate) use endpoint::Endpoint;
+pub(crate) use udp::UdpListener;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -8,7 +15,7 @@ use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 
-use crate::config::Route;
+use crate::config::{Protocol, Route};
 use crate::error::StartError;
 use crate::rt::{self, Async, TcpConn};
 use crate::session::Sessions;
@@ -17,9 +24,19 @@ use crate::shutdown::{DrainGuard, Signal};
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// Binds a route's listening socket.
-pub(crate) fn bind(route: &Route) -> Result<Async<TcpListener>, StartError> {
-    bind_tcp(route.listen, route.backlog).map_err(|source| StartError::Listen {
+/// A route's bound listening socket.
+pub(crate) enum Bound {
+    Tcp(Async<TcpListener>),
+    Udp(Endpoint),
+}
+
+/// Binds a route's listening socket, as its protocol needs.
+pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
+    let bound = match route.protocol {
+        Protocol::Tcp => bind_tcp(route.listen, route.backlog).map(Bound::Tcp),
+        Protocol::Udp => Endpoint::bind(route.listen).map(Bound::Udp),
+    };
+    bound.map_err(|source| StartError::Listen {
         what: format!("route {}", route.name),
         addr: route.listen,
         source,

@@ -1,0 +1,156 @@
+//! UDP Listener actor, one per UDP route: owns the listening socket's receive side and the flow
+//! table (client address → flow). Only this task touches the table: flows tell it when they end.
+//! Nothing waits here on a flow: a full flow queue or a full table drops the datagram and counts
+//! it, as UDP allows, so one slow flow never stalls the others.
+
+use std::collections::HashMap;
+use std::future::pending;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::Endpoint;
+use crate::rt;
+use crate::session::{Flow, FlowEnded, SessionId, Sessions};
+use crate::shutdown::{DrainGuard, Signal};
+
+/// Datagrams a flow may have waiting before more are dropped.
+const FLOW_QUEUE: usize = 64;
+/// At most one warning of a kind per this long; the ones between are counted in it.
+const WARN_EVERY: Duration = Duration::from_secs(1);
+
+pub(crate) struct UdpListener {
+    pub endpoint: Arc<Endpoint>,
+    pub sessions: Sessions,
+}
+
+struct Entry {
+    id: SessionId,
+    queue: flume::Sender<Vec<u8>>,
+}
+
+enum Event {
+    Datagram(io::Result<(usize, SocketAddr, Option<IpAddr>)>),
+    Ended(FlowEnded),
+    Stop,
+}
+
+/// A warning logged at most once per [`WARN_EVERY`].
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    fn ready(&mut self) -> bool {
+        let now = Instant::now();
+        let ready = self.last.is_none_or(|last| now - last >= WARN_EVERY);
+        if ready {
+            self.last = Some(now);
+        }
+        ready
+    }
+}
+
+/// The table and what the receive loop needs besides the socket.
+struct Flows {
+    table: HashMap<SocketAddr, Entry>,
+    ended_tx: flume::Sender<FlowEnded>,
+    guard: DrainGuard,
+    over_limit: Throttle,
+    full: Throttle,
+}
+
+impl UdpListener {
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.endpoint.local_addr()
+    }
+
+    /// Receives until `stop` fires. Dropping the table then closes every flow's queue; the flows
+    /// finish on their own (see `session::udp`).
+    pub async fn run(self, stop: Signal, guard: DrainGuard) {
+        let max = self.sessions.route.max_flows.get();
+        // One notice per flow; the loop reads notices before datagrams, so a flow rarely waits here.
+        let (ended_tx, ended) = flume::bounded(max);
+        let mut flows = Flows {
+            table: HashMap::new(),
+            ended_tx,
+            guard,
+            over_limit: Throttle::default(),
+            full: Throttle::default(),
+        };
+        let mut buf = vec![0u8; crate::session::MAX_DATAGRAM];
+        loop {
+            match self.next(&mut buf, &ended, &stop).await {
+                Event::Stop => break,
+                Event::Ended(end) => {
+                    if flows.table.get(&end.client).is_some_and(|e| e.id == end.id) {
+                        flows.table.remove(&end.client);
+                    }
+                }
+                Event::Datagram(Ok((n, client, local))) => self.deliver(&mut flows, &buf[..n], client, local),
+                Event::Datagram(Err(e)) => {
+                    log::warn!(route = &*self.sessions.route_name, err:% = e; "udp receive failed");
+                    stop.unless(rt::sleep(Duration::from_millis(10))).await;
+                }
+            }
+        }
+        log::info!(route = &*self.sessions.route_name, flows = flows.table.len(); "listener stopped");
+    }
+
+    /// Stop first, then flow ends, then datagrams: a flood cannot starve the bookkeeping.
+    async fn next(&self, buf: &mut [u8], ended: &flume::Receiver<FlowEnded>, stop: &Signal) -> Event {
+        let stopped = async {
+            stop.wait().await;
+            Event::Stop
+        };
+        let end = async {
+            match ended.recv_async().await {
+                Ok(end) => Event::Ended(end),
+                // The sender lives in this task's table: it cannot be gone while we wait.
+                Err(_) => pending().await,
+            }
+        };
+        let datagram = async { Event::Datagram(self.endpoint.recv(buf).await) };
+        rt::race(stopped, rt::race(end, datagram)).await
+    }
+
+    fn deliver(&self, flows: &mut Flows, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {
+        let route = &*self.sessions.route_name;
+        if let Some(entry) = flows.table.get(&client) {
+            match entry.queue.try_send(datagram.to_vec()) {
+                Ok(()) => return,
+                Err(flume::TrySendError::Full(_)) => {
+                    let dropped = self.sessions.stats.dropped();
+                    if flows.full.ready() {
+                        log::warn!(route = route, client:% = client, dropped_total = dropped; "flow queue full, datagram dropped");
+                    }
+                    return;
+                }
+                // The flow ended a moment ago; its notice is on the way. This datagram opens a new one.
+                Err(flume::TrySendError::Disconnected(_)) => drop(flows.table.remove(&client)),
+            }
+        }
+        let max = self.sessions.route.max_flows.get();
+        if flows.table.len() >= max {
+            let dropped = self.sessions.stats.over_limit();
+            if flows.over_limit.ready() {
+                log::warn!(route = route, client:% = client, max_flows = max, dropped_total = dropped;
+                    "max_flows reached, datagram dropped");
+            }
+            return;
+        }
+        let (queue_tx, queue) = flume::bounded(FLOW_QUEUE);
+        let flow = Flow {
+            client,
+            local,
+            reply: self.endpoint.clone(),
+            queue,
+            ended: flows.ended_tx.clone(),
+        };
+        let (id, task) = self.sessions.open_flow(flow, datagram.to_vec(), flows.guard.clone());
+        drop(task);
+        flows.table.insert(client, Entry { id, queue: queue_tx });
+    }
+}

@@ -1,0 +1,62 @@
+//! A TCP session: connect with failover, then the two-way pump.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use futures::io::{AsyncRead, AsyncWrite};
+
+use super::pump::{End, Pump};
+use super::{SessionEnd, SessionId, SessionReport, Sessions};
+use crate::rt::{JoinHandle, TcpConn};
+use crate::shutdown::DrainGuard;
+
+impl Sessions {
+    /// Starts a session for `client`; the handle yields its report.
+    pub fn open<S>(&self, client: S, peer: SocketAddr, guard: DrainGuard) -> JoinHandle<SessionReport>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let ctx = self.clone();
+        self.spawn(guard, move |id| ctx.run_tcp(id, client, peer)).1
+    }
+
+    async fn run_tcp<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let started = Instant::now();
+        let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+        let timeout = self.route.connect_timeout;
+        let connect = self.connect(id, peer, |pick| self.dialer.tcp(pick.addr, pick.egress, timeout));
+        match self.force.unless(connect).await {
+            None => report.end = SessionEnd::Forced,
+            Some(Err(end)) => report.end = end,
+            Some(Ok((pick, mut upstream))) => {
+                report.backend = Some(pick.addr);
+                report.egress = Some(self.egress_name(&pick));
+                report.end = self.relay(&mut client, &mut upstream, &mut report).await;
+                let _ = self.balancer.closed(pick.backend).await;
+            }
+        }
+        report.duration = started.elapsed();
+        report
+    }
+
+    async fn relay<S>(&self, client: &mut S, upstream: &mut TcpConn, report: &mut SessionReport) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        log::debug!(route = &*self.route_name, session = report.id.0, client:% = report.peer,
+            backend:? = report.backend; "session relaying");
+        let mut pump = Pump::new(client, upstream, self.route.timeouts);
+        let end = self.force.unless(&mut pump).await;
+        (report.bytes_up, report.bytes_down) = pump.bytes();
+        match end {
+            None => SessionEnd::Forced,
+            Some(End::Done) => SessionEnd::Done,
+            Some(End::Idle) => SessionEnd::IdleTimeout,
+            Some(End::Fin) => SessionEnd::FinTimeout,
+            Some(End::Failed(direction, e)) => SessionEnd::Failed(direction, e),
+        }
+    }
+}

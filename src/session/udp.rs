@@ -1,0 +1,194 @@
+//! A UDP flow: one client address's datagrams to one backend and back. The Listener hands it
+//! the client's datagrams on a bounded queue; replies go straight out of the route's listening
+//! socket, read through a per-thread scratch buffer, so an idle flow holds no buffer at all.
+
+use std::cell::RefCell;
+use std::future::{Future, poll_fn};
+use std::io;
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use super::{Direction, SessionEnd, SessionId, SessionReport, Sessions};
+use crate::balancer::Pick;
+use crate::listener::Endpoint;
+use crate::rt::{Async, JoinHandle, Timer};
+use crate::shutdown::DrainGuard;
+
+/// The largest UDP payload, plus one so that a truncated read cannot pass unnoticed.
+pub(crate) const MAX_DATAGRAM: usize = 65536;
+/// Once the relay stops, a flow ends after this long with nothing moving (or its idle timeout,
+/// if shorter): answers already on their way still get back.
+const DRAIN_QUIET: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// A flow's end, told to the Listener so it can drop the flow from its table.
+pub(crate) struct FlowEnded {
+    pub client: SocketAddr,
+    pub id: SessionId,
+}
+
+/// What a flow needs from its Listener.
+pub(crate) struct Flow {
+    pub client: SocketAddr,
+    /// The address the client wrote to (wildcard listeners only): replies come from it.
+    pub local: Option<IpAddr>,
+    pub reply: Arc<Endpoint>,
+    pub queue: flume::Receiver<Vec<u8>>,
+    pub ended: flume::Sender<FlowEnded>,
+}
+
+enum Event {
+    Force,
+    Stop,
+    Client(Option<Vec<u8>>),
+    /// A reply was read: forwarded (`Some(len)`) or dropped (`None`).
+    Backend(io::Result<Option<usize>>),
+    Tick,
+}
+
+impl Sessions {
+    /// Starts a flow whose first datagram is `first`.
+    pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
+        let ctx = self.clone();
+        self.spawn(guard, move |id| ctx.run_udp(id, flow, first))
+    }
+
+    async fn run_udp(self, id: SessionId, flow: Flow, first: Vec<u8>) -> SessionReport {
+        let started = Instant::now();
+        let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
+        let connect = self.connect(id, flow.client, |pick| self.dialer.udp(pick.addr, pick.egress));
+        match self.force.unless(connect).await {
+            None => report.end = SessionEnd::Forced,
+            Some(Err(end)) => report.end = end,
+            Some(Ok((pick, upstream))) => {
+                report.backend = Some(pick.addr);
+                report.egress = Some(self.egress_name(&pick));
+                report.end = self.relay_udp(&flow, &upstream, first, &mut report).await;
+                if let SessionEnd::Failed(_, e) = &report.end {
+                    self.backend_failed(&pick, &flow, id, e).await;
+                }
+                let _ = self.balancer.closed(pick.backend).await;
+            }
+        }
+        let _ = flow
+            .ended
+            .send_async(FlowEnded {
+                client: flow.client,
+                id,
+            })
+            .await;
+        report.duration = started.elapsed();
+        report
+    }
+
+    /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED) ends its
+    /// flow; the client's next datagram opens a new flow to the next backend.
+    async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
+        log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
+            egress = self.egress_name(pick).as_str(), err:% = e; "udp backend failed, flow ended");
+        let _ = self.balancer.connected(pick.backend, false).await;
+    }
+
+    async fn relay_udp(
+        &self,
+        flow: &Flow,
+        upstream: &Async<UdpSocket>,
+        first: Vec<u8>,
+        report: &mut SessionReport,
+    ) -> SessionEnd {
+        if let Err(e) = upstream.send(&first).await {
+            return SessionEnd::Failed(Direction::Up, e);
+        }
+        report.bytes_up += first.len() as u64;
+        let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
+        let mut last = Instant::now();
+        let mut timer = Timer::after(quiet);
+        loop {
+            match self.next_event(flow, upstream, &mut timer, stopping, client_gone).await {
+                Event::Force => return SessionEnd::Forced,
+                Event::Stop => {
+                    (stopping, quiet) = (true, quiet.min(DRAIN_QUIET));
+                    timer.set_at(last + quiet);
+                }
+                Event::Client(None) => client_gone = true,
+                Event::Client(Some(datagram)) => {
+                    if let Err(e) = upstream.send(&datagram).await {
+                        return SessionEnd::Failed(Direction::Up, e);
+                    }
+                    report.bytes_up += datagram.len() as u64;
+                    last = Instant::now();
+                }
+                Event::Backend(Ok(forwarded)) => {
+                    match forwarded {
+                        Some(n) => report.bytes_down += n as u64,
+                        None => drop(self.stats.dropped()),
+                    }
+                    last = Instant::now();
+                }
+                Event::Backend(Err(e)) => return SessionEnd::Failed(Direction::Down, e),
+                Event::Tick if Instant::now() >= last + quiet => {
+                    return if stopping {
+                        SessionEnd::RelayStopped
+                    } else {
+                        SessionEnd::IdleTimeout
+                    };
+                }
+                Event::Tick => timer.set_at(last + quiet),
+            }
+        }
+    }
+
+    async fn next_event(
+        &self,
+        flow: &Flow,
+        upstream: &Async<UdpSocket>,
+        timer: &mut Timer,
+        stopping: bool,
+        client_gone: bool,
+    ) -> Event {
+        let mut force = pin!(self.force.wait());
+        let mut stop = pin!(self.stop.wait());
+        let mut client = pin!(flow.queue.recv_async());
+        let mut backend = pin!(upstream.read_with(|socket| forward(socket, flow)));
+        poll_fn(|cx| {
+            if force.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Force);
+            }
+            if !stopping && stop.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::Stop);
+            }
+            if !client_gone {
+                if let Poll::Ready(datagram) = client.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Client(datagram.ok()));
+                }
+            }
+            if let Poll::Ready(result) = backend.as_mut().poll(cx) {
+                return Poll::Ready(Event::Backend(result));
+            }
+            Pin::new(&mut *timer).poll(cx).map(|_| Event::Tick)
+        })
+        .await
+    }
+}
+
+/// Reads one reply and sends it on to the client at once. `Ok(None)`: the client's side could
+/// not take it and it was dropped, as UDP may. Errors are the backend's.
+fn forward(upstream: &UdpSocket, flow: &Flow) -> io::Result<Option<usize>> {
+    SCRATCH.with_borrow_mut(|buf| {
+        let n = upstream.recv(buf)?;
+        match flow.reply.try_send(&buf[..n], flow.client, flow.local) {
+            Ok(true) => Ok(Some(n)),
+            Ok(false) => Ok(None),
+            Err(e) => {
+                log::debug!(client:% = flow.client, err:% = e; "reply to client failed, dropped");
+                Ok(None)
+            }
+        }
+    })
+}

@@ -1,0 +1,89 @@
+//! Relay-wide counters for observation: plain atomics (counts, not balancing state) plus an
+//! event, so a test or an embedder can wait for a count to reach a value instead of polling.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use event_listener::Event;
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    opened: AtomicU64,
+    active: AtomicU64,
+    forced: AtomicU64,
+    udp_over_limit: AtomicU64,
+    udp_dropped: AtomicU64,
+    changed: Event,
+}
+
+impl Stats {
+    /// Sessions (TCP connections and UDP flows) opened so far; also the next session's id.
+    pub fn total(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Sessions live now.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Sessions closed by the relay because they outlived the drain deadline.
+    pub fn forced(&self) -> u64 {
+        self.forced.load(Ordering::Relaxed)
+    }
+
+    /// UDP datagrams dropped because they would have opened a flow beyond `max_flows`.
+    pub fn udp_over_limit(&self) -> u64 {
+        self.udp_over_limit.load(Ordering::Relaxed)
+    }
+
+    /// UDP datagrams dropped because a flow's queue or the client's socket buffer was full.
+    pub fn udp_dropped(&self) -> u64 {
+        self.udp_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Returns once `holds` is true of these counters (at once if it already is).
+    pub async fn until(&self, holds: impl Fn(&Stats) -> bool) {
+        loop {
+            if holds(self) {
+                return;
+            }
+            let changed = self.changed.listen();
+            // A change between the check and the listen would otherwise be missed.
+            if holds(self) {
+                return;
+            }
+            changed.await;
+        }
+    }
+
+    fn bump(&self, counter: &AtomicU64, up: bool) -> u64 {
+        let before = if up {
+            counter.fetch_add(1, Ordering::Relaxed)
+        } else {
+            counter.fetch_sub(1, Ordering::Relaxed)
+        };
+        self.changed.notify(usize::MAX);
+        before
+    }
+
+    /// Counts a new live session; returns its number.
+    pub(crate) fn opened(&self) -> u64 {
+        self.bump(&self.active, true);
+        self.bump(&self.opened, true)
+    }
+
+    pub(crate) fn closed(&self, forced: bool) {
+        if forced {
+            self.bump(&self.forced, true);
+        }
+        self.bump(&self.active, false);
+    }
+
+    pub(crate) fn over_limit(&self) -> u64 {
+        self.bump(&self.udp_over_limit, true) + 1
+    }
+
+    pub(crate) fn dropped(&self) -> u64 {
+        self.bump(&self.udp_dropped, true) + 1
+    }
+}

@@ -1,0 +1,73 @@
+//! In-process UDP backends on 127.0.0.1:0 and a client helper.
+
+use std::net::SocketAddr;
+
+use async_std::net::UdpSocket;
+use async_std::task;
+
+use super::within;
+
+/// A UDP backend that reports every datagram it gets (sender and bytes) on a channel.
+pub struct UdpBackend {
+    pub addr: SocketAddr,
+    seen: flume::Receiver<(SocketAddr, Vec<u8>)>,
+}
+
+impl UdpBackend {
+    async fn serve(echo: bool) -> UdpBackend {
+        let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind a UDP backend");
+        let addr = socket.local_addr().unwrap();
+        let (tx, seen) = flume::unbounded();
+        task::spawn(async move {
+            let mut buf = vec![0u8; 65536];
+            while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+                if echo {
+                    let _ = socket.send_to(&buf[..n], peer).await;
+                }
+                let _ = tx.send((peer, buf[..n].to_vec()));
+            }
+        });
+        UdpBackend { addr, seen }
+    }
+
+    /// Sends every datagram back to its sender.
+    pub async fn echo() -> UdpBackend {
+        UdpBackend::serve(true).await
+    }
+
+    /// Takes datagrams and never answers.
+    pub async fn sink() -> UdpBackend {
+        UdpBackend::serve(false).await
+    }
+
+    /// The next datagram this backend got (bounded wait).
+    pub async fn next(&self) -> (SocketAddr, Vec<u8>) {
+        within(self.seen.recv_async()).await.expect("backend alive")
+    }
+
+    /// Everything it has got so far, without waiting.
+    pub fn drain(&self) -> Vec<(SocketAddr, Vec<u8>)> {
+        self.seen.drain().collect()
+    }
+}
+
+/// An address where nothing listens for UDP: datagrams sent there draw ICMP port unreachable.
+pub fn unreachable_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+/// A client socket connected to `relay`: it only hears datagrams from that exact address.
+pub async fn client(relay: SocketAddr) -> UdpSocket {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    socket.connect(relay).await.unwrap();
+    socket
+}
+
+/// Sends `request` and returns the next datagram back (bounded wait).
+pub async fn round_trip(socket: &UdpSocket, request: &[u8]) -> Vec<u8> {
+    socket.send(request).await.expect("send to the relay");
+    let mut buf = vec![0u8; 65536];
+    let n = within(socket.recv(&mut buf)).await.expect("receive from the relay");
+    buf.truncate(n);
+    buf
+}

@@ -1,0 +1,176 @@
+//! UDP routes: flows per client, datagram boundaries, idle expiry, limits, failures, shutdown.
+//! Clients are real sockets on loopback: a datagram's sender address is what makes a flow.
+
+mod harness;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use async_std::task;
+use harness::udp::{UdpBackend, client, round_trip, unreachable_addr};
+use harness::{Harness, config, route, within};
+use rand::{Rng, SeedableRng};
+
+fn udp(name: &str, backends: &[std::net::SocketAddr], extra: &str) -> String {
+    route(name, backends, &format!("protocol: Udp, {extra}"))
+}
+
+#[async_std::test]
+async fn two_hundred_clients_each_get_their_own_replies_in_order() {
+    let backends = [
+        UdpBackend::echo().await,
+        UdpBackend::echo().await,
+        UdpBackend::echo().await,
+    ];
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let h = Harness::start(&config(&[udp("dns", &addrs, "")]));
+    let relay = h.addr("dns");
+    let clients: Vec<_> = (0..200u32)
+        .map(|id| {
+            task::spawn(async move {
+                let socket = client(relay).await;
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(id as u64);
+                for seq in 0..50u32 {
+                    let mut request = [id.to_be_bytes(), seq.to_be_bytes()].concat();
+                    request.extend((0..rng.random_range(0..200)).map(|_| rng.random::<u8>()));
+                    assert_eq!(
+                        round_trip(&socket, &request).await,
+                        request,
+                        "client {id}, datagram {seq}"
+                    );
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        within(c).await;
+    }
+    assert_eq!(h.relay().stats().total(), 200, "one flow per client");
+    let mut flows: Vec<usize> = backends
+        .iter()
+        .map(|b| {
+            b.drain()
+                .into_iter()
+                .map(|(peer, _)| peer)
+                .collect::<HashSet<_>>()
+                .len()
+        })
+        .collect();
+    flows.sort_unstable();
+    assert_eq!(flows, [66, 67, 67], "flows are spread round robin");
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn datagrams_of_every_size_pass_whole() {
+    let echo = UdpBackend::echo().await;
+    let h = Harness::start(&config(&[udp("u", &[echo.addr], "")]));
+    let socket = client(h.addr("u")).await;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(7);
+    for size in [1, 1472, 1500, 9000, 65507] {
+        let datagram: Vec<u8> = (0..size).map(|_| rng.random()).collect();
+        let back = round_trip(&socket, &datagram).await;
+        assert_eq!(back.len(), size);
+        assert!(back == datagram, "a {size}-byte datagram came back changed");
+    }
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_one_way_stream_keeps_one_flow() {
+    let sink = UdpBackend::sink().await;
+    let h = Harness::start(&config(&[udp("syslog", &[sink.addr], r#"idle_timeout: "400ms""#)]));
+    let socket = client(h.addr("syslog")).await;
+    let mut sources = HashSet::new();
+    // Ten datagrams 100 ms apart: a second in all, never 400 ms without traffic.
+    for i in 0..10u8 {
+        socket.send(&[i]).await.unwrap();
+        let (source, bytes) = sink.next().await;
+        assert_eq!(bytes, [i]);
+        sources.insert(source);
+        task::sleep(Duration::from_millis(100)).await; // allowed: pacing the stream, not waiting for an event
+    }
+    assert_eq!(sources.len(), 1, "one upstream socket for the whole stream");
+    assert_eq!(h.relay().stats().total(), 1, "one flow");
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn an_idle_flow_is_freed_and_the_next_datagram_opens_a_new_one() {
+    let echo = UdpBackend::echo().await;
+    let h = Harness::start(&config(&[udp("u", &[echo.addr], r#"idle_timeout: "200ms""#)]));
+    let socket = client(h.addr("u")).await;
+    assert_eq!(round_trip(&socket, b"one").await, b"one");
+    let stats = h.relay().stats();
+    assert_eq!(stats.active(), 1);
+    within(stats.until(|s| s.active() == 0)).await;
+    assert_eq!(round_trip(&socket, b"two").await, b"two");
+    assert_eq!((stats.total(), stats.active()), (2, 1));
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_datagram_beyond_max_flows_is_dropped_and_counted() {
+    let echo = UdpBackend::echo().await;
+    let h = Harness::start(&config(&[udp("u", &[echo.addr], "max_flows: 2")]));
+    let (a, b, c) = (
+        client(h.addr("u")).await,
+        client(h.addr("u")).await,
+        client(h.addr("u")).await,
+    );
+    assert_eq!(round_trip(&a, b"a").await, b"a");
+    assert_eq!(round_trip(&b, b"b").await, b"b");
+    c.send(b"c").await.unwrap();
+    let stats = h.relay().stats();
+    within(stats.until(|s| s.udp_over_limit() == 1)).await;
+    assert_eq!(
+        round_trip(&a, b"a again").await,
+        b"a again",
+        "the flows within the limit go on"
+    );
+    assert_eq!((stats.total(), stats.active()), (2, 2));
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_dead_backend_ends_only_its_own_flow() {
+    let echo = UdpBackend::echo().await;
+    let dead = unreachable_addr();
+    let h = Harness::start(&config(&[udp("u", &[echo.addr, dead], "")]));
+    let (live, doomed) = (client(h.addr("u")).await, client(h.addr("u")).await);
+    assert_eq!(round_trip(&live, b"first").await, b"first");
+    // Round robin sends the second flow to the dead port; its ICMP error ends that flow alone.
+    doomed.send(b"into the void").await.unwrap();
+    let stats = h.relay().stats();
+    within(stats.until(|s| s.total() == 2 && s.active() == 1)).await;
+    assert_eq!(round_trip(&live, b"still here").await, b"still here");
+    let snapshot = h.relay().snapshot().await;
+    assert_eq!(snapshot[0].backends[1].connect_failures, 1, "{snapshot:?}");
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_wildcard_route_answers_from_the_address_the_client_wrote_to() {
+    let echo = UdpBackend::echo().await;
+    let h = Harness::start(&format!(
+        r#"(routes: [(name: "u", listen: "0.0.0.0:0", protocol: Udp, backends: [(addr: "{}")])])"#,
+        echo.addr
+    ));
+    let port = h.addr("u").port();
+    // The client only hears 127.0.0.2; a reply from the host's other address would be lost.
+    let socket = client(([127, 0, 0, 2], port).into()).await;
+    assert_eq!(round_trip(&socket, b"hello").await, b"hello");
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn shutdown_ends_every_flow_without_forcing() {
+    let echo = UdpBackend::echo().await;
+    let h = Harness::start(&config(&[udp("u", &[echo.addr], r#"idle_timeout: "1h""#)]));
+    let sockets = [client(h.addr("u")).await, client(h.addr("u")).await];
+    for s in &sockets {
+        assert_eq!(round_trip(s, b"hi").await, b"hi");
+    }
+    let report = h.shutdown().await;
+    assert_eq!((report.drained, report.forced), (2, 0));
+}
