@@ -1,12 +1,12 @@
 //! Embedding relayd: build a config in code, start two backends and the relay, send a few
 //! connections through it (round robin shows in who answers), inject one synthetic session,
-//! then shut down cleanly.
+//! relay a UDP datagram, then shut down cleanly.
 //!
 //!     cargo run --example embed
 
 use std::net::SocketAddr;
 
-use async_std::net::{TcpListener, TcpStream};
+use async_std::net::{TcpListener, TcpStream, UdpSocket};
 use async_std::prelude::*;
 use relayd::{Config, Conn, Relay, RouteConfig};
 
@@ -22,16 +22,34 @@ async fn backend(name: &'static str) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// A UDP backend that answers every datagram with its name and the datagram.
+async fn udp_backend(name: &'static str) -> anyhow::Result<SocketAddr> {
+    let socket = UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = socket.local_addr()?;
+    async_std::task::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
+            let answer = format!("{name} got {:?}", String::from_utf8_lossy(&buf[..n]));
+            let _ = socket.send_to(answer.as_bytes(), peer).await;
+        }
+    });
+    Ok(addr)
+}
+
 fn main() -> anyhow::Result<()> {
     relayd::logging::init(log::LevelFilter::Warn, relayd::logging::Format::auto())?;
     relayd::rt::block_on(async {
         let (a, b) = (backend("a").await?, backend("b").await?);
+        let udp = udp_backend("udp-a").await?;
         let config = Config {
             drain_timeout: Some("5s".into()),
-            routes: vec![RouteConfig {
-                connect_timeout: Some("1s".into()),
-                ..RouteConfig::tcp("web", "127.0.0.1:0", &[&a.to_string(), &b.to_string()])
-            }],
+            routes: vec![
+                RouteConfig {
+                    connect_timeout: Some("1s".into()),
+                    ..RouteConfig::tcp("web", "127.0.0.1:0", &[&a.to_string(), &b.to_string()])
+                },
+                RouteConfig::udp("echo", "127.0.0.1:0", &[&udp.to_string()]),
+            ],
             ..Config::default()
         };
         let relay = Relay::start(&config)?;
@@ -59,6 +77,14 @@ fn main() -> anyhow::Result<()> {
             report.backend,
             report.end
         );
+
+        let client = UdpSocket::bind("127.0.0.1:0").await?;
+        client
+            .send_to(b"ping", relay.local_addr("echo").expect("the route exists"))
+            .await?;
+        let mut buf = [0u8; 1500];
+        let (n, from) = client.recv_from(&mut buf).await?;
+        println!("udp reply from {from}: {}", String::from_utf8_lossy(&buf[..n]));
 
         let stop = relay.shutdown().await;
         println!("shut down: {} drained, {} forced", stop.drained, stop.forced);

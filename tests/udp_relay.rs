@@ -133,19 +133,36 @@ async fn a_datagram_beyond_max_flows_is_dropped_and_counted() {
 }
 
 #[async_std::test]
-async fn a_dead_backend_ends_only_its_own_flow() {
+async fn a_flow_sent_to_a_dead_backend_fails_over_and_others_go_on() {
     let echo = UdpBackend::echo().await;
     let dead = unreachable_addr();
     let h = Harness::start(&config(&[udp("u", &[echo.addr, dead], "")]));
-    let (live, doomed) = (client(h.addr("u")).await, client(h.addr("u")).await);
+    let (live, moved) = (client(h.addr("u")).await, client(h.addr("u")).await);
     assert_eq!(round_trip(&live, b"first").await, b"first");
-    // Round robin sends the second flow to the dead port; its ICMP error ends that flow alone.
-    doomed.send(b"into the void").await.unwrap();
-    let stats = h.relay().stats();
-    within(stats.until(|s| s.total() == 2 && s.active() == 1)).await;
+    // Round robin sends the second flow to the dead port. Its ICMP error comes back before any
+    // answer did, so the flow resends the datagram to the next backend: one send, one answer.
+    assert_eq!(round_trip(&moved, b"to the dead one").await, b"to the dead one");
     assert_eq!(round_trip(&live, b"still here").await, b"still here");
     let snapshot = h.relay().snapshot().await;
     assert_eq!(snapshot[0].backends[1].connect_failures, 1, "{snapshot:?}");
+    assert_eq!(
+        snapshot[0].backends[0].active, 2,
+        "both flows now live on the echo backend"
+    );
+    assert_eq!(h.relay().stats().total(), 2);
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_flow_whose_only_backend_is_dead_ends_without_harm() {
+    let h = Harness::start(&config(&[udp("u", &[unreachable_addr()], "")]));
+    let doomed = client(h.addr("u")).await;
+    doomed.send(b"anyone?").await.unwrap();
+    let stats = h.relay().stats();
+    within(stats.until(|s| s.total() == 1 && s.active() == 0)).await;
+    // The listener is still there: the next datagram opens a new flow.
+    doomed.send(b"again").await.unwrap();
+    within(stats.until(|s| s.total() == 2 && s.active() == 0)).await;
     assert_eq!(h.shutdown().await.forced, 0);
 }
 

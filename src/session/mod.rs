@@ -132,15 +132,21 @@ impl Sessions {
         self.egress_names[pick.egress.0].clone()
     }
 
-    /// Tries backends in the balancer's order until `dial` succeeds or the attempts run out.
-    async fn connect<T, F, Fut>(&self, id: SessionId, peer: SocketAddr, dial: F) -> Result<(Pick, T), SessionEnd>
+    /// Tries backends in the balancer's order, skipping those in `tried` (and adding to it), until
+    /// `dial` succeeds or the route's attempts run out.
+    async fn connect<T, F, Fut>(
+        &self,
+        id: SessionId,
+        peer: SocketAddr,
+        tried: &mut Vec<BackendId>,
+        dial: F,
+    ) -> Result<(Pick, T), SessionEnd>
     where
         F: Fn(Pick) -> Fut,
         Fut: Future<Output = Result<T, DialError>>,
     {
-        let mut tried: Vec<BackendId> = Vec::new();
         while tried.len() < self.route.connect_attempts.get() {
-            let pick = match self.balancer.pick(&tried).await {
+            let pick = match self.balancer.pick(tried).await {
                 Ok(Some(pick)) => pick,
                 Ok(None) => break,
                 Err(_) => return Err(SessionEnd::RelayStopped),

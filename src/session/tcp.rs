@@ -27,7 +27,10 @@ impl Sessions {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), peer);
         let timeout = self.route.connect_timeout;
-        let connect = self.connect(id, peer, |pick| self.dialer.tcp(pick.addr, pick.egress, timeout));
+        let mut tried = Vec::new();
+        let connect = self.connect(id, peer, &mut tried, |pick| {
+            self.dialer.tcp(pick.addr, pick.egress, timeout)
+        });
         match self.force.unless(connect).await {
             None => report.end = SessionEnd::Forced,
             Some(Err(end)) => report.end = end,

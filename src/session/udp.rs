@@ -62,20 +62,28 @@ impl Sessions {
     async fn run_udp(self, id: SessionId, flow: Flow, first: Vec<u8>) -> SessionReport {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
-        let connect = self.connect(id, flow.client, |pick| self.dialer.udp(pick.addr, pick.egress));
-        match self.force.unless(connect).await {
-            None => report.end = SessionEnd::Forced,
-            Some(Err(end)) => report.end = end,
-            Some(Ok((pick, upstream))) => {
-                report.backend = Some(pick.addr);
-                report.egress = Some(self.egress_name(&pick));
-                report.end = self.relay_udp(&flow, &upstream, first, &mut report).await;
-                if let SessionEnd::Failed(_, e) = &report.end {
-                    self.backend_failed(&pick, &flow, id, e).await;
-                }
-                let _ = self.balancer.closed(pick.backend).await;
+        let (mut tried, mut last) = (Vec::new(), first);
+        report.end = loop {
+            let connect = self.connect(id, flow.client, &mut tried, |pick| {
+                self.dialer.udp(pick.addr, pick.egress)
+            });
+            let (pick, upstream) = match self.force.unless(connect).await {
+                None => break SessionEnd::Forced,
+                Some(Err(end)) => break end,
+                Some(Ok(dialed)) => dialed,
+            };
+            report.backend = Some(pick.addr);
+            report.egress = Some(self.egress_name(&pick));
+            let end = self.relay_udp(&flow, &upstream, &mut last, &mut report).await;
+            let _ = self.balancer.closed(pick.backend).await;
+            let SessionEnd::Failed(_, e) = &end else { break end };
+            self.backend_failed(&pick, &flow, id, e).await;
+            if report.bytes_down > 0 {
+                break end;
             }
-        }
+            // The backend never answered: its error is as good as a refused connect. The next
+            // backend gets the datagram this one could not take.
+        };
         let _ = flow
             .ended
             .send_async(FlowEnded {
@@ -87,34 +95,36 @@ impl Sessions {
         report
     }
 
-    /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED) ends its
-    /// flow; the client's next datagram opens a new flow to the next backend.
+    /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED) is counted
+    /// as a failed connect; a flow it never answered fails over to the next backend.
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
         log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
-            egress = self.egress_name(pick).as_str(), err:% = e; "udp backend failed, flow ended");
+            egress = self.egress_name(pick).as_str(), err:% = e; "udp backend failed");
         let _ = self.balancer.connected(pick.backend, false).await;
     }
 
+    /// Relays until the flow ends. `last` is the client's latest datagram: sent first here, and
+    /// kept so that a failover can resend it.
     async fn relay_udp(
         &self,
         flow: &Flow,
         upstream: &Async<UdpSocket>,
-        first: Vec<u8>,
+        last: &mut Vec<u8>,
         report: &mut SessionReport,
     ) -> SessionEnd {
-        if let Err(e) = upstream.send(&first).await {
+        if let Err(e) = upstream.send(last).await {
             return SessionEnd::Failed(Direction::Up, e);
         }
-        report.bytes_up += first.len() as u64;
+        report.bytes_up += last.len() as u64;
         let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
-        let mut last = Instant::now();
+        let mut moved = Instant::now();
         let mut timer = Timer::after(quiet);
         loop {
             match self.next_event(flow, upstream, &mut timer, stopping, client_gone).await {
                 Event::Force => return SessionEnd::Forced,
                 Event::Stop => {
                     (stopping, quiet) = (true, quiet.min(DRAIN_QUIET));
-                    timer.set_at(last + quiet);
+                    timer.set_at(moved + quiet);
                 }
                 Event::Client(None) => client_gone = true,
                 Event::Client(Some(datagram)) => {
@@ -122,24 +132,25 @@ impl Sessions {
                         return SessionEnd::Failed(Direction::Up, e);
                     }
                     report.bytes_up += datagram.len() as u64;
-                    last = Instant::now();
+                    *last = datagram;
+                    moved = Instant::now();
                 }
                 Event::Backend(Ok(forwarded)) => {
                     match forwarded {
                         Some(n) => report.bytes_down += n as u64,
                         None => drop(self.stats.dropped()),
                     }
-                    last = Instant::now();
+                    moved = Instant::now();
                 }
                 Event::Backend(Err(e)) => return SessionEnd::Failed(Direction::Down, e),
-                Event::Tick if Instant::now() >= last + quiet => {
+                Event::Tick if Instant::now() >= moved + quiet => {
                     return if stopping {
                         SessionEnd::RelayStopped
                     } else {
                         SessionEnd::IdleTimeout
                     };
                 }
-                Event::Tick => timer.set_at(last + quiet),
+                Event::Tick => timer.set_at(moved + quiet),
             }
         }
     }
