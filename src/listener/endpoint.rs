@@ -208,32 +208,59 @@ mod tests {
     use super::*;
     use crate::rt;
 
-    #[test]
-    fn a_wildcard_endpoint_answers_from_the_address_the_client_wrote_to() {
-        let endpoint = Endpoint::bind("0.0.0.0:0".parse().unwrap()).unwrap();
-        let port = endpoint.local_addr().unwrap().port();
-        // 127.0.0.2 is ours too, but the kernel would answer a wildcard socket from 127.0.0.1.
-        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
-        client.connect(("127.0.0.2", port)).unwrap();
+    /// A client connected to `to` sends `ping`; the endpoint answers as a flow would. The
+    /// client's socket only takes datagrams from `to`, so the reply proves its source.
+    /// Returns what the endpoint learnt: (sender, destination).
+    fn exchange(endpoint: &Endpoint, client_bind: &str, to: SocketAddr) -> (SocketAddr, Option<IpAddr>) {
+        let client = UdpSocket::bind(client_bind).unwrap();
+        client.connect(to).unwrap();
         client
             .set_read_timeout(Some(std::time::Duration::from_secs(10)))
             .unwrap();
         client.send(b"ping").unwrap();
         let mut buf = [0u8; 16];
-        let (n, peer, to) = rt::block_on(endpoint.recv(&mut buf)).unwrap();
-        assert_eq!(
-            (&buf[..n], peer, to),
-            (
-                &b"ping"[..],
-                client.local_addr().unwrap(),
-                Some("127.0.0.2".parse().unwrap())
-            )
-        );
-        assert!(endpoint.try_send(b"pong", peer, to).unwrap());
-        // A connected socket only takes datagrams from 127.0.0.2:port: this proves the source.
+        let (n, peer, local) = rt::block_on(endpoint.recv(&mut buf)).unwrap();
+        assert_eq!(&buf[..n], b"ping");
+        assert_eq!(peer.port(), client.local_addr().unwrap().port());
+        assert!(endpoint.try_send(b"pong", peer, local).unwrap());
         let n = client
             .recv(&mut buf)
             .expect("the reply comes from the address we wrote to");
         assert_eq!(&buf[..n], b"pong");
+        (peer, local)
+    }
+
+    #[test]
+    fn a_wildcard_endpoint_answers_from_the_address_the_client_wrote_to() {
+        let endpoint = Endpoint::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = endpoint.local_addr().unwrap().port();
+        // 127.0.0.2 is ours too, but the kernel would answer a wildcard socket from 127.0.0.1.
+        let to = SocketAddr::new("127.0.0.2".parse().unwrap(), port);
+        let (_, local) = exchange(&endpoint, "127.0.0.1:0", to);
+        assert_eq!(local, Some(to.ip()));
+    }
+
+    #[test]
+    fn a_dual_stack_wildcard_endpoint_answers_v6_and_v4_clients_from_their_destination() {
+        let endpoint = match Endpoint::bind("[::]:0".parse().unwrap()) {
+            Ok(endpoint) => endpoint,
+            Err(e) => return eprintln!("SKIPPED: no IPv6 on this host: {e}"),
+        };
+        let port = endpoint.local_addr().unwrap().port();
+        exchange(&endpoint, "[::1]:0", SocketAddr::new("::1".parse().unwrap(), port));
+        // A v4 client reaches the dual-stack socket as ::ffff:127.0.0.2.
+        let (_, local) = exchange(
+            &endpoint,
+            "127.0.0.1:0",
+            SocketAddr::new("127.0.0.2".parse().unwrap(), port),
+        );
+        assert_eq!(local, Some("::ffff:127.0.0.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_specific_endpoint_needs_no_pktinfo() {
+        let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let (_, local) = exchange(&endpoint, "127.0.0.1:0", endpoint.local_addr().unwrap());
+        assert_eq!(local, None);
     }
 }
