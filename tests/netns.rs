@@ -162,44 +162,70 @@ const EGRESS: &str = r#"{
     "missing": (device: "nosuch0"),
 }"#;
 
+/// The source address the backend sees for each egress: `plain` names none, so the metric-10
+/// route (up1) applies; SO_BINDTODEVICE up2 takes the metric-20 route.
+const SOURCES: [(&str, &str); 4] = [
+    ("plain", "198.18.1.1"),
+    ("dev", "198.18.2.1"),
+    ("src", "198.18.1.3"),
+    ("both", "198.18.2.3"),
+];
+
+fn ip_of(answer: &str) -> String {
+    answer.split(':').next().unwrap_or_default().to_string()
+}
+
+/// Starts relayd in the relay namespace with one route per egress in `routes` (`plain`: none)
+/// to the backend's `port`, sends one `role` client through each, and returns the daemon and,
+/// per route, the source IP the backend reported ("" when nothing came back).
+fn sources_via_relayd(
+    t: &Topology,
+    protocol: &str,
+    port: u16,
+    role: &str,
+    routes: &[&str],
+) -> (Daemon, Vec<(String, String)>) {
+    let route = |name: &&str| {
+        let egress = if *name == "plain" {
+            "None".to_string()
+        } else {
+            format!("\"{name}\"")
+        };
+        format!(
+            r#"(name: "{name}", listen: "127.0.0.1:0", protocol: {protocol}, egress: {egress}, connect_timeout: "2s", backends: [(addr: "{BACKEND}:{port}")])"#
+        )
+    };
+    let routes_ron: Vec<String> = routes.iter().map(route).collect();
+    let config = format!("(egress: {EGRESS}, routes: [{}])", routes_ron.join(", "));
+    let daemon = Daemon::spawn(&["ip", "netns", "exec", &t.relay], &config);
+    let seen = (routes.iter())
+        .map(|name| {
+            let addr = daemon.listening(name).to_string();
+            let client = t.helper(&t.relay, role, &[("RELAYD_NETNS_TARGET", &addr)]);
+            (name.to_string(), ip_of(&client.line("got")))
+        })
+        .collect();
+    (daemon, seen)
+}
+
+fn expected(extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    SOURCES
+        .iter()
+        .chain(extra)
+        .map(|(n, ip)| (n.to_string(), ip.to_string()))
+        .collect()
+}
+
 #[test]
-fn tcp_leaves_by_the_named_device_and_source() {
+fn tcp_through_relayd_leaves_by_the_named_device_and_source() {
     let Some(topology) = Topology::build_or_skip() else {
         return;
     };
     let _backend = topology.helper(&topology.backend, "backend", &[]);
-    let route = |name: &str, egress: &str| {
-        format!(
-            r#"(name: "{name}", listen: "127.0.0.1:0", egress: {egress}, connect_timeout: "2s", backends: [(addr: "{BACKEND}:{TCP_PORT}")])"#
-        )
-    };
-    let config = format!(
-        "(egress: {EGRESS}, routes: [{}, {}, {}, {}, {}])",
-        route("plain", "None"),
-        route("dev", "\"dev\""),
-        route("src", "\"src\""),
-        route("both", "\"both\""),
-        route("missing", "\"missing\""),
-    );
-    let daemon = Daemon::spawn(&["ip", "netns", "exec", &topology.relay], &config);
-    let mut seen = Vec::new();
-    for name in ["plain", "dev", "src", "both", "missing"] {
-        let addr = daemon.listening(name).to_string();
-        let client = topology.helper(&topology.relay, "client", &[("RELAYD_NETNS_TARGET", &addr)]);
-        seen.push((name, client.line("got")));
-    }
-    let ip_of = |answer: &str| answer.split(':').next().unwrap_or_default().to_string();
-    let ips: Vec<(&str, String)> = seen.iter().map(|(n, a)| (*n, ip_of(a))).collect();
-    assert_eq!(
-        ips,
-        [
-            ("plain", "198.18.1.1".to_string()), // the metric-10 route
-            ("dev", "198.18.2.1".to_string()),   // SO_BINDTODEVICE up2: the metric-20 route
-            ("src", "198.18.1.3".to_string()),
-            ("both", "198.18.2.3".to_string()),
-            ("missing", String::new()), // no device: the dial fails, nothing leaves
-        ]
-    );
+    let routes = ["plain", "dev", "src", "both", "missing"];
+    let (daemon, seen) = sources_via_relayd(&topology, "Tcp", TCP_PORT, "client", &routes);
+    // No such device: the dial fails and nothing leaves by another way.
+    assert_eq!(seen, expected(&[("missing", "")]));
     let failure = daemon
         .wait_for(|l| l.contains(r#""msg":"connect failed""#) && l.contains("nosuch0"))
         .expect("the failed bind is logged");
@@ -222,11 +248,9 @@ fn udp_dials_leave_by_the_named_device_and_source() {
         .iter()
         .map(|name| (name.to_string(), dialer.line(&format!("{name}="))))
         .collect();
-    let ip_of = |answer: &str| answer.split(':').next().unwrap_or_default().to_string();
-    assert_eq!(ip_of(&answers[0].1), "198.18.1.1", "{answers:?}");
-    assert_eq!(ip_of(&answers[1].1), "198.18.2.1", "{answers:?}");
-    assert_eq!(ip_of(&answers[2].1), "198.18.1.3", "{answers:?}");
-    assert_eq!(ip_of(&answers[3].1), "198.18.2.3", "{answers:?}");
+    for ((_, answer), (name, source)) in answers.iter().zip(SOURCES) {
+        assert_eq!(ip_of(answer), source, "egress {name}: {answers:?}");
+    }
     let missing = &answers[4].1;
     assert!(
         missing.starts_with("error: egress missing: cannot bind to device nosuch0"),
@@ -240,33 +264,9 @@ fn udp_through_relayd_leaves_by_the_named_device_and_source() {
         return;
     };
     let _backend = topology.helper(&topology.backend, "backend", &[]);
-    let route = |name: &str, egress: &str| {
-        format!(
-            r#"(name: "{name}", listen: "127.0.0.1:0", protocol: Udp, egress: {egress}, backends: [(addr: "{BACKEND}:{UDP_PORT}")])"#
-        )
-    };
-    let config = format!(
-        "(egress: {EGRESS}, routes: [{}, {}, {}, {}])",
-        route("plain", "None"),
-        route("dev", "\"dev\""),
-        route("src", "\"src\""),
-        route("both", "\"both\""),
-    );
-    let daemon = Daemon::spawn(&["ip", "netns", "exec", &topology.relay], &config);
-    let mut seen = Vec::new();
-    for name in ["plain", "dev", "src", "both"] {
-        let addr = daemon.listening(name).to_string();
-        let client = topology.helper(&topology.relay, "udp-client", &[("RELAYD_NETNS_TARGET", &addr)]);
-        let answer = client.line("got");
-        seen.push((name, answer.split(':').next().unwrap_or_default().to_string()));
-    }
-    let expected = [
-        ("plain", "198.18.1.1"),
-        ("dev", "198.18.2.1"),
-        ("src", "198.18.1.3"),
-        ("both", "198.18.2.3"),
-    ];
-    assert_eq!(seen, expected.map(|(n, ip)| (n, ip.to_string())));
+    let routes = ["plain", "dev", "src", "both"];
+    let (daemon, seen) = sources_via_relayd(&topology, "Udp", UDP_PORT, "udp-client", &routes);
+    assert_eq!(seen, expected(&[]));
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait().code(), Some(0));
 }
