@@ -49,6 +49,10 @@ pub(crate) enum BalancerMsg {
     Snapshot {
         reply: flume::Sender<Vec<BackendSnapshot>>,
     },
+    /// How to leave for a target the client named (CONNECT routes).
+    Egress {
+        reply: flume::Sender<EgressId>,
+    },
 }
 
 /// Talks to one route's balancer. Cheap to clone.
@@ -58,9 +62,13 @@ pub struct BalancerHandle {
 }
 
 impl BalancerHandle {
-    pub(crate) fn spawn(backends: &[Backend], mailbox: usize) -> (Self, rt::JoinHandle<()>) {
+    /// A balancer over `backends`; `egress` is the route's own, for targets clients name.
+    pub(crate) fn spawn(backends: &[Backend], egress: EgressId, mailbox: usize) -> (Self, rt::JoinHandle<()>) {
         let (tx, rx) = flume::bounded(mailbox);
-        (BalancerHandle { tx }, rt::spawn(Balancer::new(backends).run(rx)))
+        (
+            BalancerHandle { tx },
+            rt::spawn(Balancer::new(backends, egress).run(rx)),
+        )
     }
 
     async fn send(&self, msg: BalancerMsg) -> Result<(), Gone> {
@@ -83,6 +91,13 @@ impl BalancerHandle {
         self.send(BalancerMsg::Closed { backend }).await
     }
 
+    /// The egress for a target the client named.
+    pub async fn egress(&self) -> Result<EgressId, Gone> {
+        let (reply, answer) = flume::bounded(1);
+        self.send(BalancerMsg::Egress { reply }).await?;
+        answer.recv_async().await.map_err(|_| Gone("balancer"))
+    }
+
     pub async fn snapshot(&self) -> Result<Vec<BackendSnapshot>, Gone> {
         let (reply, answer) = flume::bounded(1);
         self.send(BalancerMsg::Snapshot { reply }).await?;
@@ -102,10 +117,11 @@ struct Balancer {
     entries: Vec<Entry>,
     /// Round robin: the backend the next pick starts from.
     cursor: usize,
+    egress: EgressId,
 }
 
 impl Balancer {
-    fn new(backends: &[Backend]) -> Self {
+    fn new(backends: &[Backend], egress: EgressId) -> Self {
         let entries = backends
             .iter()
             .map(|b| Entry {
@@ -116,7 +132,11 @@ impl Balancer {
                 failing: 0,
             })
             .collect();
-        Balancer { entries, cursor: 0 }
+        Balancer {
+            entries,
+            cursor: 0,
+            egress,
+        }
     }
 
     async fn run(mut self, rx: flume::Receiver<BalancerMsg>) {
@@ -129,6 +149,9 @@ impl Balancer {
                 BalancerMsg::Closed { backend } => self.closed(backend),
                 BalancerMsg::Snapshot { reply } => {
                     let _ = reply.send(self.snapshot());
+                }
+                BalancerMsg::Egress { reply } => {
+                    let _ = reply.send(self.egress);
                 }
             }
         }
@@ -199,14 +222,14 @@ mod tests {
 
     #[test]
     fn round_robin_visits_backends_in_order() {
-        let mut b = Balancer::new(&backends(3));
+        let mut b = Balancer::new(&backends(3), EgressId(0));
         let order: Vec<usize> = (0..7).map(|_| b.pick(&[]).unwrap().backend.0).collect();
         assert_eq!(order, [0, 1, 2, 0, 1, 2, 0]);
     }
 
     #[test]
     fn a_retry_skips_what_the_session_tried_and_ends_when_all_were() {
-        let mut b = Balancer::new(&backends(3));
+        let mut b = Balancer::new(&backends(3), EgressId(0));
         assert_eq!(b.pick(&[]).unwrap().backend, BackendId(0));
         // Another session moved the cursor on to 2; our retry must not land on 0 again.
         assert_eq!(b.pick(&[]).unwrap().backend, BackendId(1));
@@ -218,7 +241,7 @@ mod tests {
 
     #[test]
     fn the_actor_counts_outcomes_and_answers_snapshots() {
-        let (handle, task) = BalancerHandle::spawn(&backends(2), 8);
+        let (handle, task) = BalancerHandle::spawn(&backends(2), EgressId(0), 8);
         let snapshot = rt::block_on(async move {
             let first = handle.pick(&[]).await.unwrap().unwrap();
             handle.connected(first.backend, false).await.unwrap();

@@ -129,6 +129,13 @@ pub enum DialError {
         target: SocketAddr,
         after: Duration,
     },
+    #[error("egress {egress}: proxy {proxy} gave no tunnel to {target}: {why}")]
+    Proxy {
+        egress: String,
+        proxy: SocketAddr,
+        target: SocketAddr,
+        why: String,
+    },
     #[error("no egress with id {0} (the dialer has {1})")]
     UnknownEgress(usize, usize),
     #[error(transparent)]
@@ -142,4 +149,6 @@ pub enum InjectError {
     UnknownRoute(String),
     #[error("the relay is shutting down")]
     ShuttingDown,
+    #[error("route {0:?} relays UDP datagrams: inject takes byte streams")]
+    NotAStreamRoute(String),
 }

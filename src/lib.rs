@@ -10,6 +10,7 @@
 //!
 //! # Layout
 //! - [`config`]: the RON file structs and their validation into typed [`Settings`].
+//! - [`acl`] and [`http`]: what CONNECT routes allow, and the little HTTP they speak.
 //! - [`relay`]: wiring and the stop sequence.
 //! - `listener`, `balancer`, `dialer`, `session`: one module per actor.
 //! - [`shutdown`]: stop signals and the session drain.
@@ -18,10 +19,12 @@
 //! - [`rt`]: the only module that names the async runtime.
 //! - [`logging`]: the daemon's log output (pretty or ndjson).
 
+pub mod acl;
 pub mod balancer;
 pub mod config;
 pub mod dialer;
 pub mod error;
+pub mod http;
 mod listener;
 pub mod logging;
 pub mod relay;

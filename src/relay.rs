@@ -9,7 +9,7 @@ use std::time::Duration;
 use futures::io::{AsyncRead, AsyncWrite};
 
 use crate::balancer::{BackendSnapshot, BalancerHandle};
-use crate::config::{Config, Route, Settings};
+use crate::config::{Config, Protocol, Route, Settings};
 use crate::dialer::DialerHandle;
 use crate::error::{InjectError, StartError};
 use crate::listener::{self, Bound, Listener, UdpListener};
@@ -117,7 +117,7 @@ impl Relay {
 
     /// A Balancer and a Listener for `route`.
     fn start_route(&mut self, route: Route, socket: Bound, common: &Common) {
-        let (balancer, balancer_task) = BalancerHandle::spawn(&route.backends, common.mailbox);
+        let (balancer, balancer_task) = BalancerHandle::spawn(&route.backends, route.egress, common.mailbox);
         self.tasks.push(balancer_task);
         let sessions = Sessions {
             route_name: route.name.as_str().into(),

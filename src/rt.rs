@@ -52,6 +52,12 @@ pub async fn timeout<F: Future>(limit: Duration, future: F) -> Option<F::Output>
     async_std::future::timeout(limit, future).await.ok()
 }
 
+/// The addresses `host` resolves to (the system resolver, off the executor's threads).
+pub async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
+    use async_std::net::ToSocketAddrs;
+    Ok((host, port).to_socket_addrs().await?.collect())
+}
+
 /// The output of whichever of `a` and `b` finishes first (`a` when both are ready); the other is
 /// dropped.
 pub async fn race<T>(a: impl Future<Output = T>, b: impl Future<Output = T>) -> T {

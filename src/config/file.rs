@@ -42,6 +42,48 @@ pub struct EgressConfig {
     pub send_buffer: Option<usize>,
     /// SO_RCVBUF in bytes.
     pub recv_buffer: Option<usize>,
+    /// `IP:port` of an HTTP CONNECT proxy every connection of this egress goes through (the
+    /// proxy is dialed with this egress's device and source).
+    pub via_proxy: Option<String>,
+    /// Basic credentials for `via_proxy`.
+    pub via_proxy_auth: Option<Credentials>,
+}
+
+/// A user name and password (Basic auth). `Debug` masks the password.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("user", &self.user)
+            .field("password", &"***")
+            .finish()
+    }
+}
+
+/// What an `HttpConnect` route lets clients tunnel to, and how it reads their requests.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectConfig {
+    /// Target ports clients may ask for (default `[443]`).
+    pub allow_ports: Option<Vec<u16>>,
+    /// Host names clients may ask for: `"example.com"` or `"*.example.com"` (default: any).
+    pub allow_hosts: Vec<String>,
+    /// Address ranges allowed even where `deny_cidrs` or the built-in list denies them.
+    pub allow_cidrs: Vec<String>,
+    /// Address ranges denied, on top of the built-in ones (loopback, link-local, private...).
+    pub deny_cidrs: Vec<String>,
+    /// When not empty, clients must send one of these with `Proxy-Authorization: Basic`.
+    pub auth: Vec<Credentials>,
+    /// Largest request head in bytes (default 8192).
+    pub head_max: Option<usize>,
+    /// How long a client may take to send its request head (default `10s`).
+    pub head_timeout: Option<String>,
 }
 
 /// How a route's traffic is carried.
@@ -51,6 +93,8 @@ pub enum Protocol {
     Tcp,
     /// Datagrams, tracked as flows per client address.
     Udp,
+    /// An HTTP CONNECT proxy: each client names its own target.
+    HttpConnect,
 }
 
 /// How a route picks a backend for a new session.
@@ -86,6 +130,8 @@ pub struct RouteConfig {
     /// UDP only: client flows tracked at once; a datagram that would open one more is dropped
     /// and counted (default 1024).
     pub max_flows: Option<usize>,
+    /// HttpConnect only: the access rules and request limits.
+    pub connect: Option<ConnectConfig>,
 }
 
 /// One backend of a route.
@@ -106,6 +152,14 @@ impl RouteConfig {
             listen: listen.to_string(),
             backends: backends.iter().map(|addr| BackendConfig::new(addr)).collect(),
             ..Default::default()
+        }
+    }
+
+    /// An HTTP CONNECT route with default settings (port 443 only, public addresses only).
+    pub fn http_connect(name: &str, listen: &str) -> Self {
+        RouteConfig {
+            protocol: Protocol::HttpConnect,
+            ..RouteConfig::tcp(name, listen, &[])
         }
     }
 

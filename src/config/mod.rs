@@ -8,8 +8,9 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
-pub use file::{BackendConfig, Balance, Config, EgressConfig, Protocol, RouteConfig};
+pub use file::{BackendConfig, Balance, Config, ConnectConfig, Credentials, EgressConfig, Protocol, RouteConfig};
 
+use crate::acl::Acl;
 use crate::error::ConfigError;
 
 /// Name of the egress used by routes and backends that name none.
@@ -37,6 +38,46 @@ pub struct Egress {
     pub device: Option<String>,
     pub source: Option<IpAddr>,
     pub options: SocketOptions,
+    pub via_proxy: Option<UpstreamProxy>,
+}
+
+/// An HTTP CONNECT proxy an egress goes through.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamProxy {
+    pub addr: SocketAddr,
+    /// Basic credentials as sent (base64 of `user:password`).
+    pub credentials: Option<String>,
+}
+
+impl std::fmt::Debug for UpstreamProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = self.credentials.as_ref().map(|_| "***");
+        f.debug_struct("UpstreamProxy")
+            .field("addr", &self.addr)
+            .field("credentials", &auth)
+            .finish()
+    }
+}
+
+/// A checked `connect` section of an HttpConnect route.
+#[derive(Clone, PartialEq)]
+pub struct ConnectSettings {
+    pub acl: Acl,
+    /// Accepted `Proxy-Authorization: Basic` tokens; empty: no auth asked.
+    pub credentials: Vec<String>,
+    pub head_max: usize,
+    pub head_timeout: Duration,
+}
+
+impl std::fmt::Debug for ConnectSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectSettings")
+            .field("acl", &self.acl)
+            .field("credentials", &format_args!("{} masked", self.credentials.len()))
+            .field("head_max", &self.head_max)
+            .field("head_timeout", &self.head_timeout)
+            .finish()
+    }
 }
 
 /// Options set on every upstream socket of an egress.
@@ -67,12 +108,16 @@ pub struct Route {
     pub listen: SocketAddr,
     pub protocol: Protocol,
     pub balance: Balance,
+    /// The route's own egress (backends may name theirs); CONNECT routes leave by it.
+    pub egress: EgressId,
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
     pub connect_attempts: NonZeroUsize,
     pub timeouts: Timeouts,
     pub backlog: u32,
     pub max_flows: NonZeroUsize,
+    /// HttpConnect routes only.
+    pub connect: Option<ConnectSettings>,
 }
 
 /// When a relayed pair is closed for want of traffic.

@@ -6,10 +6,13 @@ use std::num::NonZeroUsize;
 use std::str::FromStr;
 use std::time::Duration;
 
+use ipnet::IpNet;
+
 use super::{
-    Backend, Config, DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Protocol, Route, RouteConfig, Settings,
-    SocketOptions, Timeouts,
+    Backend, Config, ConnectConfig, ConnectSettings, Credentials, DEFAULT_EGRESS, Egress, EgressConfig, EgressId,
+    Protocol, Route, RouteConfig, Settings, SocketOptions, Timeouts, UpstreamProxy,
 };
+use crate::acl::{Acl, DEFAULT_DENY, HostPattern};
 use crate::error::Problem;
 
 /// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
@@ -137,10 +140,22 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
             p.add(at(field), "must be greater than zero");
         }
     }
+    let via_proxy = e.via_proxy.as_ref().and_then(|addr| {
+        let addr = p.parse::<SocketAddr>(at("via_proxy"), addr, "an IP:port address such as \"10.0.0.1:3128\"")?;
+        let credentials = e
+            .via_proxy_auth
+            .as_ref()
+            .map(|c| credentials(&at("via_proxy_auth"), c, p));
+        Some(UpstreamProxy { addr, credentials })
+    });
+    if e.via_proxy.is_none() && e.via_proxy_auth.is_some() {
+        p.add(at("via_proxy_auth"), "is set, but via_proxy is not");
+    }
     Egress {
         name: name.to_string(),
         device: e.device.clone(),
         source,
+        via_proxy,
         options: SocketOptions {
             nodelay: e.nodelay.unwrap_or(true),
             keepalive,
@@ -169,9 +184,22 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
     }
     let listen = p.parse::<SocketAddr>(at("listen"), &r.listen, "an IP:port address such as \"127.0.0.1:8080\"");
     let route_egress = egress_id(at("egress"), &r.egress, ids, p).unwrap_or(EgressId(0));
-    if r.backends.is_empty() {
-        p.add(at("backends"), "empty: a route needs at least one backend");
+    match (r.protocol, r.backends.is_empty()) {
+        (Protocol::HttpConnect, false) => p.add(
+            at("backends"),
+            "an HttpConnect route takes its targets from clients: no backends",
+        ),
+        (Protocol::Tcp | Protocol::Udp, true) => p.add(at("backends"), "empty: a route needs at least one backend"),
+        _ => {}
     }
+    let connect = match (r.protocol, &r.connect) {
+        (Protocol::HttpConnect, section) => Some(connect_settings(&at("connect"), section.as_ref(), p)),
+        (_, Some(_)) => {
+            p.add(at("connect"), "only HttpConnect routes have a connect section");
+            None
+        }
+        (_, None) => None,
+    };
     let backends: Vec<Backend> = (r.backends.iter().enumerate())
         .filter_map(|(j, b)| {
             let path = |field: &str| format!("routes[{i}].backends[{j}].{field}");
@@ -183,7 +211,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
             Some(Backend { addr, egress })
         })
         .collect();
-    let attempts = r.connect_attempts.unwrap_or(r.backends.len());
+    let attempts = r.connect_attempts.unwrap_or(r.backends.len().max(1));
     let connect_attempts = NonZeroUsize::new(attempts).or_else(|| {
         if r.connect_attempts.is_some() {
             p.add(at("connect_attempts"), "must be at least 1");
@@ -191,7 +219,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         None
     });
     let idle = match r.protocol {
-        Protocol::Tcp => Duration::from_secs(600),
+        Protocol::Tcp | Protocol::HttpConnect => Duration::from_secs(600),
         Protocol::Udp => Duration::from_secs(60),
     };
     let max_flows = NonZeroUsize::new(r.max_flows.unwrap_or(1024)).or_else(|| {
@@ -208,13 +236,76 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         listen: listen?,
         protocol: r.protocol,
         balance: r.balance,
+        egress: route_egress,
         backends,
         connect_timeout,
         connect_attempts: connect_attempts?,
         timeouts,
         backlog: r.backlog.unwrap_or(1024),
         max_flows: max_flows?,
+        connect,
     })
+}
+
+/// Basic credentials as sent on the wire.
+fn credentials(path: &str, c: &Credentials, p: &mut Problems) -> String {
+    if c.user.is_empty() || c.user.contains(':') {
+        p.add(format!("{path}.user"), "must be non-empty and hold no ':'");
+    }
+    crate::http::basic_credentials(&c.user, &c.password)
+}
+
+fn connect_settings(path: &str, c: Option<&ConnectConfig>, p: &mut Problems) -> ConnectSettings {
+    let default = ConnectConfig::default();
+    let c = c.unwrap_or(&default);
+    let at = |field: &str| format!("{path}.{field}");
+    let ports = c.allow_ports.clone().unwrap_or_else(|| vec![443]);
+    if ports.is_empty() || ports.contains(&0) {
+        p.add(at("allow_ports"), "needs at least one port, and port 0 is none");
+    }
+    let hosts = (c.allow_hosts.iter().enumerate())
+        .filter_map(|(i, h)| {
+            let pattern = HostPattern::parse(h);
+            if pattern.is_none() {
+                p.add(
+                    format!("{}[{i}]", at("allow_hosts")),
+                    format!("{h:?} is not a host name or *.suffix"),
+                );
+            }
+            pattern
+        })
+        .collect();
+    let mut nets = |field: &str, list: &[String]| -> Vec<IpNet> {
+        let path = at(field);
+        (list.iter().enumerate())
+            .filter_map(|(i, n)| p.parse::<IpNet>(format!("{path}[{i}]"), n, "a CIDR range such as \"10.0.0.0/8\""))
+            .collect()
+    };
+    let allow = nets("allow_cidrs", &c.allow_cidrs);
+    let mut deny = nets("deny_cidrs", &c.deny_cidrs);
+    deny.extend(
+        DEFAULT_DENY
+            .iter()
+            .map(|n| n.parse::<IpNet>().expect("the built-in ranges parse")),
+    );
+    let head_max = c.head_max.unwrap_or(8192);
+    if !(1024..=65536).contains(&head_max) {
+        p.add(at("head_max"), format!("{head_max} is outside 1024..=65536"));
+    }
+    let credentials = (c.auth.iter().enumerate())
+        .map(|(i, cred)| credentials(&format!("{}[{i}]", at("auth")), cred, p))
+        .collect();
+    ConnectSettings {
+        acl: Acl {
+            ports,
+            hosts,
+            allow,
+            deny,
+        },
+        credentials,
+        head_max,
+        head_timeout: p.duration(at("head_timeout"), &c.head_timeout, Duration::from_secs(10)),
+    }
 }
 
 /// Two routes may share neither a name nor a listening address and protocol (port 0 excepted;
@@ -318,6 +409,45 @@ mod tests {
     fn unknown_fields_are_rejected() {
         let err = Config::parse(r#"(routes: [(name: "a", lisen: "x")])"#, "f.ron").unwrap_err();
         assert!(err.to_string().contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn connect_routes_take_no_backends_and_check_their_rules() {
+        let text = r#"(egress: {"chain": (via_proxy: "nowhere", via_proxy_auth: (user: "a:b", password: "x"))},
+            routes: [
+                (name: "p", listen: "127.0.0.1:0", protocol: HttpConnect, backends: [(addr: "127.0.0.1:1")],
+                 connect: (allow_ports: [0], allow_hosts: ["ok.test", "bad*"], allow_cidrs: ["10.0.0.0/33"], head_max: 10)),
+                (name: "t", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")], connect: ()),
+            ])"#;
+        let found = problems(text);
+        for expected in [
+            "egress.chain.via_proxy: \"nowhere\" is not an IP:port",
+            "routes[0].backends: an HttpConnect route takes its targets from clients",
+            "routes[0].connect.allow_ports: needs at least one port",
+            "routes[0].connect.allow_hosts[1]: \"bad*\" is not a host name",
+            "routes[0].connect.allow_cidrs[0]: \"10.0.0.0/33\" is not a CIDR range",
+            "routes[0].connect.head_max: 10 is outside",
+            "routes[1].connect: only HttpConnect routes have a connect section",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "missing {expected:?} in {found:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_connect_route_defaults_to_port_443_and_public_addresses() {
+        let text = r#"(routes: [(name: "p", listen: "127.0.0.1:0", protocol: HttpConnect)])"#;
+        let settings = Config::parse(text, "test").unwrap().validate().unwrap();
+        let connect = settings.routes[0].connect.as_ref().unwrap();
+        assert_eq!(connect.acl.ports, [443]);
+        assert!(connect.acl.check_addr("127.0.0.1".parse().unwrap()).is_err());
+        assert_eq!(
+            (connect.head_max, connect.head_timeout),
+            (8192, Duration::from_secs(10))
+        );
+        assert!(connect.credentials.is_empty());
     }
 
     #[test]

@@ -10,8 +10,9 @@ use std::time::Duration;
 
 use socket2::{SockAddr, Socket};
 
-use crate::config::{Egress, EgressId};
+use crate::config::{Egress, EgressId, UpstreamProxy};
 use crate::error::{DialError, Gone};
+use crate::http;
 use crate::rt::{self, Async, TcpConn};
 
 pub(crate) use socket::Factory;
@@ -102,27 +103,59 @@ impl Dialer {
         (self.factories.get(egress.0)).ok_or(DialError::UnknownEgress(egress.0, self.factories.len()))
     }
 
-    /// Builds the socket here and leaves the connect to a task of its own.
+    /// Builds the socket here and leaves the connect (and the proxy's answer, through an egress
+    /// with `via_proxy`) to a task of its own, all within `limit`.
     fn tcp(
         &self,
         target: SocketAddr,
         egress: EgressId,
-        timeout: Duration,
+        limit: Duration,
         reply: flume::Sender<Result<TcpConn, DialError>>,
     ) {
-        let built = self
-            .factory(egress)
-            .and_then(|f| Ok((f.name().to_string(), f.tcp(target)?)));
-        match built {
-            Ok((name, socket)) => {
-                rt::detach(async move {
-                    let _ = reply.send(connect(socket, target, timeout, name).await);
-                });
-            }
+        let built = self.factory(egress).and_then(|f| {
+            let proxy = f.via_proxy().cloned();
+            let hop = proxy.as_ref().map_or(target, |p| p.addr);
+            Ok((f.name().to_string(), proxy, f.tcp(hop)?))
+        });
+        let (name, proxy, socket) = match built {
+            Ok(built) => built,
             Err(e) => {
                 let _ = reply.send(Err(e));
+                return;
             }
-        }
+        };
+        rt::detach(async move {
+            let opened = rt::timeout(limit, open(socket, target, proxy, &name)).await;
+            let _ = reply.send(opened.unwrap_or(Err(DialError::Timeout {
+                egress: name,
+                target,
+                after: limit,
+            })));
+        });
+    }
+}
+
+/// Connects `socket` to `target`, or to the proxy and through it to `target`.
+async fn open(
+    socket: Socket,
+    target: SocketAddr,
+    proxy: Option<UpstreamProxy>,
+    egress: &str,
+) -> Result<TcpConn, DialError> {
+    let Some(proxy) = proxy else {
+        return connect(socket, target, egress).await;
+    };
+    let mut conn = connect(socket, proxy.addr, egress).await?;
+    let failed = |why: String| DialError::Proxy {
+        egress: egress.to_string(),
+        proxy: proxy.addr,
+        target,
+        why,
+    };
+    match http::ask_tunnel(&mut conn, target, proxy.credentials.as_deref()).await {
+        Ok(Ok(())) => Ok(conn),
+        Ok(Err((status, reason))) => Err(failed(format!("{status} {reason}"))),
+        Err(e) => Err(failed(e.to_string())),
     }
 }
 
@@ -134,10 +167,10 @@ fn register(socket: UdpSocket, target: SocketAddr, factory: &Factory) -> Result<
     })
 }
 
-/// Completes a non-blocking connect within `limit`.
-async fn connect(socket: Socket, target: SocketAddr, limit: Duration, egress: String) -> Result<TcpConn, DialError> {
+/// Completes a non-blocking connect (the caller bounds it in time).
+async fn connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<TcpConn, DialError> {
     let failed = |source: io::Error| DialError::Connect {
-        egress: egress.clone(),
+        egress: egress.to_string(),
         target,
         source,
     };
@@ -147,16 +180,7 @@ async fn connect(socket: Socket, target: SocketAddr, limit: Duration, egress: St
         Err(e) => return Err(failed(e)),
     }
     let stream = Async::new(TcpStream::from(socket)).map_err(failed)?;
-    match rt::timeout(limit, stream.writable()).await {
-        None => {
-            return Err(DialError::Timeout {
-                egress: egress.clone(),
-                target,
-                after: limit,
-            });
-        }
-        Some(ready) => ready.map_err(failed)?,
-    }
+    stream.writable().await.map_err(failed)?;
     if let Some(e) = stream.get_ref().take_error().map_err(failed)? {
         return Err(failed(e));
     }
@@ -175,6 +199,7 @@ mod tests {
             device: None,
             source: None,
             options: SocketOptions::default(),
+            via_proxy: None,
         }];
         let (dialer, _task) = DialerHandle::spawn(&egress, 4);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 
 use socket2::{Domain, Protocol, SockAddr, Socket, TcpKeepalive, Type};
 
-use crate::config::Egress;
+use crate::config::{Egress, UpstreamProxy};
 use crate::error::{BindStep, DialError};
 
 /// Builds the outbound sockets of one egress.
@@ -24,6 +24,11 @@ impl Factory {
 
     pub fn name(&self) -> &str {
         &self.egress.name
+    }
+
+    /// The upstream proxy this egress goes through, if any.
+    pub fn via_proxy(&self) -> Option<&UpstreamProxy> {
+        self.egress.via_proxy.as_ref()
     }
 
     /// A non-blocking TCP socket, bound as the egress says, ready for `connect(target)`.
@@ -179,6 +184,7 @@ mod tests {
             device: device.map(str::to_string),
             source: source.map(|s| s.parse().unwrap()),
             options: SocketOptions::default(),
+            via_proxy: None,
         })
     }
 

@@ -33,7 +33,7 @@ pub(crate) enum Bound {
 /// Binds a route's listening socket, as its protocol needs.
 pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
     let bound = match route.protocol {
-        Protocol::Tcp => bind_tcp(route.listen, route.backlog).map(Bound::Tcp),
+        Protocol::Tcp | Protocol::HttpConnect => bind_tcp(route.listen, route.backlog).map(Bound::Tcp),
         Protocol::Udp => Endpoint::bind(route.listen).map(Bound::Udp),
     };
     bound.map_err(|source| StartError::Listen {

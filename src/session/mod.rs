@@ -3,6 +3,7 @@
 //! ended. Nobody sends a session messages; the relay's stop and force signals are its inputs,
 //! and a UDP flow's datagrams arrive on its own bounded queue (see `udp`).
 
+mod connect;
 mod pump;
 mod tcp;
 mod udp;
@@ -39,6 +40,9 @@ pub enum SessionEnd {
     Failed(Direction, std::io::Error),
     /// No backend could be reached; `tried` of them were attempted.
     NoBackend { tried: usize },
+    /// A CONNECT request was answered with this status and not served (0: the client left
+    /// before its request was complete).
+    Refused(u16),
     /// The relay's drain deadline passed while the session was still live.
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
@@ -172,7 +176,7 @@ fn log_end(r: &SessionReport) {
     let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
     let egress = r.egress.as_deref().unwrap_or("-");
     let level = match r.end {
-        SessionEnd::NoBackend { .. } => log::Level::Warn,
+        SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) => log::Level::Warn,
         _ => log::Level::Info,
     };
     log::log!(level, route = &*r.route, session = r.id.0, client:% = r.peer, backend = backend.as_str(),

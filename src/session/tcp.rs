@@ -7,6 +7,7 @@ use futures::io::{AsyncRead, AsyncWrite};
 
 use super::pump::{End, Pump};
 use super::{SessionEnd, SessionId, SessionReport, Sessions};
+use crate::config::Protocol;
 use crate::rt::{JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
 
@@ -17,7 +18,10 @@ impl Sessions {
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let ctx = self.clone();
-        self.spawn(guard, move |id| ctx.run_tcp(id, client, peer)).1
+        match self.route.protocol {
+            Protocol::HttpConnect => self.spawn(guard, move |id| ctx.run_connect(id, client, peer)).1,
+            Protocol::Tcp | Protocol::Udp => self.spawn(guard, move |id| ctx.run_tcp(id, client, peer)).1,
+        }
     }
 
     async fn run_tcp<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
@@ -45,7 +49,12 @@ impl Sessions {
         report
     }
 
-    async fn relay<S>(&self, client: &mut S, upstream: &mut TcpConn, report: &mut SessionReport) -> SessionEnd
+    pub(super) async fn relay<S>(
+        &self,
+        client: &mut S,
+        upstream: &mut TcpConn,
+        report: &mut SessionReport,
+    ) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send,
     {

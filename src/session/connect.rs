@@ -1,0 +1,164 @@
+//! A CONNECT session: read and judge the client's request head, dial the target it names by the
+//! route's egress, answer, then relay like any TCP session. Every refusal is one HTTP answer,
+//! one log line, and a closed connection.
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{SessionEnd, SessionId, SessionReport, Sessions};
+use crate::config::ConnectSettings;
+use crate::error::DialError;
+use crate::http::{self, HeadError};
+use crate::rt::{self, TcpConn};
+
+/// Why a CONNECT was not served: the status to answer (none when the client is gone) and why.
+struct Refused {
+    status: Option<u16>,
+    target: String,
+    why: String,
+}
+
+fn refused(status: u16, target: &str, why: impl Into<String>) -> Refused {
+    Refused {
+        status: Some(status),
+        target: target.to_string(),
+        why: why.into(),
+    }
+}
+
+/// An open tunnel: the target dialed, the upstream, and bytes the client sent after its head.
+struct Tunnel {
+    target: SocketAddr,
+    egress: String,
+    upstream: TcpConn,
+    early: Vec<u8>,
+}
+
+impl Sessions {
+    pub(super) async fn run_connect<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let started = Instant::now();
+        let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+        let settings = self
+            .route
+            .connect
+            .as_ref()
+            .expect("validation gives HttpConnect routes their settings");
+        match self.force.unless(self.open_tunnel(&mut client, settings)).await {
+            None => report.end = SessionEnd::Forced,
+            Some(Err(refused)) => {
+                log::warn!(route = &*self.route_name, session = id.0, client:% = peer, target = refused.target.as_str(),
+                    status = refused.status.unwrap_or(0), why = refused.why.as_str(); "connect refused");
+                if let Some(status) = refused.status {
+                    let _ = client.write_all(http::refusal(status).as_bytes()).await;
+                    let _ = client.close().await;
+                }
+                report.end = SessionEnd::Refused(refused.status.unwrap_or(0));
+            }
+            Some(Ok(mut tunnel)) => {
+                report.backend = Some(tunnel.target);
+                report.egress = Some(tunnel.egress);
+                report.end = match answer(&mut client, &mut tunnel.upstream, &tunnel.early).await {
+                    Ok(()) => self.relay(&mut client, &mut tunnel.upstream, &mut report).await,
+                    Err(end) => end,
+                };
+                report.bytes_up += tunnel.early.len() as u64;
+            }
+        }
+        report.duration = started.elapsed();
+        report
+    }
+
+    /// Everything before the 200.
+    async fn open_tunnel<S>(&self, client: &mut S, settings: &ConnectSettings) -> Result<Tunnel, Refused>
+    where
+        S: AsyncRead + Unpin,
+    {
+        let head = rt::timeout(
+            settings.head_timeout,
+            http::read_request_head(client, settings.head_max),
+        )
+        .await;
+        let (buf, len) = match head {
+            None => return Err(refused(408, "-", "no complete request head in time")),
+            Some(Ok(head)) => head,
+            Some(Err(HeadError::TooLarge)) => return Err(refused(431, "-", "request head too large")),
+            Some(Err(HeadError::Malformed(e))) => return Err(refused(400, "-", format!("malformed head: {e}"))),
+            Some(Err(HeadError::Closed(e))) => {
+                let why = e.map_or("client left before its head was complete".into(), |e| e.to_string());
+                return Err(Refused {
+                    status: None,
+                    target: "-".into(),
+                    why,
+                });
+            }
+        };
+        let request = http::parse_connect(&buf[..len]).map_err(|r| refused(r.status, "-", r.why))?;
+        let target = format!("{}:{}", request.host, request.port);
+        let sent = request.credentials.as_deref().unwrap_or_default();
+        if !settings.credentials.is_empty() && !http::credentials_match(&settings.credentials, sent) {
+            return Err(refused(407, &target, "missing or wrong Proxy-Authorization"));
+        }
+        settings
+            .acl
+            .check_target(&request.host, request.port)
+            .map_err(|d| refused(403, &target, d.to_string()))?;
+        let addrs = rt::resolve(&request.host, request.port)
+            .await
+            .map_err(|e| refused(502, &target, format!("resolve: {e}")))?;
+        if addrs.is_empty() {
+            return Err(refused(502, &target, "the name resolves to no address"));
+        }
+        // Every address the name has must be allowed: a name that points inside is refused.
+        for addr in &addrs {
+            settings
+                .acl
+                .check_addr(addr.ip())
+                .map_err(|d| refused(403, &target, d.to_string()))?;
+        }
+        let (upstream, dialed, egress) = self.dial_any(&addrs, &target).await?;
+        Ok(Tunnel {
+            target: dialed,
+            egress,
+            upstream,
+            early: buf[len..].to_vec(),
+        })
+    }
+
+    /// The first of `addrs` that connects, by the route's egress: 504 if the last failure was
+    /// a timeout, 502 otherwise.
+    async fn dial_any(&self, addrs: &[SocketAddr], target: &str) -> Result<(TcpConn, SocketAddr, String), Refused> {
+        let egress = self
+            .balancer
+            .egress()
+            .await
+            .map_err(|e| refused(502, target, e.to_string()))?;
+        let name = self.egress_names[egress.0].clone();
+        let mut last = refused(502, target, "no address tried");
+        for addr in addrs {
+            match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
+                Ok(upstream) => return Ok((upstream, *addr, name)),
+                Err(e @ DialError::Timeout { .. }) => last = refused(504, target, e.to_string()),
+                Err(e) => last = refused(502, target, e.to_string()),
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Tells the client its tunnel is open and hands the target what the client already sent.
+async fn answer<S>(client: &mut S, upstream: &mut TcpConn, early: &[u8]) -> Result<(), SessionEnd>
+where
+    S: AsyncWrite + Unpin,
+{
+    let fail = |direction| move |e| SessionEnd::Failed(direction, e);
+    client
+        .write_all(http::ESTABLISHED)
+        .await
+        .map_err(fail(super::Direction::Down))?;
+    upstream.write_all(early).await.map_err(fail(super::Direction::Up))
+}
