@@ -257,7 +257,7 @@ mod tests {
             &token
         ));
         assert!(!credentials_match(
-            &[token.clone()],
+            std::slice::from_ref(&token),
             &basic_credentials("alice", "wrong")
         ));
     }

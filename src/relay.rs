@@ -197,6 +197,9 @@ impl Relay {
         let entry = self
             .route(route)
             .ok_or_else(|| InjectError::UnknownRoute(route.to_string()))?;
+        if entry.sessions.route.protocol == Protocol::Udp {
+            return Err(InjectError::NotAStreamRoute(route.to_string()));
+        }
         let guard = self.drain.guard().ok_or(InjectError::ShuttingDown)?;
         Ok(entry.sessions.open(stream, peer, guard))
     }

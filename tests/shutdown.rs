@@ -63,14 +63,21 @@ async fn sessions_outliving_the_drain_deadline_are_closed() {
 }
 
 #[async_std::test]
-async fn nothing_is_injected_into_an_unknown_route() {
+async fn nothing_is_injected_into_an_unknown_or_udp_route() {
     let echo = Backend::echo().await;
-    let h = Harness::start(&config(&[route("r", &[echo.addr], "")]));
+    let h = Harness::start(&config(&[
+        route("r", &[echo.addr], ""),
+        route("u", &[echo.addr], "protocol: Udp"),
+    ]));
+    let peer = harness::SYNTHETIC_PEER.parse().unwrap();
     let (_, relay_side) = relayd::Conn::pair().unwrap();
-    let err = h
-        .relay()
-        .inject("nope", relay_side, harness::SYNTHETIC_PEER.parse().unwrap())
-        .unwrap_err();
+    let err = h.relay().inject("nope", relay_side, peer).unwrap_err();
     assert_eq!(err.to_string(), "no route named \"nope\"");
+    let (_, relay_side) = relayd::Conn::pair().unwrap();
+    let err = h.relay().inject("u", relay_side, peer).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "route \"u\" relays UDP datagrams: inject takes byte streams"
+    );
     assert_eq!(h.shutdown().await.forced, 0);
 }

@@ -103,6 +103,31 @@ impl Backend {
         .await
     }
 
+    /// A minimal HTTP/1.1 server: answers any request with `hello from backend <path>`.
+    pub async fn http() -> Backend {
+        Backend::serve("http", |mut stream, _, _| {
+            Box::pin(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let text = String::from_utf8_lossy(&head);
+                let path = text.split(' ').nth(1).unwrap_or("?");
+                let body = format!("hello from backend {path}");
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(answer.as_bytes()).await;
+            })
+        })
+        .await
+    }
+
     /// Accepts, then closes at once.
     pub async fn closing() -> Backend {
         Backend::serve("closing", |stream, _, _| Box::pin(async move { drop(stream) })).await
