@@ -142,6 +142,38 @@ pub enum DialError {
     Gone(#[from] Gone),
 }
 
+impl DialError {
+    /// Whose fault the failure was, for the balancer: the relay's when it ran out of file
+    /// descriptors or memory; the egress's when its interface, address or route is gone; the
+    /// backend's otherwise. `None` when the relay is stopping.
+    pub fn fault(&self) -> Option<crate::balancer::Fault> {
+        use crate::balancer::Fault;
+        let gone = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::ENODEV | libc::ENETUNREACH | libc::ENETDOWN | libc::EADDRNOTAVAIL)
+            )
+        };
+        let short = |e: &io::Error| {
+            matches!(
+                e.raw_os_error(),
+                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+            )
+        };
+        match self {
+            DialError::Bind { source, .. } | DialError::Connect { source, .. } if short(source) => Some(Fault::Relay),
+            DialError::Bind {
+                step: BindStep::Device(_) | BindStep::Source(_),
+                ..
+            } => Some(Fault::Egress),
+            DialError::Bind { source, .. } | DialError::Connect { source, .. } if gone(source) => Some(Fault::Egress),
+            DialError::Family { .. } | DialError::UnknownEgress(..) => Some(Fault::Egress),
+            DialError::Gone(_) => None,
+            _ => Some(Fault::Backend),
+        }
+    }
+}
+
 /// Why [`crate::Relay::inject`] could not start a session.
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
@@ -151,4 +183,44 @@ pub enum InjectError {
     ShuttingDown,
     #[error("route {0:?} relays UDP datagrams: inject takes byte streams")]
     NotAStreamRoute(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::balancer::Fault;
+
+    fn connect(errno: i32) -> DialError {
+        DialError::Connect {
+            egress: "e".into(),
+            target: "127.0.0.1:1".parse().unwrap(),
+            source: io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn dial_errors_blame_the_right_party() {
+        assert_eq!(connect(libc::ECONNREFUSED).fault(), Some(Fault::Backend));
+        assert_eq!(connect(libc::ENETUNREACH).fault(), Some(Fault::Egress));
+        assert_eq!(connect(libc::EMFILE).fault(), Some(Fault::Relay));
+        let device = DialError::Bind {
+            egress: "e".into(),
+            step: BindStep::Device("eth9".into()),
+            target: "127.0.0.1:1".parse().unwrap(),
+            source: io::Error::from_raw_os_error(libc::ENODEV),
+        };
+        assert_eq!(device.fault(), Some(Fault::Egress));
+        let out_of_fds = DialError::Bind {
+            egress: "e".into(),
+            step: BindStep::Create,
+            target: "127.0.0.1:1".parse().unwrap(),
+            source: io::Error::from_raw_os_error(libc::EMFILE),
+        };
+        assert_eq!(
+            out_of_fds.fault(),
+            Some(Fault::Relay),
+            "running out of fds is nobody's health"
+        );
+        assert_eq!(DialError::Gone(Gone("dialer")).fault(), None);
+    }
 }

@@ -34,7 +34,7 @@ pub mod shutdown;
 pub mod stats;
 mod status;
 
-pub use balancer::BackendSnapshot;
+pub use balancer::{BackendSnapshot, EgressSnapshot, HealthState};
 pub use config::{BackendConfig, Config, EgressConfig, RouteConfig, Settings};
 pub use error::{ConfigError, DialError, InjectError, StartError};
 pub use relay::{Relay, RouteSnapshot, ShutdownReport, run};

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use futures::io::{AsyncRead, AsyncWrite};
 
-use crate::balancer::{BackendSnapshot, BalancerHandle};
-use crate::config::{Config, Protocol, Route, Settings};
+use crate::balancer::{BackendSnapshot, BalancerHandle, EgressSnapshot, check_loop, resolve_loop};
+use crate::config::{BackendAddr, Config, Protocol, Route, Settings};
 use crate::dialer::DialerHandle;
 use crate::error::{InjectError, StartError};
 use crate::listener::{self, Bound, Listener, UdpListener};
@@ -25,7 +25,6 @@ struct Common {
     egress_names: Arc<[String]>,
     stop: Signal,
     force: Signal,
-    mailbox: usize,
 }
 
 /// How long force-closed sessions get to finish dropping their sockets.
@@ -54,6 +53,7 @@ pub struct RouteSnapshot {
     pub name: String,
     pub listen: SocketAddr,
     pub backends: Vec<BackendSnapshot>,
+    pub egresses: Vec<EgressSnapshot>,
 }
 
 /// How the stop went.
@@ -89,13 +89,19 @@ impl Relay {
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let mailbox = settings.mailbox.get();
-        let (dialer, dialer_task) = DialerHandle::spawn(&settings.egress, mailbox);
+        let egress_names: Arc<[String]> = settings.egress.iter().map(|e| e.name.clone()).collect();
+        let stats = Arc::<Stats>::default();
+        // Balancers first: the Dialer tells them when an egress goes down or comes back.
+        let balancers: Vec<_> = (settings.routes.iter())
+            .map(|route| BalancerHandle::spawn(route, egress_names.clone(), stats.clone(), mailbox))
+            .collect();
+        let watchers = balancers.iter().map(|(handle, _)| handle.clone()).collect();
+        let (dialer, dialer_task) = DialerHandle::spawn(&settings.egress, watchers, mailbox);
         let common = Common {
             dialer,
-            egress_names: settings.egress.iter().map(|e| e.name.clone()).collect(),
+            egress_names,
             stop: stop_signal,
             force: force_signal,
-            mailbox,
         };
         let mut relay = Relay {
             routes: Vec::new(),
@@ -104,10 +110,11 @@ impl Relay {
             drain: Drain::new(),
             drain_timeout: settings.drain_timeout,
             tasks: vec![dialer_task],
-            stats: Arc::default(),
+            stats,
         };
-        for (route, socket) in settings.routes.into_iter().zip(sockets) {
-            relay.start_route(route, socket, &common);
+        for ((route, socket), (balancer, balancer_task)) in settings.routes.into_iter().zip(sockets).zip(balancers) {
+            relay.tasks.push(balancer_task);
+            relay.start_route(route, socket, balancer, &common);
         }
         if let Some(socket) = status_socket {
             relay.start_status(socket, &common);
@@ -115,10 +122,9 @@ impl Relay {
         Ok(relay)
     }
 
-    /// A Balancer and a Listener for `route`.
-    fn start_route(&mut self, route: Route, socket: Bound, common: &Common) {
-        let (balancer, balancer_task) = BalancerHandle::spawn(&route.backends, route.egress, common.mailbox);
-        self.tasks.push(balancer_task);
+    /// The Listener of `route` (whose Balancer runs already), and its checker and resolver.
+    fn start_route(&mut self, route: Route, socket: Bound, balancer: BalancerHandle, common: &Common) {
+        self.start_helpers(&route, &balancer, common);
         let sessions = Sessions {
             route_name: route.name.as_str().into(),
             route: Arc::new(route),
@@ -156,6 +162,36 @@ impl Relay {
         };
         self.routes.push(RouteEntry { view, sessions });
         self.tasks.push(task);
+    }
+
+    /// Health checks, when the route has them; re-resolution, when it has name backends.
+    fn start_helpers(&mut self, route: &Route, balancer: &BalancerHandle, common: &Common) {
+        let name: Arc<str> = route.name.as_str().into();
+        if let Some(check) = route.health.check.clone() {
+            let checks = check_loop(
+                name.clone(),
+                check,
+                balancer.clone(),
+                common.dialer.clone(),
+                common.stop.clone(),
+            );
+            self.tasks.push(rt::spawn(checks));
+        }
+        if route
+            .backends
+            .iter()
+            .any(|b| matches!(b.addr, BackendAddr::Name { .. }))
+        {
+            let sources = route.backends.clone();
+            let resolver = resolve_loop(
+                name,
+                sources,
+                route.resolve_interval,
+                balancer.clone(),
+                common.stop.clone(),
+            );
+            self.tasks.push(rt::spawn(resolver));
+        }
     }
 
     fn start_status(&mut self, socket: Async<TcpListener>, common: &Common) {

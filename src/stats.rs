@@ -12,6 +12,8 @@ pub struct Stats {
     forced: AtomicU64,
     udp_over_limit: AtomicU64,
     udp_dropped: AtomicU64,
+    no_backend: AtomicU64,
+    health_changes: AtomicU64,
     changed: Event,
 }
 
@@ -39,6 +41,16 @@ impl Stats {
     /// UDP datagrams dropped because a flow's queue or the client's socket buffer was full.
     pub fn udp_dropped(&self) -> u64 {
         self.udp_dropped.load(Ordering::Relaxed)
+    }
+
+    /// Sessions closed at once because no backend (or no egress) was up or reachable.
+    pub fn no_backend(&self) -> u64 {
+        self.no_backend.load(Ordering::Relaxed)
+    }
+
+    /// Changes of standing of a backend or an egress, in any route's eyes.
+    pub fn health_changes(&self) -> u64 {
+        self.health_changes.load(Ordering::Relaxed)
     }
 
     /// Returns once `holds` is true of these counters (at once if it already is).
@@ -77,6 +89,14 @@ impl Stats {
             self.bump(&self.forced, true);
         }
         self.bump(&self.active, false);
+    }
+
+    pub(crate) fn refused_no_backend(&self) {
+        self.bump(&self.no_backend, true);
+    }
+
+    pub(crate) fn health_changed(&self) {
+        self.bump(&self.health_changes, true);
     }
 
     pub(crate) fn over_limit(&self) -> u64 {

@@ -28,10 +28,12 @@ pub(crate) struct RouteView {
 
 impl RouteView {
     pub async fn snapshot(&self) -> RouteSnapshot {
+        let (backends, egresses) = self.balancer.snapshot().await.unwrap_or_default();
         RouteSnapshot {
             name: self.name.to_string(),
             listen: self.listen,
-            backends: self.balancer.snapshot().await.unwrap_or_default(),
+            backends,
+            egresses,
         }
     }
 }
@@ -72,11 +74,14 @@ impl Status {
         for route in &self.routes {
             let snapshot = route.snapshot().await;
             let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);
+            for e in snapshot.egresses {
+                let _ = writeln!(page, "  egress {} {}", e.name, if e.up { "up" } else { "down" });
+            }
             for b in snapshot.backends {
                 let _ = writeln!(
                     page,
-                    "  backend {} active={} sessions={} connect_failures={} failing={}",
-                    b.addr, b.active, b.sessions, b.connect_failures, b.failing
+                    "  backend {} ({}) {:?} weight={} active={} sessions={} connect_failures={} failing={}",
+                    b.addr, b.source, b.state, b.weight, b.active, b.sessions, b.connect_failures, b.failing
                 );
             }
         }

@@ -79,7 +79,7 @@ fn check_names_every_problem_and_exits_non_zero() {
         "routes[0].egress: unknown egress \"nope\"",
         "routes[0].backends: empty",
         "routes[1].name: \"a\" is also the name of routes[0]",
-        "routes[1].backends[0].addr: \"nowhere\" is not an IP:port",
+        "routes[1].backends[0].addr: \"nowhere\" is not IP:port or host:port",
         "routes[1].connect_timeout: must be greater than zero",
     ] {
         assert!(stderr.contains(expected), "missing {expected:?} in:\n{stderr}");

@@ -97,11 +97,85 @@ pub enum Protocol {
     HttpConnect,
 }
 
-/// How a route picks a backend for a new session.
+/// How a route picks a backend for a new session (or UDP flow).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Balance {
+    /// Each healthy backend in turn.
     #[default]
     RoundRobin,
+    /// Smooth weighted round robin (nginx's): weights 5:1:1 interleave, they do not burst.
+    WeightedRoundRobin,
+    /// The healthy backend with the fewest live sessions per unit of weight.
+    LeastConnections,
+    /// Rendezvous hashing of the client IP: a client keeps its backend, and removing one of N
+    /// backends moves only the clients it had (about 1/N).
+    SourceHash,
+    /// Power of two choices: of two random healthy backends, the one with fewer live sessions.
+    Random,
+}
+
+/// How a route with several egresses picks one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EgressStrategy {
+    /// Each healthy egress in turn.
+    #[default]
+    RoundRobin,
+    /// The first healthy egress in list order; traffic returns to it once it is back.
+    Failover,
+}
+
+/// One name or a list of names (`egress: "a"` or `egress: ["a", "b"]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn names(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(name) => vec![name.as_str()],
+            OneOrMany::Many(names) => names.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl From<&str> for OneOrMany {
+    fn from(name: &str) -> Self {
+        OneOrMany::One(name.to_string())
+    }
+}
+
+/// How a route judges its backends' health.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    /// Consecutive failed connects (or checks) that take a backend out (default 3).
+    pub fall: Option<u32>,
+    /// How long a backend taken out by failed connects stays out the first time (default `10s`);
+    /// each further ejection doubles it.
+    pub cooldown: Option<String>,
+    /// The most a cool-down grows to (default `5m`).
+    pub cooldown_max: Option<String>,
+    /// Active checks; without them, only failed connects judge a backend.
+    pub check: Option<CheckConfig>,
+}
+
+/// An active health check: a TCP connect by the backend's egress, optionally a greeting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckConfig {
+    /// Time between checks of a backend (default `5s`).
+    pub interval: Option<String>,
+    /// How long one check may take (default `2s`).
+    pub timeout: Option<String>,
+    /// Consecutive passed checks that bring a backend back (default 2).
+    pub rise: Option<u32>,
+    /// Bytes to send once connected (escapes: `\r`, `\n`).
+    pub send: Option<String>,
+    /// Bytes the answer must contain for the check to pass.
+    pub expect: Option<String>,
 }
 
 /// One listening address and the backends behind it.
@@ -113,8 +187,10 @@ pub struct RouteConfig {
     pub listen: String,
     pub protocol: Protocol,
     pub balance: Balance,
-    /// Egress for this route's backends (default: the `default` egress).
-    pub egress: Option<String>,
+    /// Egress, or list of egresses, for this route's backends (default: the `default` egress).
+    pub egress: Option<OneOrMany>,
+    /// With several egresses: `RoundRobin` (default) or `Failover`.
+    pub egress_strategy: EgressStrategy,
     pub backends: Vec<BackendConfig>,
     /// Per connect attempt (default `3s`).
     pub connect_timeout: Option<String>,
@@ -132,16 +208,24 @@ pub struct RouteConfig {
     pub max_flows: Option<usize>,
     /// HttpConnect only: the access rules and request limits.
     pub connect: Option<ConnectConfig>,
+    /// Passive and active health of the backends.
+    pub health: Option<HealthConfig>,
+    /// How often backends given by host name are resolved again (default `30s`).
+    pub resolve_interval: Option<String>,
 }
 
 /// One backend of a route.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
-    /// `IP:port`.
+    /// `IP:port`, or `host:port` (resolved at start and every `resolve_interval`; each address
+    /// is a backend of its own).
     pub addr: String,
-    /// Egress for this backend only, overriding the route's.
-    pub egress: Option<String>,
+    /// Egress (or list) for this backend only, overriding the route's.
+    pub egress: Option<OneOrMany>,
+    /// Share of new sessions under `WeightedRoundRobin`, `LeastConnections` and `SourceHash`
+    /// (default 1); 0 drains the backend: no new sessions, live ones go on.
+    pub weight: Option<u32>,
 }
 
 impl RouteConfig {
@@ -176,7 +260,7 @@ impl BackendConfig {
     pub fn new(addr: &str) -> Self {
         BackendConfig {
             addr: addr.to_string(),
-            egress: None,
+            ..Default::default()
         }
     }
 }

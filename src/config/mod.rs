@@ -8,7 +8,10 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
-pub use file::{BackendConfig, Balance, Config, ConnectConfig, Credentials, EgressConfig, Protocol, RouteConfig};
+pub use file::{
+    BackendConfig, Balance, CheckConfig, Config, ConnectConfig, Credentials, EgressConfig, EgressStrategy,
+    HealthConfig, OneOrMany, Protocol, RouteConfig,
+};
 
 use crate::acl::Acl;
 use crate::error::ConfigError;
@@ -108,8 +111,10 @@ pub struct Route {
     pub listen: SocketAddr,
     pub protocol: Protocol,
     pub balance: Balance,
-    /// The route's own egress (backends may name theirs); CONNECT routes leave by it.
-    pub egress: EgressId,
+    /// The route's egresses (never empty; backends may name their own); CONNECT routes leave by
+    /// them.
+    pub egress: Vec<EgressId>,
+    pub egress_strategy: EgressStrategy,
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
     pub connect_attempts: NonZeroUsize,
@@ -118,6 +123,26 @@ pub struct Route {
     pub max_flows: NonZeroUsize,
     /// HttpConnect routes only.
     pub connect: Option<ConnectSettings>,
+    pub health: Health,
+    pub resolve_interval: Duration,
+}
+
+/// How a route judges its backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Health {
+    pub fall: u32,
+    pub cooldown: Duration,
+    pub cooldown_max: Duration,
+    pub check: Option<Check>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub send: Option<Vec<u8>>,
+    pub expect: Option<Vec<u8>>,
 }
 
 /// When a relayed pair is closed for want of traffic.
@@ -131,9 +156,26 @@ pub struct Timeouts {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
-    pub addr: SocketAddr,
-    /// The backend's own egress, else its route's, else the default.
-    pub egress: EgressId,
+    pub addr: BackendAddr,
+    /// The backend's own egresses, else its route's (never empty).
+    pub egress: Vec<EgressId>,
+    pub weight: u32,
+}
+
+/// Where a backend is: an address, or a name resolved at start and again and again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    Ip(SocketAddr),
+    Name { host: String, port: u16 },
+}
+
+impl std::fmt::Display for BackendAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BackendAddr::Ip(addr) => write!(f, "{addr}"),
+            BackendAddr::Name { host, port } => write!(f, "{host}:{port}"),
+        }
+    }
 }
 
 impl Config {

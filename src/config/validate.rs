@@ -9,8 +9,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::{
-    Backend, Config, ConnectConfig, ConnectSettings, Credentials, DEFAULT_EGRESS, Egress, EgressConfig, EgressId,
-    Protocol, Route, RouteConfig, Settings, SocketOptions, Timeouts, UpstreamProxy,
+    Backend, BackendAddr, BackendConfig, Check, Config, ConnectConfig, ConnectSettings, Credentials, DEFAULT_EGRESS,
+    Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig, Settings,
+    SocketOptions, Timeouts, UpstreamProxy,
 };
 use crate::acl::{Acl, DEFAULT_DENY, HostPattern};
 use crate::error::Problem;
@@ -166,15 +167,36 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
     }
 }
 
-fn egress_id(path: String, name: &Option<String>, ids: &HashMap<&str, EgressId>, p: &mut Problems) -> Option<EgressId> {
-    let name = name.as_deref()?;
-    let id = ids.get(name).copied();
-    if id.is_none() {
-        let mut known: Vec<&str> = ids.keys().copied().collect();
-        known.sort_unstable();
-        p.add(path, format!("unknown egress {name:?} (known: {})", known.join(", ")));
+/// The egresses `names` names, or `None` when it names none (or an unknown one).
+fn egress_ids(
+    path: String,
+    names: &Option<OneOrMany>,
+    ids: &HashMap<&str, EgressId>,
+    p: &mut Problems,
+) -> Option<Vec<EgressId>> {
+    let names = names.as_ref()?.names();
+    if names.is_empty() {
+        p.add(
+            path.clone(),
+            "an empty list: name at least one egress, or leave the field out",
+        );
     }
-    id
+    let mut found = Vec::new();
+    for name in names {
+        match ids.get(name) {
+            Some(id) if !found.contains(id) => found.push(*id),
+            Some(_) => p.add(path.clone(), format!("egress {name:?} is listed twice")),
+            None => {
+                let mut known: Vec<&str> = ids.keys().copied().collect();
+                known.sort_unstable();
+                p.add(
+                    path.clone(),
+                    format!("unknown egress {name:?} (known: {})", known.join(", ")),
+                );
+            }
+        }
+    }
+    (!found.is_empty()).then_some(found)
 }
 
 fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Problems) -> Option<Route> {
@@ -183,7 +205,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         p.add(at("name"), "missing: every route needs a name");
     }
     let listen = p.parse::<SocketAddr>(at("listen"), &r.listen, "an IP:port address such as \"127.0.0.1:8080\"");
-    let route_egress = egress_id(at("egress"), &r.egress, ids, p).unwrap_or(EgressId(0));
+    let egress = egress_ids(at("egress"), &r.egress, ids, p).unwrap_or_else(|| vec![EgressId(0)]);
     match (r.protocol, r.backends.is_empty()) {
         (Protocol::HttpConnect, false) => p.add(
             at("backends"),
@@ -201,15 +223,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         (_, None) => None,
     };
     let backends: Vec<Backend> = (r.backends.iter().enumerate())
-        .filter_map(|(j, b)| {
-            let path = |field: &str| format!("routes[{i}].backends[{j}].{field}");
-            let egress = egress_id(path("egress"), &b.egress, ids, p).unwrap_or(route_egress);
-            let addr = p.parse::<SocketAddr>(path("addr"), &b.addr, "an IP:port address such as \"10.0.0.1:80\"")?;
-            if addr.port() == 0 {
-                p.add(path("addr"), format!("{addr} has port 0"));
-            }
-            Some(Backend { addr, egress })
-        })
+        .filter_map(|(j, b)| backend(&format!("routes[{i}].backends[{j}]"), b, &egress, ids, p))
         .collect();
     let attempts = r.connect_attempts.unwrap_or(r.backends.len().max(1));
     let connect_attempts = NonZeroUsize::new(attempts).or_else(|| {
@@ -230,21 +244,123 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         idle: p.duration(at("idle_timeout"), &r.idle_timeout, idle),
         fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
     };
-    let connect_timeout = p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3));
     Some(Route {
         name: r.name.clone(),
         listen: listen?,
         protocol: r.protocol,
         balance: r.balance,
-        egress: route_egress,
+        egress,
+        egress_strategy: r.egress_strategy,
         backends,
-        connect_timeout,
+        connect_timeout: p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3)),
         connect_attempts: connect_attempts?,
         timeouts,
         backlog: r.backlog.unwrap_or(1024),
         max_flows: max_flows?,
         connect,
+        health: health(&at("health"), r.health.as_ref(), p),
+        resolve_interval: p.duration(at("resolve_interval"), &r.resolve_interval, Duration::from_secs(30)),
     })
+}
+
+fn backend(
+    path: &str,
+    b: &BackendConfig,
+    route_egress: &[EgressId],
+    ids: &HashMap<&str, EgressId>,
+    p: &mut Problems,
+) -> Option<Backend> {
+    let at = |field: &str| format!("{path}.{field}");
+    let egress = egress_ids(at("egress"), &b.egress, ids, p).unwrap_or_else(|| route_egress.to_vec());
+    let addr = match b.addr.parse::<SocketAddr>() {
+        Ok(addr) if addr.port() == 0 => {
+            p.add(at("addr"), format!("{addr} has port 0"));
+            return None;
+        }
+        Ok(addr) => BackendAddr::Ip(addr),
+        Err(_) => {
+            let named = b.addr.rsplit_once(':').and_then(|(host, port)| {
+                let port = port.parse::<u16>().ok().filter(|p| *p != 0)?;
+                let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_');
+                (!host.is_empty() && host.chars().all(plain)).then(|| BackendAddr::Name {
+                    host: host.to_string(),
+                    port,
+                })
+            });
+            if named.is_none() {
+                p.add(
+                    at("addr"),
+                    format!(
+                        "{:?} is not IP:port or host:port, such as \"10.0.0.1:80\" or \"db.internal:5432\"",
+                        b.addr
+                    ),
+                );
+            }
+            named?
+        }
+    };
+    Some(Backend {
+        addr,
+        egress,
+        weight: b.weight.unwrap_or(1),
+    })
+}
+
+fn health(path: &str, h: Option<&HealthConfig>, p: &mut Problems) -> Health {
+    let default = HealthConfig::default();
+    let h = h.unwrap_or(&default);
+    let at = |field: &str| format!("{path}.{field}");
+    let count = |p: &mut Problems, field: &str, value: Option<u32>, default: u32| match value {
+        Some(0) => {
+            p.add(at(field), "must be at least 1");
+            default
+        }
+        other => other.unwrap_or(default),
+    };
+    let check = h.check.as_ref().map(|c| {
+        let at = |field: &str| format!("{path}.check.{field}");
+        let bytes = |text: &Option<String>| text.as_ref().map(|t| unescape(t));
+        Check {
+            interval: p.duration(at("interval"), &c.interval, Duration::from_secs(5)),
+            timeout: p.duration(at("timeout"), &c.timeout, Duration::from_secs(2)),
+            rise: count(p, "check.rise", c.rise, 2),
+            send: bytes(&c.send),
+            expect: bytes(&c.expect).filter(|e| !e.is_empty()),
+        }
+    });
+    let cooldown = p.duration(at("cooldown"), &h.cooldown, Duration::from_secs(10));
+    let cooldown_max = p.duration(at("cooldown_max"), &h.cooldown_max, Duration::from_secs(300));
+    if cooldown_max < cooldown {
+        p.add(at("cooldown_max"), "is shorter than cooldown");
+    }
+    Health {
+        fall: count(p, "fall", h.fall, 3),
+        cooldown,
+        cooldown_max,
+        check,
+    }
+}
+
+/// `\r`, `\n`, `\t`, `\\` and `\0` in check strings.
+fn unescape(text: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        let c = match (c, c == '\\') {
+            (_, true) => match chars.next() {
+                Some('r') => '\r',
+                Some('n') => '\n',
+                Some('t') => '\t',
+                Some('0') => '\0',
+                Some(other) => other,
+                None => '\\',
+            },
+            (c, false) => c,
+        };
+        let mut buf = [0u8; 4];
+        out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    }
+    out
 }
 
 /// Basic credentials as sent on the wire.
@@ -352,7 +468,10 @@ mod tests {
         assert_eq!(route.connect_attempts.get(), 1);
         assert_eq!(route.timeouts.idle, Duration::from_secs(600));
         assert_eq!(settings.egress[0].name, DEFAULT_EGRESS);
-        assert_eq!(route.backends[0].egress, EgressId(0));
+        assert_eq!(route.backends[0].egress, [EgressId(0)]);
+        assert_eq!(route.backends[0].weight, 1);
+        assert_eq!(route.health.fall, 3);
+        assert_eq!(route.health.check, None);
     }
 
     #[test]
@@ -364,7 +483,7 @@ mod tests {
         let names: Vec<&str> = settings.routes[0]
             .backends
             .iter()
-            .map(|b| settings.egress[b.egress.0].name.as_str())
+            .map(|b| settings.egress[b.egress[0].0].name.as_str())
             .collect();
         assert_eq!(names, ["a", "b"]);
     }
@@ -385,7 +504,7 @@ mod tests {
             "routes[0].backends: empty",
             "routes[1].name: \"a\" is also the name of routes[0]",
             "routes[1].listen: \"localhost\" is not an IP:port",
-            "routes[1].backends[0].addr: \"10.0.0.1\" is not an IP:port",
+            "routes[1].backends[0].addr: \"10.0.0.1\" is not IP:port or host:port",
             "routes[1].idle_timeout: must be greater than zero",
             "routes[2].listen: 127.0.0.1:80 is also the address of routes[0]",
             "routes[2].connect_timeout: \"soon\" is not a duration",
@@ -448,6 +567,55 @@ mod tests {
             (8192, Duration::from_secs(10))
         );
         assert!(connect.credentials.is_empty());
+    }
+
+    #[test]
+    fn egress_lists_names_weights_and_health() {
+        let text = r#"(egress: {"a": (), "b": ()}, routes: [(name: "r", listen: "127.0.0.1:0",
+            balance: WeightedRoundRobin, egress: ["a", "b"], egress_strategy: Failover,
+            backends: [(addr: "db.internal:5432", weight: 5), (addr: "127.0.0.1:2", weight: 0, egress: "b")],
+            health: (fall: 2, cooldown: "1s", check: (interval: "100ms", send: "PING\\r\\n", expect: "+PONG")))])"#;
+        let settings = Config::parse(text, "test").unwrap().validate().unwrap();
+        let r = &settings.routes[0];
+        let names = |ids: &[EgressId]| {
+            ids.iter()
+                .map(|g| settings.egress[g.0].name.clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names(&r.egress), ["a", "b"]);
+        assert_eq!(
+            r.backends[0].addr,
+            BackendAddr::Name {
+                host: "db.internal".into(),
+                port: 5432
+            }
+        );
+        assert_eq!(
+            (names(&r.backends[0].egress), r.backends[0].weight),
+            (vec!["a".to_string(), "b".into()], 5)
+        );
+        assert_eq!(
+            (names(&r.backends[1].egress), r.backends[1].weight),
+            (vec!["b".to_string()], 0)
+        );
+        let check = r.health.check.as_ref().unwrap();
+        assert_eq!(check.send.as_deref(), Some(&b"PING\r\n"[..]));
+        assert_eq!((check.interval, check.rise), (Duration::from_millis(100), 2));
+        let bad = r#"(routes: [(name: "r", listen: "127.0.0.1:0", egress: ["default", "default", "nope"],
+            backends: [(addr: "no port")], health: (fall: 0, cooldown: "1m", cooldown_max: "1s"))])"#;
+        let found = problems(bad);
+        for expected in [
+            "routes[0].egress: egress \"default\" is listed twice",
+            "routes[0].egress: unknown egress \"nope\"",
+            "routes[0].backends[0].addr: \"no port\" is not IP:port or host:port",
+            "routes[0].health.fall: must be at least 1",
+            "routes[0].health.cooldown_max: is shorter than cooldown",
+        ] {
+            assert!(
+                found.iter().any(|f| f.starts_with(expected)),
+                "missing {expected:?} in {found:#?}"
+            );
+        }
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use socket2::{SockAddr, Socket};
 
+use crate::balancer::{BalancerHandle, Fault};
 use crate::config::{Egress, EgressId, UpstreamProxy};
 use crate::error::{DialError, Gone};
 use crate::http;
@@ -29,6 +30,9 @@ pub(crate) enum DialerMsg {
         egress: EgressId,
         reply: flume::Sender<Result<Async<UdpSocket>, DialError>>,
     },
+    /// What a connect task learnt of its egress: it failed for the egress's fault, or it
+    /// worked while the egress was down.
+    Learnt { egress: EgressId, up: bool, why: String },
 }
 
 /// Asks the relay's dialer for upstream sockets. Cheap to clone.
@@ -39,11 +43,16 @@ pub struct DialerHandle {
 
 impl DialerHandle {
     /// Starts a dialer with one factory per egress ([`crate::Settings::egress`]; an
-    /// [`EgressId`] is an index into it). The dialer ends when the last handle is dropped.
-    pub fn spawn(egress: &[Egress], mailbox: usize) -> (Self, rt::JoinHandle<()>) {
+    /// [`EgressId`] is an index into it). `watchers` hear when an egress goes down or comes
+    /// back. The dialer ends when the last handle is dropped.
+    pub fn spawn(egress: &[Egress], watchers: Vec<BalancerHandle>, mailbox: usize) -> (Self, rt::JoinHandle<()>) {
         let (tx, rx) = flume::bounded(mailbox);
         let dialer = Dialer {
             factories: egress.iter().cloned().map(Factory::new).collect(),
+            down: vec![false; egress.len()],
+            seq: 0,
+            watchers,
+            myself: tx.downgrade(),
         };
         (DialerHandle { tx }, rt::spawn(dialer.run(rx)))
     }
@@ -75,10 +84,17 @@ impl DialerHandle {
 struct Dialer {
     /// Indexed by [`EgressId`].
     factories: Vec<Factory>,
+    /// Indexed by [`EgressId`]: the relay-wide word on each egress.
+    down: Vec<bool>,
+    /// Numbers the news, so that a balancer can tell old from new.
+    seq: u64,
+    watchers: Vec<BalancerHandle>,
+    /// For connect tasks to report back; weak, so that it does not keep the dialer alive.
+    myself: flume::WeakSender<DialerMsg>,
 }
 
 impl Dialer {
-    async fn run(self, rx: flume::Receiver<DialerMsg>) {
+    async fn run(mut self, rx: flume::Receiver<DialerMsg>) {
         while let Ok(msg) = rx.recv_async().await {
             match msg {
                 DialerMsg::Tcp {
@@ -91,11 +107,47 @@ impl Dialer {
                     let socket = self
                         .factory(egress)
                         .and_then(|f| f.udp(target).and_then(|s| register(s, target, f)));
+                    self.learn(egress, socket.as_ref().err());
                     let _ = reply.send(socket);
                 }
+                DialerMsg::Learnt { egress, up, why } => self.tell(egress, up, &why),
             }
         }
         log::debug!(actor = "dialer"; "stopped, no handles left");
+    }
+
+    /// Notes what a finished dial says of its egress.
+    fn learn(&mut self, egress: EgressId, failed: Option<&DialError>) {
+        match failed {
+            None => self.tell(egress, true, "a dial succeeded"),
+            Some(e) if e.fault() == Some(Fault::Egress) => self.tell(egress, false, &e.to_string()),
+            Some(_) => {}
+        }
+    }
+
+    /// Records the egress's standing and, when it changed, logs it once for the relay and tells
+    /// every balancer.
+    fn tell(&mut self, egress: EgressId, up: bool, why: &str) {
+        let Some(down) = self.down.get_mut(egress.0) else {
+            return;
+        };
+        if *down != up {
+            return;
+        }
+        *down = !up;
+        self.seq += 1;
+        let name = self.factories[egress.0].name();
+        if up {
+            log::info!(egress = name, why = why; "egress up");
+        } else {
+            log::warn!(egress = name, why = why; "egress down");
+        }
+        for watcher in &self.watchers {
+            let (watcher, seq) = (watcher.clone(), self.seq);
+            rt::detach(async move {
+                let _ = watcher.egress_news(egress, up, seq).await;
+            });
+        }
     }
 
     /// Validated settings only hold ids in range; an embedder's own ids might not.
@@ -106,7 +158,7 @@ impl Dialer {
     /// Builds the socket here and leaves the connect (and the proxy's answer, through an egress
     /// with `via_proxy`) to a task of its own, all within `limit`.
     fn tcp(
-        &self,
+        &mut self,
         target: SocketAddr,
         egress: EgressId,
         limit: Duration,
@@ -120,17 +172,29 @@ impl Dialer {
         let (name, proxy, socket) = match built {
             Ok(built) => built,
             Err(e) => {
+                self.learn(egress, Some(&e));
                 let _ = reply.send(Err(e));
                 return;
             }
         };
+        let (was_down, myself) = (self.down.get(egress.0).copied().unwrap_or(false), self.myself.clone());
         rt::detach(async move {
             let opened = rt::timeout(limit, open(socket, target, proxy, &name)).await;
-            let _ = reply.send(opened.unwrap_or(Err(DialError::Timeout {
+            let opened = opened.unwrap_or(Err(DialError::Timeout {
                 egress: name,
                 target,
                 after: limit,
-            })));
+            }));
+            // Only news goes back to the dialer: an egress fault, or a success while it was down.
+            let news = match &opened {
+                Ok(_) if was_down => Some((true, "a dial succeeded".to_string())),
+                Err(e) if e.fault() == Some(Fault::Egress) => Some((false, e.to_string())),
+                _ => None,
+            };
+            if let (Some((up, why)), Some(dialer)) = (news, myself.upgrade()) {
+                let _ = dialer.send_async(DialerMsg::Learnt { egress, up, why }).await;
+            }
+            let _ = reply.send(opened);
         });
     }
 }
@@ -201,7 +265,7 @@ mod tests {
             options: SocketOptions::default(),
             via_proxy: None,
         }];
-        let (dialer, _task) = DialerHandle::spawn(&egress, 4);
+        let (dialer, _task) = DialerHandle::spawn(&egress, Vec::new(), 4);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let err = rt::block_on(dialer.udp(target, EgressId(7))).unwrap_err();
         assert_eq!(err.to_string(), "no egress with id 7 (the dialer has 1)");

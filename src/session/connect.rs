@@ -8,6 +8,7 @@ use std::time::Instant;
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{SessionEnd, SessionId, SessionReport, Sessions};
+use crate::balancer::Fault;
 use crate::config::ConnectSettings;
 use crate::error::DialError;
 use crate::http::{self, HeadError};
@@ -130,20 +131,33 @@ impl Sessions {
     }
 
     /// The first of `addrs` that connects, by the route's egress: 504 if the last failure was
-    /// a timeout, 502 otherwise.
+    /// a timeout, 502 otherwise. An egress at fault is taken out and the address tried again by
+    /// the next one.
     async fn dial_any(&self, addrs: &[SocketAddr], target: &str) -> Result<(TcpConn, SocketAddr, String), Refused> {
-        let egress = self
-            .balancer
-            .egress()
-            .await
-            .map_err(|e| refused(502, target, e.to_string()))?;
-        let name = self.egress_names[egress.0].clone();
         let mut last = refused(502, target, "no address tried");
         for addr in addrs {
-            match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
-                Ok(upstream) => return Ok((upstream, *addr, name)),
-                Err(e @ DialError::Timeout { .. }) => last = refused(504, target, e.to_string()),
-                Err(e) => last = refused(502, target, e.to_string()),
+            for _ in 0..=self.egress_names.len() {
+                let egress = match self.balancer.egress().await {
+                    Ok(Some(egress)) => egress,
+                    Ok(None) => return Err(refused(502, target, "no egress is up")),
+                    Err(e) => return Err(refused(502, target, e.to_string())),
+                };
+                match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
+                    Ok(upstream) => return Ok((upstream, *addr, self.egress_names[egress.0].clone())),
+                    Err(e) if e.fault() == Some(Fault::Egress) => {
+                        let _ = self.balancer.egress_failed(egress).await;
+                        last = refused(502, target, e.to_string());
+                    }
+                    Err(e) => {
+                        let status = if matches!(e, DialError::Timeout { .. }) {
+                            504
+                        } else {
+                            502
+                        };
+                        last = refused(status, target, e.to_string());
+                        break;
+                    }
+                }
             }
         }
         Err(last)

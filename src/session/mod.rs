@@ -16,7 +16,7 @@ use std::time::Duration;
 pub use pump::Direction;
 pub(crate) use udp::{Flow, FlowEnded, MAX_DATAGRAM};
 
-use crate::balancer::{BackendId, BalancerHandle, Pick};
+use crate::balancer::{BackendId, BalancerHandle, Fault, Pick};
 use crate::config::Route;
 use crate::dialer::DialerHandle;
 use crate::error::DialError;
@@ -136,8 +136,9 @@ impl Sessions {
         self.egress_names[pick.egress.0].clone()
     }
 
-    /// Tries backends in the balancer's order, skipping those in `tried` (and adding to it), until
-    /// `dial` succeeds or the route's attempts run out.
+    /// Tries the balancer's pairs until `dial` succeeds or the route's attempts run out. A
+    /// backend at fault joins `tried`; an egress at fault is taken out by the balancer instead,
+    /// and the same backend may be tried by another egress (at most once per egress there is).
     async fn connect<T, F, Fut>(
         &self,
         id: SessionId,
@@ -149,22 +150,31 @@ impl Sessions {
         F: Fn(Pick) -> Fut,
         Fut: Future<Output = Result<T, DialError>>,
     {
-        while tried.len() < self.route.connect_attempts.get() {
-            let pick = match self.balancer.pick(tried).await {
+        let mut egress_faults = 0;
+        while tried.len() < self.route.connect_attempts.get() && egress_faults <= self.egress_names.len() {
+            let pick = match self.balancer.pick(peer.ip(), tried).await {
                 Ok(Some(pick)) => pick,
                 Ok(None) => break,
                 Err(_) => return Err(SessionEnd::RelayStopped),
             };
-            tried.push(pick.backend);
             let dialed = dial(pick).await;
-            let _ = self.balancer.connected(pick.backend, dialed.is_ok()).await;
+            let fault = dialed.as_ref().err().map(|e| e.fault().unwrap_or(Fault::Backend));
+            let _ = self
+                .balancer
+                .connected(pick.backend, pick.egress, fault.map_or(Ok(()), Err))
+                .await;
             match dialed {
                 Ok(upstream) => return Ok((pick, upstream)),
                 Err(DialError::Gone(_)) => return Err(SessionEnd::RelayStopped),
                 Err(e) => log::warn!(route = &*self.route_name, session = id.0, client:% = peer,
                     backend:% = pick.addr, egress = self.egress_name(&pick).as_str(), err:% = e; "connect failed"),
             }
+            match fault {
+                Some(Fault::Egress) => egress_faults += 1,
+                _ => tried.push(pick.backend),
+            }
         }
+        self.stats.refused_no_backend();
         Err(SessionEnd::NoBackend { tried: tried.len() })
     }
 }

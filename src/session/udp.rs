@@ -12,7 +12,7 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use super::{Direction, SessionEnd, SessionId, SessionReport, Sessions};
-use crate::balancer::Pick;
+use crate::balancer::{Fault, Pick};
 use crate::listener::Endpoint;
 use crate::rt::{Async, JoinHandle, Timer};
 use crate::shutdown::DrainGuard;
@@ -81,6 +81,7 @@ impl Sessions {
             if report.bytes_down > 0 {
                 break end;
             }
+            tried.push(pick.backend);
             // The backend never answered: its error is as good as a refused connect. The next
             // backend gets the datagram this one could not take.
         };
@@ -100,7 +101,10 @@ impl Sessions {
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
         log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
             egress = self.egress_name(pick).as_str(), err:% = e; "udp backend failed");
-        let _ = self.balancer.connected(pick.backend, false).await;
+        let _ = self
+            .balancer
+            .connected(pick.backend, pick.egress, Err(Fault::Backend))
+            .await;
     }
 
     /// Relays until the flow ends. `last` is the client's latest datagram: sent first here, and

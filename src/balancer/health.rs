@@ -1,0 +1,264 @@
+//! Health as one Balancer sees it: of its backends (failed connects and active checks) and of
+//! the egresses they leave by (the Dialer's word, and this route's own failed dials).
+
+use std::time::{Duration, Instant};
+
+use crate::config::Health;
+
+/// A backend's or an egress's standing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Up,
+    /// Out. `until`: back on trial after it (a cool-down); `None`: only passed checks bring it back.
+    Down {
+        until: Option<Instant>,
+    },
+}
+
+/// A change worth one log line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Change {
+    Down {
+        why: &'static str,
+        cooldown: Option<Duration>,
+    },
+    Up {
+        why: &'static str,
+    },
+}
+
+/// The cool-down after the `ejections`-th ejection in a row: doubling, up to the cap.
+fn cooldown(h: &Health, ejections: u32) -> Duration {
+    let doublings = ejections.saturating_sub(1).min(20);
+    (h.cooldown * 2u32.pow(doublings)).min(h.cooldown_max)
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct BackendHealth {
+    state: State,
+    /// Failed connects or checks in a row.
+    failing: u32,
+    /// Passed checks in a row.
+    passing: u32,
+    /// Ejections in a row, for the growing cool-down.
+    ejections: u32,
+}
+
+impl BackendHealth {
+    pub fn new() -> Self {
+        BackendHealth {
+            state: State::Up,
+            failing: 0,
+            passing: 0,
+            ejections: 0,
+        }
+    }
+
+    /// Up, or out but with its cool-down over (on trial: the next outcome decides).
+    pub fn usable(&self, now: Instant) -> bool {
+        match self.state {
+            State::Up => true,
+            State::Down { until } => until.is_some_and(|t| now >= t),
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.state == State::Up
+    }
+
+    pub fn failing(&self) -> u32 {
+        self.failing
+    }
+
+    /// A session's connect to this backend succeeded or failed (through the backend's fault).
+    pub fn connected(&mut self, ok: bool, now: Instant, h: &Health) -> Option<Change> {
+        if ok {
+            self.failing = 0;
+            self.ejections = 0;
+            return self.up("a connect succeeded");
+        }
+        self.failing += 1;
+        self.passing = 0;
+        // Up and over the limit, or on trial after a cool-down: out (again, for longer).
+        (self.failing >= h.fall && self.usable(now)).then(|| self.eject(now, h))
+    }
+
+    /// An active check passed or failed.
+    pub fn checked(&mut self, ok: bool, h: &Health) -> Option<Change> {
+        let rise = h.check.as_ref().map_or(1, |c| c.rise);
+        if ok {
+            self.failing = 0;
+            self.passing += 1;
+            if self.passing >= rise {
+                self.ejections = 0;
+                return self.up("checks passed");
+            }
+            return None;
+        }
+        self.passing = 0;
+        self.failing += 1;
+        if self.failing >= h.fall && self.state == State::Up {
+            self.state = State::Down { until: None };
+            return Some(Change::Down {
+                why: "checks failed",
+                cooldown: None,
+            });
+        }
+        None
+    }
+
+    fn eject(&mut self, now: Instant, h: &Health) -> Change {
+        self.ejections += 1;
+        let cooldown = cooldown(h, self.ejections);
+        self.state = State::Down {
+            until: Some(now + cooldown),
+        };
+        Change::Down {
+            why: "connects failed",
+            cooldown: Some(cooldown),
+        }
+    }
+
+    fn up(&mut self, why: &'static str) -> Option<Change> {
+        let was_down = self.state != State::Up;
+        self.state = State::Up;
+        was_down.then_some(Change::Up { why })
+    }
+}
+
+/// An egress's standing in this balancer.
+#[derive(Debug, Clone)]
+pub(super) struct EgressHealth {
+    down_until: Option<Instant>,
+    ejections: u32,
+    /// The newest word from the Dialer, so that an older one arriving late changes nothing.
+    seq: u64,
+}
+
+impl EgressHealth {
+    pub fn new() -> Self {
+        EgressHealth {
+            down_until: None,
+            ejections: 0,
+            seq: 0,
+        }
+    }
+
+    pub fn usable(&self, now: Instant) -> bool {
+        self.down_until.is_none_or(|t| now >= t)
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.down_until.is_none()
+    }
+
+    /// A dial by this egress failed for the egress's own fault: out for a cool-down (unless it
+    /// already is). True when that is a change.
+    pub fn failed(&mut self, now: Instant, h: &Health) -> bool {
+        if !self.usable(now) {
+            return false;
+        }
+        self.ejections += 1;
+        self.down_until = Some(now + cooldown(h, self.ejections));
+        true
+    }
+
+    /// The Dialer's word on this egress, numbered; true when it changed something.
+    pub fn told(&mut self, up: bool, seq: u64, now: Instant, h: &Health) -> bool {
+        if seq <= self.seq {
+            return false;
+        }
+        self.seq = seq;
+        if up { self.recovered() } else { self.failed(now, h) }
+    }
+
+    /// A dial by this egress succeeded.
+    pub fn recovered(&mut self) -> bool {
+        self.ejections = 0;
+        self.down_until.take().is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Check;
+
+    fn health(check: bool) -> Health {
+        Health {
+            fall: 2,
+            cooldown: Duration::from_secs(1),
+            cooldown_max: Duration::from_secs(3),
+            check: check.then(|| Check {
+                interval: Duration::from_secs(1),
+                timeout: Duration::from_secs(1),
+                rise: 2,
+                send: None,
+                expect: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn failed_connects_eject_for_a_growing_cooldown_and_a_success_restores() {
+        let (h, t0) = (health(false), Instant::now());
+        let mut b = BackendHealth::new();
+        assert_eq!(b.connected(false, t0, &h), None, "one failure is not enough");
+        let down = b.connected(false, t0, &h);
+        assert_eq!(
+            down,
+            Some(Change::Down {
+                why: "connects failed",
+                cooldown: Some(Duration::from_secs(1))
+            })
+        );
+        assert!(!b.usable(t0) && b.usable(t0 + Duration::from_secs(1)));
+        // On trial after the cool-down, another failure ejects it for twice as long, then the cap.
+        let later = t0 + Duration::from_secs(1);
+        assert!(
+            matches!(b.connected(false, later, &h), Some(Change::Down { cooldown: Some(d), .. }) if d == Duration::from_secs(2))
+        );
+        let later = later + Duration::from_secs(2);
+        assert!(
+            matches!(b.connected(false, later, &h), Some(Change::Down { cooldown: Some(d), .. }) if d == Duration::from_secs(3))
+        );
+        assert_eq!(
+            b.connected(true, later + Duration::from_secs(3), &h),
+            Some(Change::Up {
+                why: "a connect succeeded"
+            })
+        );
+        assert!(b.is_up() && b.failing() == 0);
+    }
+
+    #[test]
+    fn checks_take_a_backend_out_after_fall_and_back_after_rise() {
+        let h = health(true);
+        let mut b = BackendHealth::new();
+        assert_eq!(b.checked(false, &h), None);
+        assert!(matches!(
+            b.checked(false, &h),
+            Some(Change::Down {
+                why: "checks failed",
+                cooldown: None
+            })
+        ));
+        assert!(
+            !b.usable(Instant::now() + Duration::from_secs(3600)),
+            "only checks bring it back"
+        );
+        assert_eq!(b.checked(true, &h), None);
+        assert_eq!(b.checked(true, &h), Some(Change::Up { why: "checks passed" }));
+    }
+
+    #[test]
+    fn an_egress_follows_the_newest_word_only() {
+        let (h, now) = (health(false), Instant::now());
+        let mut e = EgressHealth::new();
+        assert!(e.told(false, 2, now, &h));
+        assert!(!e.usable(now));
+        assert!(!e.told(true, 1, now, &h), "older news changes nothing");
+        assert!(e.told(true, 3, now, &h));
+        assert!(e.is_up());
+    }
+}

@@ -1,0 +1,110 @@
+//! The Balancer's helpers: the health checker and the resolver. Each is a task that only sends
+//! the Balancer what it learnt; neither holds balancing state.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use futures::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::{BalancerHandle, Pick};
+use crate::config::{Backend, BackendAddr, Check};
+use crate::dialer::DialerHandle;
+use crate::error::DialError;
+use crate::rt;
+use crate::shutdown::Signal;
+
+/// Most bytes of a check's answer read while looking for `expect`.
+const EXPECT_WINDOW: usize = 4096;
+
+/// Checks every backend each `check.interval` until `stop`, by the Dialer, so that a check
+/// leaves by the same egress as the traffic.
+pub(crate) async fn check_loop(
+    route: Arc<str>,
+    check: Check,
+    balancer: BalancerHandle,
+    dialer: DialerHandle,
+    stop: Signal,
+) {
+    loop {
+        let Ok(targets) = balancer.targets().await else { break };
+        for target in targets {
+            let (check, balancer, dialer) = (check.clone(), balancer.clone(), dialer.clone());
+            rt::detach(async move {
+                if let Some(ok) = probe(&check, &dialer, target).await {
+                    let _ = balancer.checked(target.backend, ok).await;
+                }
+            });
+        }
+        if stop.unless(rt::sleep(check.interval)).await.is_none() {
+            break;
+        }
+    }
+    log::debug!(route = &*route; "health checks stopped");
+}
+
+/// One check: `Some(passed)`, or `None` when the egress was at fault (the Dialer marks that,
+/// and it says nothing about the backend).
+async fn probe(check: &Check, dialer: &DialerHandle, target: Pick) -> Option<bool> {
+    let verdict = rt::timeout(check.timeout, async {
+        let mut conn = match dialer.tcp(target.addr, target.egress, check.timeout).await {
+            Ok(conn) => conn,
+            Err(e) if e.fault() == Some(super::Fault::Egress) => return None,
+            Err(DialError::Gone(_)) => return None,
+            Err(_) => return Some(false),
+        };
+        if let Some(send) = &check.send {
+            if conn.write_all(send).await.is_err() {
+                return Some(false);
+            }
+        }
+        let Some(expect) = &check.expect else { return Some(true) };
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 512];
+        while seen.len() < EXPECT_WINDOW {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+            if seen.windows(expect.len()).any(|w| w == expect.as_slice()) {
+                return Some(true);
+            }
+        }
+        Some(false)
+    });
+    verdict.await.unwrap_or(Some(false))
+}
+
+/// Resolves the route's name backends every `interval` until `stop`; a failed lookup keeps the
+/// addresses the backend had.
+pub(crate) async fn resolve_loop(
+    route: Arc<str>,
+    sources: Vec<Backend>,
+    interval: std::time::Duration,
+    balancer: BalancerHandle,
+    stop: Signal,
+) {
+    let names: Vec<(usize, String, u16)> = (sources.into_iter().enumerate())
+        .filter_map(|(i, b)| match b.addr {
+            BackendAddr::Name { host, port } => Some((i, host, port)),
+            BackendAddr::Ip(_) => None,
+        })
+        .collect();
+    while stop.unless(rt::sleep(interval)).await.is_some() {
+        for (source, host, port) in &names {
+            match rt::resolve(host, *port).await {
+                Ok(addrs) if !addrs.is_empty() => {
+                    let addrs: Vec<SocketAddr> = addrs;
+                    if balancer.resolved(*source, addrs).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {
+                    log::warn!(route = &*route, backend = host.as_str(); "backend name resolves to nothing, keeping its addresses")
+                }
+                Err(e) => {
+                    log::warn!(route = &*route, backend = host.as_str(), err:% = e; "cannot resolve backend, keeping its addresses")
+                }
+            }
+        }
+    }
+}
