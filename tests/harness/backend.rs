@@ -16,37 +16,73 @@ pub struct Received {
     pub bytes: Vec<u8>,
 }
 
-/// A backend server running on its own task until the test process ends.
+/// A backend server running on its own task until the test process ends (or [`Backend::kill`]).
 pub struct Backend {
     pub addr: SocketAddr,
+    name: &'static str,
+    handler: Handler,
     accepted: Arc<AtomicUsize>,
+    accept_tx: flume::Sender<SocketAddr>,
     accepts: flume::Receiver<SocketAddr>,
+    received_tx: flume::Sender<Received>,
     received: flume::Receiver<Received>,
+    /// Dropping the sender ends the accept loop; the handle says when it has.
+    running: Option<(flume::Sender<()>, task::JoinHandle<()>)>,
 }
 
 type Handler = fn(TcpStream, &'static str, flume::Sender<Received>) -> futures::future::BoxFuture<'static, ()>;
 
 impl Backend {
     async fn serve(name: &'static str, handler: Handler) -> Backend {
-        let listener = TcpListener::from(listen_any(1024));
-        let addr = listener.local_addr().unwrap();
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (tx, received) = flume::unbounded();
+        let listener = listen_on(SocketAddr::from(([127, 0, 0, 1], 0)), 1024);
+        let (received_tx, received) = flume::unbounded();
         let (accept_tx, accepts) = flume::unbounded();
-        let count = accepted.clone();
-        task::spawn(async move {
-            while let Ok((stream, peer)) = listener.accept().await {
+        let mut backend = Backend {
+            addr: listener.local_addr().unwrap(),
+            name,
+            handler,
+            accepted: Arc::new(AtomicUsize::new(0)),
+            accept_tx,
+            accepts,
+            received_tx,
+            received,
+            running: None,
+        };
+        backend.run(listener);
+        backend
+    }
+
+    fn run(&mut self, listener: std::net::TcpListener) {
+        let listener = TcpListener::from(listener);
+        let (stop, stopped) = flume::bounded::<()>(1);
+        let (count, accepts, received) = (self.accepted.clone(), self.accept_tx.clone(), self.received_tx.clone());
+        let (name, handler) = (self.name, self.handler);
+        let task = task::spawn(async move {
+            loop {
+                let accepted = futures::future::select(Box::pin(listener.accept()), stopped.recv_async()).await;
+                let futures::future::Either::Left((Ok((stream, peer)), _)) = accepted else {
+                    break;
+                };
                 count.fetch_add(1, Ordering::SeqCst);
-                let _ = accept_tx.send(peer);
-                task::spawn(handler(stream, name, tx.clone()));
+                let _ = accepts.send(peer);
+                task::spawn(handler(stream, name, received.clone()));
             }
         });
-        Backend {
-            addr,
-            accepted,
-            accepts,
-            received,
+        self.running = Some((stop, task));
+    }
+
+    /// Stops listening: from when this returns, connects to `addr` are refused.
+    pub async fn kill(&mut self) {
+        if let Some((stop, task)) = self.running.take() {
+            drop(stop);
+            task.await;
         }
+    }
+
+    /// Listens on the same address again.
+    pub fn restart(&mut self) {
+        let listener = listen_on(self.addr, 1024);
+        self.run(listener);
     }
 
     /// Echoes every byte and passes a FIN back once it sees one.
@@ -167,8 +203,14 @@ impl Backend {
 
 /// A std listener on 127.0.0.1:0 with a real backlog (std's own is 128: too few for floods).
 pub fn listen_any(backlog: i32) -> std::net::TcpListener {
+    listen_on(SocketAddr::from(([127, 0, 0, 1], 0)), backlog)
+}
+
+/// A std listener on `addr` (SO_REUSEADDR: a restart need not wait out TIME_WAIT).
+pub fn listen_on(addr: SocketAddr, backlog: i32) -> std::net::TcpListener {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+    socket.set_reuse_address(true).unwrap();
+    socket.bind(&addr.into()).expect("bind a backend");
     socket.listen(backlog).unwrap();
     socket.into()
 }
