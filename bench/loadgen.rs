@@ -2,12 +2,17 @@
 //!
 //!     cargo run --release --example loadgen -- udp-echo 127.0.0.1:9000
 //!     cargo run --release --example loadgen -- udp-pingpong 127.0.0.1:9000 [clients=16] [secs=5] [size=64]
+//!     cargo run --release --example loadgen -- tcp-echo 127.0.0.1:9100
+//!     cargo run --release --example loadgen -- tcp-conns 127.0.0.1:9100 [workers=64] [secs=5]
 //!
 //! `udp-pingpong` runs `clients` threads, each with its own socket, sending one datagram and
 //! waiting for its answer before the next, for `secs` seconds; it prints round trips per second
-//! and the p50/p99 round-trip time. Every loop stops by itself.
+//! and the p50/p99 round-trip time. `tcp-conns` runs `workers` threads, each opening a new
+//! connection, sending 64 bytes, reading them back and closing, again and again; it prints
+//! connections per second and how many failed. Every loop stops by itself.
 
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 fn main() {
@@ -24,7 +29,14 @@ fn main() {
                 arg(4, 64) as usize,
             )
         }
-        _ => eprintln!("usage: loadgen udp-echo ADDR | udp-pingpong ADDR [clients] [secs] [size]"),
+        Some("tcp-echo") => tcp_echo(args[1].parse().expect("an address")),
+        Some("tcp-conns") => {
+            let target = args[1].parse().expect("an address");
+            tcp_conns(target, arg(2, 64) as usize, Duration::from_secs(arg(3, 5)))
+        }
+        _ => eprintln!(
+            "usage: loadgen udp-echo ADDR | udp-pingpong ADDR [clients] [secs] [size] | tcp-echo ADDR | tcp-conns ADDR [workers] [secs]"
+        ),
     }
 }
 
@@ -93,4 +105,62 @@ fn client(target: SocketAddr, deadline: Instant, size: usize) -> (Vec<Duration>,
         }
     }
     (rtts, lost)
+}
+
+/// Echoes every connection until its FIN, a thread per connection.
+fn tcp_echo(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).expect("bind the echo server");
+    println!("tcp-echo listening on {}", listener.local_addr().unwrap());
+    for mut stream in listener.incoming().map_while(Result::ok) {
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16384];
+            while let Ok(n) = stream.read(&mut buf) {
+                if n == 0 || stream.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+}
+
+fn tcp_conns(target: SocketAddr, workers: usize, length: Duration) {
+    let deadline = Instant::now() + length;
+    let threads: Vec<_> = (0..workers)
+        .map(|_| std::thread::spawn(move || connections(target, deadline)))
+        .collect();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    for t in threads {
+        let (o, f) = t.join().unwrap();
+        ok += o;
+        failed += f;
+    }
+    println!(
+        "target={target} workers={workers} connections_per_s={:.0} ok={ok} failed={failed} failed_share={:.4}",
+        ok as f64 / length.as_secs_f64(),
+        failed as f64 / (ok + failed).max(1) as f64,
+    );
+}
+
+/// One worker's short connections until `deadline`: (succeeded, failed).
+fn connections(target: SocketAddr, deadline: Instant) -> (u64, u64) {
+    let (mut ok, mut failed) = (0, 0);
+    let request = [0x42u8; 64];
+    while Instant::now() < deadline {
+        let exchange = || -> std::io::Result<()> {
+            let mut stream = TcpStream::connect_timeout(&target, Duration::from_secs(2))?;
+            stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+            stream.write_all(&request)?;
+            let mut back = [0u8; 64];
+            stream.read_exact(&mut back)?;
+            if back != request {
+                return Err(std::io::Error::other("wrong bytes back"));
+            }
+            Ok(())
+        };
+        match exchange() {
+            Ok(()) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    (ok, failed)
 }

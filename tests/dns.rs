@@ -26,21 +26,21 @@ impl Drop for Server {
     }
 }
 
-#[test]
-fn dig_gets_its_answer_through_relayd_even_with_a_dead_first_backend() {
-    if !(have("dig") && have("dnsmasq")) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI=true, yet dig or dnsmasq is missing (.ci/run installs them)"
-        );
-        eprintln!("SKIPPED: dig and dnsmasq are needed (apt-get install dnsutils dnsmasq-base)");
-        return;
+/// A port free for both TCP and UDP (dnsmasq takes both).
+fn free_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
     }
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+}
+
+/// dnsmasq answering `relayd.test` on a free port; `None` if it could not bind (another
+/// process took the port in between).
+fn start_dnsmasq() -> Option<(Server, u16)> {
+    let port = free_port();
     let mut child = Command::new("dnsmasq")
         .args([
             "--keep-in-foreground",
@@ -59,13 +59,30 @@ fn dig_gets_its_answer_through_relayd_even_with_a_dead_first_backend() {
         .spawn()
         .expect("start dnsmasq");
     let log = lines(child.stderr.take().unwrap(), "dnsmasq");
-    let _server = Server(child);
+    let server = Server(child);
     loop {
-        let line = log.recv_timeout(harness::PATIENCE).expect("dnsmasq says it started");
-        if line.contains("started") {
-            break;
+        match log.recv_timeout(harness::PATIENCE) {
+            Ok(line) if line.contains("started") => return Some((server, port)),
+            Ok(_) => continue,
+            Err(flume::RecvTimeoutError::Disconnected) => return None,
+            Err(flume::RecvTimeoutError::Timeout) => panic!("dnsmasq said nothing within {:?}", harness::PATIENCE),
         }
     }
+}
+
+#[test]
+fn dig_gets_its_answer_through_relayd_even_with_a_dead_first_backend() {
+    if !(have("dig") && have("dnsmasq")) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI=true, yet dig or dnsmasq is missing (.ci/run installs them)"
+        );
+        eprintln!("SKIPPED: dig and dnsmasq are needed (apt-get install dnsutils dnsmasq-base)");
+        return;
+    }
+    let (_server, port) = (0..5)
+        .find_map(|_| start_dnsmasq())
+        .expect("dnsmasq starts on a free port within five tries");
     let dead = harness::udp::unreachable_addr();
     let config = format!(
         r#"(routes: [(name: "dns", listen: "127.0.0.1:0", protocol: Udp, backends: [(addr: "{dead}"), (addr: "127.0.0.1:{port}")])])"#

@@ -271,6 +271,86 @@ fn udp_through_relayd_leaves_by_the_named_device_and_source() {
     assert_eq!(daemon.wait().code(), Some(0));
 }
 
+/// One client through relayd at `addr` in the relay namespace: the source the backend saw.
+fn source_via(t: &Topology, addr: &str) -> String {
+    ip_of(
+        &t.helper(&t.relay, "client", &[("RELAYD_NETNS_TARGET", addr)])
+            .line("got"),
+    )
+}
+
+#[test]
+fn when_a_link_goes_down_new_sessions_leave_by_the_other_and_come_back_after() {
+    let Some(topology) = Topology::build_or_skip() else {
+        return;
+    };
+    let _backend = topology.helper(&topology.backend, "backend", &[]);
+    let config = format!(
+        r#"(egress: {{"one": (device: "up1"), "two": (device: "up2")}}, routes: [(name: "r", listen: "127.0.0.1:0",
+            egress: ["one", "two"], egress_strategy: Failover, health: (cooldown: "200ms", cooldown_max: "200ms"),
+            connect_timeout: "2s", backends: [(addr: "{BACKEND}:{TCP_PORT}")])])"#
+    );
+    let daemon = Daemon::spawn(&["ip", "netns", "exec", &topology.relay], &config);
+    let addr = daemon.listening("r").to_string();
+    assert_eq!(
+        source_via(&topology, &addr),
+        "198.18.1.1",
+        "failover: the first egress while it is up"
+    );
+
+    let r = topology.relay.as_str();
+    ip(&["-n", r, "link", "set", "up1", "down"]).unwrap();
+    // The first client after the link went: its dial by up1 fails (no route), and the same
+    // session goes again by up2. No client sees the failure.
+    for _ in 0..3 {
+        assert_eq!(
+            source_via(&topology, &addr),
+            "198.18.2.1",
+            "up1 is down: up2 carries the traffic"
+        );
+    }
+    let down = daemon
+        .wait_for(|l| l.contains(r#""msg":"egress down""#))
+        .expect("the egress is reported down");
+    assert!(down.contains(r#""egress":"one""#), "{down}");
+
+    ip(&["-n", r, "link", "set", "up1", "up"]).unwrap();
+    let host = format!("{BACKEND}/32");
+    ip(&[
+        "-n",
+        r,
+        "route",
+        "add",
+        &host,
+        "via",
+        "198.18.1.2",
+        "dev",
+        "up1",
+        "metric",
+        "10",
+    ])
+    .unwrap();
+    // Once its cool-down is over, a session tries up1 again, finds it back, and failover
+    // returns every later session to it. Each try is a real client; the loop is bounded.
+    let started = std::time::Instant::now();
+    let mut sources = Vec::new();
+    while sources.last().map(String::as_str) != Some("198.18.1.1") {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "traffic never came back to up1: {sources:?}"
+        );
+        sources.push(source_via(&topology, &addr));
+    }
+    daemon
+        .wait_for(|l| l.contains(r#""msg":"egress up""#))
+        .expect("the egress is reported up");
+    for _ in 0..3 {
+        assert_eq!(source_via(&topology, &addr), "198.18.1.1", "back on the first egress");
+    }
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait().code(), Some(0));
+}
+
 /// Not a test of its own: the processes the tests above start inside a namespace.
 #[test]
 #[ignore = "run by the netns tests inside a namespace"]
