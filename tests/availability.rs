@@ -227,3 +227,22 @@ async fn a_backend_given_by_name_is_resolved() {
     assert!(snapshot[0].backends.iter().any(|b| b.addr == web.addr), "{snapshot:?}");
     assert_eq!(h.shutdown().await.forced, 0);
 }
+
+#[async_std::test]
+async fn a_check_with_send_and_expect_takes_out_a_backend_that_answers_wrongly() {
+    // The echo backend answers PING with PING; the greeter answers anything with its name.
+    let (echo, wrong) = (Backend::echo().await, Backend::greeter("HELLO").await);
+    let check =
+        r#"health: (fall: 2, check: (interval: "50ms", timeout: "1s", rise: 1, send: "PING\r\n", expect: "PING"))"#;
+    let h = Harness::start(&config(&[route("r", &[echo.addr, wrong.addr], check)]));
+    within(h.relay().stats().until(|s| s.health_changes() >= 1)).await;
+    assert_eq!(state_of(&h, wrong.addr).await, HealthState::Down);
+    assert_eq!(state_of(&h, echo.addr).await, HealthState::Up);
+    // Sessions now only go to the backend that passes.
+    for _ in 0..4 {
+        let s = h.inject("r");
+        drop(s.client);
+        assert_eq!(within(s.session).await.backend, Some(echo.addr));
+    }
+    assert_eq!(h.shutdown().await.forced, 0);
+}
