@@ -4,12 +4,18 @@
 //!     cargo run --release --example loadgen -- udp-pingpong 127.0.0.1:9000 [clients=16] [secs=5] [size=64]
 //!     cargo run --release --example loadgen -- tcp-echo 127.0.0.1:9100
 //!     cargo run --release --example loadgen -- tcp-conns 127.0.0.1:9100 [workers=64] [secs=5]
+//!     cargo run --release --example loadgen -- tcp-pingpong 127.0.0.1:9100 [clients=32] [secs=5] [size=64]
+//!     cargo run --release --example loadgen -- tcp-hold 127.0.0.1:9103
+//!     cargo run --release --example loadgen -- tcp-idle 127.0.0.1:9103 [count=9000] [secs=10]
 //!
 //! `udp-pingpong` runs `clients` threads, each with its own socket, sending one datagram and
 //! waiting for its answer before the next, for `secs` seconds; it prints round trips per second
 //! and the p50/p99 round-trip time. `tcp-conns` runs `workers` threads, each opening a new
 //! connection, sending 64 bytes, reading them back and closing, again and again; it prints
-//! connections per second and how many failed. Every loop stops by itself.
+//! connections per second and how many failed. `tcp-pingpong` is `udp-pingpong` over one
+//! long-lived TCP connection per client. `tcp-hold` accepts connections and keeps them open,
+//! on one thread; `tcp-idle` opens `count` connections, prints `idle N` once they are all open,
+//! holds them for `secs` and exits. Every loop stops by itself.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -30,6 +36,21 @@ fn main() {
             )
         }
         Some("tcp-echo") => tcp_echo(args[1].parse().expect("an address")),
+        Some("tcp-pingpong") => {
+            let target = args[1].parse().expect("an address");
+            tcp_pingpong(
+                target,
+                arg(2, 32) as usize,
+                Duration::from_secs(arg(3, 5)),
+                arg(4, 64) as usize,
+            )
+        }
+        Some("tcp-hold") => tcp_hold(args[1].parse().expect("an address")),
+        Some("tcp-idle") => tcp_idle(
+            args[1].parse().expect("an address"),
+            arg(2, 9000) as usize,
+            Duration::from_secs(arg(3, 10)),
+        ),
         Some("tcp-conns") => {
             let target = args[1].parse().expect("an address");
             tcp_conns(target, arg(2, 64) as usize, Duration::from_secs(arg(3, 5)))
@@ -66,6 +87,11 @@ fn udp_pingpong(target: SocketAddr, clients: usize, length: Duration, size: usiz
     let threads: Vec<_> = (0..clients)
         .map(|_| std::thread::spawn(move || client(target, deadline, size)))
         .collect();
+    report(target, clients, size, length, threads);
+}
+
+/// Prints round trips per second and p50/p99 from the clients' round-trip times.
+fn report(target: SocketAddr, clients: usize, size: usize, length: Duration, threads: Vec<Rtts>) {
     let (mut rtts, mut lost) = (Vec::new(), 0u64);
     for t in threads {
         let (r, l) = t.join().unwrap();
@@ -84,6 +110,62 @@ fn udp_pingpong(target: SocketAddr, clients: usize, length: Duration, size: usiz
         pct(0.50).as_micros(),
         pct(0.99).as_micros(),
     );
+}
+
+/// A client thread's round-trip times and failures.
+type Rtts = std::thread::JoinHandle<(Vec<Duration>, u64)>;
+
+fn tcp_pingpong(target: SocketAddr, clients: usize, length: Duration, size: usize) {
+    let deadline = Instant::now() + length;
+    let threads: Vec<_> = (0..clients)
+        .map(|_| std::thread::spawn(move || tcp_client(target, deadline, size)))
+        .collect();
+    report(target, clients, size, length, threads);
+}
+
+/// One long-lived connection's round trips until `deadline`.
+fn tcp_client(target: SocketAddr, deadline: Instant, size: usize) -> (Vec<Duration>, u64) {
+    let mut rtts = Vec::new();
+    let Ok(mut stream) = TcpStream::connect_timeout(&target, Duration::from_secs(2)) else {
+        return (rtts, 1);
+    };
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let (request, mut back) = (vec![0x5a; size], vec![0u8; size]);
+    while Instant::now() < deadline {
+        let sent = Instant::now();
+        if stream
+            .write_all(&request)
+            .and_then(|_| stream.read_exact(&mut back))
+            .is_err()
+        {
+            return (rtts, 1);
+        }
+        rtts.push(sent.elapsed());
+    }
+    (rtts, 0)
+}
+
+/// Accepts and keeps every connection, reading nothing, on this one thread.
+fn tcp_hold(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).expect("bind the holder");
+    println!("tcp-hold listening on {}", listener.local_addr().unwrap());
+    let held: Vec<TcpStream> = listener.incoming().map_while(Result::ok).collect();
+    drop(held);
+}
+
+/// Opens `count` connections, says so, holds them for `length`.
+fn tcp_idle(target: SocketAddr, count: usize, length: Duration) {
+    let mut held = Vec::with_capacity(count);
+    let mut failed = 0;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&target, Duration::from_secs(2)) {
+            Ok(stream) => held.push(stream),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("idle {} failed={failed}", held.len());
+    std::thread::sleep(length);
 }
 
 /// One client's round trips until `deadline`; a datagram unanswered within 1 s counts as lost.

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use relayd::logging::{self, Format};
 use relayd::{Config, rt};
 
-const USAGE: &str = "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json]
+const USAGE: &str = "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version]
 
   --config PATH       RON config file (default: config/relayd.ron)
   --check             validate the config and exit (0 when valid)
@@ -48,6 +48,10 @@ impl Args {
                 }
                 "--log-format" => parsed.log_format = Some(value()?.parse().map_err(|e| format!("--log-format: {e}"))?),
                 "--help" | "-h" => return Ok(None),
+                "--version" | "-V" => {
+                    println!("relayd {}", env!("CARGO_PKG_VERSION"));
+                    std::process::exit(0);
+                }
                 other => return Err(format!("unknown argument {other:?}")),
             }
         }
@@ -78,6 +82,7 @@ fn main() -> ExitCode {
         println!("{}: ok ({} routes)", args.config.display(), settings.routes.len());
         return ExitCode::SUCCESS;
     }
+    rt::init(settings.workers);
     let level = args.log_level.unwrap_or(settings.log_level);
     let _ = logging::init(level, args.log_format.unwrap_or_else(Format::auto));
     match rt::block_on(relayd::run(settings, stop_signal())) {

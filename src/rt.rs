@@ -16,6 +16,18 @@ use futures::io::{AsyncRead, AsyncWrite};
 
 pub(crate) use async_io::{Async, Timer};
 
+/// Sets the executor's thread count (default: one per core). Only the first call before any
+/// task is spawned counts; the daemon makes it right after reading its config.
+pub fn init(workers: Option<std::num::NonZeroUsize>) {
+    use async_global_executor::GlobalExecutorConfig;
+    let config = GlobalExecutorConfig::default().with_thread_name_fn(|| "relayd-worker".to_string());
+    let config = match workers {
+        Some(n) => config.with_min_threads(n.get()).with_max_threads(n.get()),
+        None => config.with_env_var("ASYNC_STD_THREAD_COUNT"),
+    };
+    async_global_executor::init_with_config(config);
+}
+
 /// A handle to a spawned task; awaiting it yields the task's output.
 pub type JoinHandle<T> = async_std::task::JoinHandle<T>;
 

@@ -17,6 +17,8 @@ pub struct Config {
     pub drain_timeout: Option<String>,
     /// `IP:port` of the plain-text status page (default: none).
     pub status: Option<String>,
+    /// Executor threads (default: one per core).
+    pub workers: Option<usize>,
     /// Capacity of each actor's mailbox (default 1024).
     pub mailbox: Option<usize>,
     /// Named ways out of the host. The name `default` is used by routes that name none.

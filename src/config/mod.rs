@@ -25,6 +25,8 @@ pub struct Settings {
     pub log_level: log::LevelFilter,
     pub drain_timeout: Duration,
     pub status: Option<SocketAddr>,
+    /// Executor threads; `None`: one per core.
+    pub workers: Option<NonZeroUsize>,
     pub mailbox: NonZeroUsize,
     /// Index 0 is always the `default` egress.
     pub egress: Vec<Egress>,

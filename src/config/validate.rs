@@ -67,6 +67,12 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         .status
         .as_ref()
         .and_then(|s| p.parse::<SocketAddr>("status".into(), s, "an IP:port address such as \"127.0.0.1:9901\""));
+    let workers = config.workers.map(|n| {
+        NonZeroUsize::new(n).unwrap_or_else(|| {
+            p.add("workers", "must be at least 1 (leave it out for one per core)");
+            NonZeroUsize::MIN
+        })
+    });
     let mailbox = NonZeroUsize::new(config.mailbox.unwrap_or(1024)).unwrap_or_else(|| {
         p.add("mailbox", "must be greater than zero");
         NonZeroUsize::MIN
@@ -92,6 +98,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
             log_level,
             drain_timeout,
             status,
+            workers,
             mailbox,
             egress,
             routes,
