@@ -174,6 +174,12 @@ pids_of() { # the relay's processes: nginx is a master and its workers
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' /proc/$p/status))); done; echo $t; }
 fds() { local t=0; for p in "$@"; do t=$((t + $(ls /proc/$p/fd | wc -l))); done; echo $t; }
 for target in relayd haproxy nginx; do
+    # A fresh holder each time: it keeps every connection it ever took, and two targets'
+    # worth would reach its descriptor limit.
+    kill "$(cat "$WORK/backend-hold.pid")" 2>/dev/null || true
+    wait "$(cat "$WORK/backend-hold.pid")" 2>/dev/null || true
+    start backend-hold "$LOADGEN" tcp-hold 127.0.0.1:9303
+    wait_port tcp 9303
     port=$((${BASE[$target]} + 3))
     pids=$(pids_of "$target")
     rss0=$(rss_kb $pids)
@@ -185,6 +191,7 @@ for target in relayd haproxy nginx; do
         [ "$(fds $pids)" -ge $((fd0 + 2 * IDLE)) ] && break
         sleep 0.05
     done
+    sleep 1.5 # the last connects complete; their transient state is gone
     rss1=$(rss_kb $pids)
     fd1=$(fds $pids)
     kill $idle 2>/dev/null || true

@@ -39,5 +39,5 @@ pub use config::{BackendConfig, Config, EgressConfig, RouteConfig, Settings};
 pub use error::{ConfigError, DialError, InjectError, StartError};
 pub use relay::{Relay, RouteSnapshot, ShutdownReport, run};
 pub use rt::Conn;
-pub use session::{SessionEnd, SessionReport};
+pub use session::{Path, SessionEnd, SessionReport};
 pub use stats::Stats;

@@ -8,7 +8,8 @@ use futures::StreamExt;
 use relayd::logging::{self, Format};
 use relayd::{Config, rt};
 
-const USAGE: &str = "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version]
+const USAGE: &str =
+    "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version]
 
   --config PATH       RON config file (default: config/relayd.ron)
   --check             validate the config and exit (0 when valid)

@@ -25,6 +25,7 @@ struct Common {
     egress_names: Arc<[String]>,
     stop: Signal,
     force: Signal,
+    splice: bool,
 }
 
 /// How long force-closed sessions get to finish dropping their sockets.
@@ -102,6 +103,7 @@ impl Relay {
             egress_names,
             stop: stop_signal,
             force: force_signal,
+            splice: settings.splice,
         };
         let mut relay = Relay {
             routes: Vec::new(),
@@ -134,6 +136,7 @@ impl Relay {
             stop: common.stop.clone(),
             force: common.force.clone(),
             stats: self.stats.clone(),
+            splice: common.splice,
         };
         let guard = self.drain.guard().expect("a new drain hands out guards");
         let stop = common.stop.clone();
@@ -228,7 +231,7 @@ impl Relay {
         peer: SocketAddr,
     ) -> Result<rt::JoinHandle<SessionReport>, InjectError>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
         let entry = self
             .route(route)

@@ -20,6 +20,19 @@ pub(crate) use async_io::{Async, Timer};
 /// task is spawned counts; the daemon makes it right after reading its config.
 pub fn init(workers: Option<std::num::NonZeroUsize>) {
     use async_global_executor::GlobalExecutorConfig;
+    let threads = workers.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |n| n.get(),
+    );
+    // glibc gives each thread that contends its own arena (up to 8 per core), and an arena
+    // keeps its partly used pages: with 9,000 idle sessions that was 3.8-4.6 KiB per
+    // session against 3.4-3.8 with one arena per worker. The hot path allocates next to
+    // nothing, so there is little contention to lose.
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tuning value; it is called before the workers start.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, threads.max(2) as libc::c_int);
+    }
     let config = GlobalExecutorConfig::default().with_thread_name_fn(|| "relayd-worker".to_string());
     let config = match workers {
         Some(n) => config.with_min_threads(n.get()).with_max_threads(n.get()),
@@ -117,6 +130,11 @@ impl<S: std::os::fd::AsFd> Conn<S> {
     pub fn get_ref(&self) -> &S {
         self.0.get_ref()
     }
+
+    /// The socket as the reactor knows it, for readiness-driven system calls (splice).
+    pub(crate) fn as_async(&self) -> &Async<S> {
+        &self.0
+    }
 }
 
 impl Conn<UnixStream> {
@@ -134,11 +152,39 @@ where
     for<'a> &'a S: Read,
 {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &self.0).poll_read(cx, buf)
+        Pin::new(&mut &*self).poll_read(cx, buf)
     }
 }
 
 impl<S> AsyncWrite for Conn<S>
+where
+    S: HalfClose + Unpin,
+    for<'a> &'a S: Write,
+{
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &*self).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self).poll_flush(cx)
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut &*self).poll_close(cx)
+    }
+}
+
+impl<S> AsyncRead for &Conn<S>
+where
+    S: Unpin,
+    for<'a> &'a S: Read,
+{
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut &self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S> AsyncWrite for &Conn<S>
 where
     S: HalfClose + Unpin,
     for<'a> &'a S: Write,

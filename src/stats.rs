@@ -14,6 +14,9 @@ pub struct Stats {
     udp_dropped: AtomicU64,
     no_backend: AtomicU64,
     health_changes: AtomicU64,
+    spliced: AtomicU64,
+    copied: AtomicU64,
+    splice_fallbacks: AtomicU64,
     changed: Event,
 }
 
@@ -53,6 +56,21 @@ impl Stats {
         self.health_changes.load(Ordering::Relaxed)
     }
 
+    /// Sessions whose bytes moved by splice(2) only.
+    pub fn spliced(&self) -> u64 {
+        self.spliced.load(Ordering::Relaxed)
+    }
+
+    /// Sessions whose bytes moved through userspace buffers.
+    pub fn copied(&self) -> u64 {
+        self.copied.load(Ordering::Relaxed)
+    }
+
+    /// Sessions that started by splice and had to copy for want of a pipe.
+    pub fn splice_fallbacks(&self) -> u64 {
+        self.splice_fallbacks.load(Ordering::Relaxed)
+    }
+
     /// Returns once `holds` is true of these counters (at once if it already is).
     pub async fn until(&self, holds: impl Fn(&Stats) -> bool) {
         loop {
@@ -89,6 +107,16 @@ impl Stats {
             self.bump(&self.forced, true);
         }
         self.bump(&self.active, false);
+    }
+
+    pub(crate) fn relayed_by(&self, path: crate::session::Path) {
+        use crate::session::Path;
+        match path {
+            Path::Splice => drop(self.bump(&self.spliced, true)),
+            Path::Copy => drop(self.bump(&self.copied, true)),
+            Path::SpliceThenCopy => drop(self.bump(&self.splice_fallbacks, true)),
+            Path::None => {}
+        }
     }
 
     pub(crate) fn refused_no_backend(&self) {

@@ -19,6 +19,8 @@ pub struct Config {
     pub status: Option<String>,
     /// Executor threads (default: one per core).
     pub workers: Option<usize>,
+    /// Move TCP-to-TCP bytes with splice(2), never through userspace (default true).
+    pub splice: Option<bool>,
     /// Capacity of each actor's mailbox (default 1024).
     pub mailbox: Option<usize>,
     /// Named ways out of the host. The name `default` is used by routes that name none.

@@ -27,6 +27,7 @@ pub struct Settings {
     pub status: Option<SocketAddr>,
     /// Executor threads; `None`: one per core.
     pub workers: Option<NonZeroUsize>,
+    pub splice: bool,
     pub mailbox: NonZeroUsize,
     /// Index 0 is always the `default` egress.
     pub egress: Vec<Egress>,

@@ -99,6 +99,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
             drain_timeout,
             status,
             workers,
+            splice: config.splice.unwrap_or(true),
             mailbox,
             egress,
             routes,

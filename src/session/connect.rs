@@ -40,7 +40,7 @@ struct Tunnel {
 impl Sessions {
     pub(super) async fn run_connect<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), peer);
@@ -49,7 +49,12 @@ impl Sessions {
             .connect
             .as_ref()
             .expect("validation gives HttpConnect routes their settings");
-        match self.force.unless(self.open_tunnel(&mut client, settings)).await {
+        // Boxed, as for TCP sessions: an open tunnel need not carry the request phase's state.
+        match self
+            .force
+            .unless(Box::pin(self.open_tunnel(&mut client, settings)))
+            .await
+        {
             None => report.end = SessionEnd::Forced,
             Some(Err(refused)) => {
                 log::warn!(route = &*self.route_name, session = id.0, client:% = peer, target = refused.target.as_str(),

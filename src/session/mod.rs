@@ -5,6 +5,7 @@
 
 mod connect;
 mod pump;
+mod splice;
 mod tcp;
 mod udp;
 
@@ -49,6 +50,19 @@ pub enum SessionEnd {
     RelayStopped,
 }
 
+/// How a session's bytes moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Not relayed (no backend was reached), or a UDP flow.
+    None,
+    /// Through a userspace buffer (injected streams; splice turned off).
+    Copy,
+    /// splice(2) through pipes, never touching userspace.
+    Splice,
+    /// splice(2) until no pipe could be had, then copying.
+    SpliceThenCopy,
+}
+
 /// Everything worth knowing about a finished session.
 #[derive(Debug)]
 pub struct SessionReport {
@@ -63,6 +77,7 @@ pub struct SessionReport {
     pub bytes_down: u64,
     pub duration: Duration,
     pub end: SessionEnd,
+    pub path: Path,
 }
 
 impl SessionReport {
@@ -77,6 +92,7 @@ impl SessionReport {
             bytes_down: 0,
             duration: Duration::ZERO,
             end: SessionEnd::Forced,
+            path: Path::None,
         }
     }
 }
@@ -104,6 +120,8 @@ pub(crate) struct Sessions {
     pub stop: Signal,
     pub force: Signal,
     pub stats: Arc<Stats>,
+    /// TCP pairs move bytes by splice(2).
+    pub splice: bool,
 }
 
 impl Sessions {
@@ -125,6 +143,7 @@ impl Sessions {
         let task = crate::rt::spawn(async move {
             let report = session.await;
             live.forced = matches!(report.end, SessionEnd::Forced);
+            live.stats.relayed_by(report.path);
             log_end(&report);
             drop((live, guard));
             report

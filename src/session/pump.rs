@@ -1,6 +1,11 @@
 //! Moves bytes both ways between two streams in one future, with half-close and inactivity
 //! timeouts. Both directions are polled from the same task, so neither stream is split or locked.
+//!
+//! No buffer is held while a session is idle: a direction reads into its thread's scratch
+//! buffer and writes straight on; only what the writer cannot take at once is copied into a
+//! pooled buffer, held until it is flushed.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -13,10 +18,35 @@ use futures::ready;
 use crate::config::Timeouts;
 use crate::rt::Timer;
 
-/// Bytes per direction held in flight.
-const BUFFER: usize = 16 * 1024;
+/// Bytes one read may take.
+pub(super) const SCRATCH: usize = 64 * 1024;
 /// Reads one direction may do in a row before yielding to the other and to other tasks.
-const BUDGET: usize = 16;
+pub(super) const BUDGET: usize = 16;
+/// Spare buffers a thread keeps for directions whose writer is behind.
+const POOL: usize = 32;
+
+thread_local! {
+    static SCRATCH_BUF: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH]);
+    static SPARE: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer for bytes a writer could not take yet: from the thread's pool when it has one.
+fn spare(bytes: &[u8]) -> Vec<u8> {
+    let mut buf = SPARE
+        .with_borrow_mut(Vec::pop)
+        .unwrap_or_else(|| Vec::with_capacity(SCRATCH));
+    buf.extend_from_slice(bytes);
+    buf
+}
+
+fn give_back(mut buf: Vec<u8>) {
+    buf.clear();
+    SPARE.with_borrow_mut(|pool| {
+        if pool.len() < POOL && buf.capacity() >= SCRATCH {
+            pool.push(buf);
+        }
+    });
+}
 
 /// Which way bytes were going.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,74 +70,169 @@ pub enum End {
     Failed(Direction, io::Error),
 }
 
-/// One direction: read into the buffer, write it all out, and close the writer at end of stream.
-struct Half {
-    buf: Box<[u8]>,
-    start: usize,
-    end: usize,
+/// One direction by copying: read, write on, and close the writer at end of stream.
+#[derive(Default)]
+pub(super) struct Half {
+    /// Bytes read but not yet taken by the writer, and how many of them were.
+    pending: Option<(Vec<u8>, usize)>,
     eof: bool,
-    done: bool,
-    bytes: u64,
+    pub done: bool,
+    pub bytes: u64,
 }
 
 impl Half {
-    fn new() -> Self {
+    /// A direction that has already moved `bytes` (by other means).
+    pub fn after(bytes: u64) -> Self {
         Half {
-            buf: vec![0; BUFFER].into_boxed_slice(),
-            start: 0,
-            end: 0,
-            eof: false,
-            done: false,
-            bytes: 0,
+            bytes,
+            ..Half::default()
         }
     }
 
     /// Ready(Ok) once `r` has ended and `w` has been closed (the FIN passed on).
-    fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
+    pub fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
         for _ in 0..BUDGET {
-            if self.start == self.end && !self.eof {
-                match r.as_mut().poll_read(cx, &mut self.buf)? {
-                    Poll::Ready(0) => self.eof = true,
-                    Poll::Ready(n) => (self.start, self.end) = (0, n),
-                    Poll::Pending => {
-                        // Nothing to read now: push out anything a buffering writer holds.
-                        ready!(w.as_mut().poll_flush(cx))?;
-                        return Poll::Pending;
-                    }
-                }
-            }
-            while self.start < self.end {
-                let n = ready!(w.as_mut().poll_write(cx, &self.buf[self.start..self.end]))?;
-                if n == 0 {
-                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
-                }
-                self.start += n;
-                self.bytes += n as u64;
-            }
+            ready!(self.flush_pending(cx, w.as_mut()))?;
             if self.eof {
                 ready!(w.as_mut().poll_close(cx))?;
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }
+            match self.pass_on(cx, r.as_mut(), w.as_mut()) {
+                Poll::Ready(result) => result?,
+                Poll::Pending => {
+                    // Nothing to read now: push out anything a buffering writer holds.
+                    ready!(w.as_mut().poll_flush(cx))?;
+                    return Poll::Pending;
+                }
+            }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
+
+    fn flush_pending<W: AsyncWrite + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<io::Result<()>> {
+        let Some((buf, sent)) = &mut self.pending else {
+            return Poll::Ready(Ok(()));
+        };
+        while *sent < buf.len() {
+            let n = ready!(w.as_mut().poll_write(cx, &buf[*sent..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *sent += n;
+            self.bytes += n as u64;
+        }
+        let (buf, _) = self.pending.take().expect("checked above");
+        give_back(buf);
+        Poll::Ready(Ok(()))
+    }
+
+    /// One read into the thread's scratch buffer, written straight on as far as the writer
+    /// takes it; the rest is kept in a pooled buffer.
+    fn pass_on<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
+    where
+        R: AsyncRead + ?Sized,
+        W: AsyncWrite + ?Sized,
+    {
+        SCRATCH_BUF.with(|scratch| {
+            // A reader that is itself a relay on this thread would find the scratch taken:
+            // it then gets a buffer of its own for this read.
+            let mut own;
+            let mut borrowed = scratch.try_borrow_mut();
+            let buf: &mut [u8] = match borrowed.as_deref_mut() {
+                Ok(buf) => buf,
+                Err(_) => {
+                    own = vec![0; SCRATCH];
+                    &mut own
+                }
+            };
+            let n = ready!(r.as_mut().poll_read(cx, buf))?;
+            if n == 0 {
+                self.eof = true;
+                return Poll::Ready(Ok(()));
+            }
+            let mut sent = 0;
+            while sent < n {
+                match w.as_mut().poll_write(cx, &buf[sent..n])? {
+                    Poll::Ready(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Poll::Ready(m) => sent += m,
+                    Poll::Pending => break,
+                }
+            }
+            self.bytes += sent as u64;
+            if sent < n {
+                self.pending = Some((spare(&buf[sent..n]), 0));
+            }
+            Poll::Ready(Ok(()))
+        })
+    }
 }
 
-/// The relay of one pair: a future that ends with how the pair ended.
+/// What has moved so far: bytes both ways, and which directions have ended.
+pub(super) type Progress = (u64, bool, bool);
+
+/// The idle and fin timeouts of a relayed pair.
+pub(super) struct Idle {
+    timeouts: Timeouts,
+    timer: Timer,
+    last: Instant,
+}
+
+impl Idle {
+    pub fn new(timeouts: Timeouts) -> Self {
+        Idle {
+            timeouts,
+            timer: Timer::after(timeouts.idle),
+            last: Instant::now(),
+        }
+    }
+
+    fn limit(&self, after: Progress) -> (Duration, End) {
+        if after.1 || after.2 {
+            (self.timeouts.fin, End::Fin)
+        } else {
+            (self.timeouts.idle, End::Idle)
+        }
+    }
+
+    /// Ready(end) once the pair has been silent too long, given what moved in this poll.
+    pub fn poll(&mut self, cx: &mut Context<'_>, before: Progress, after: Progress) -> Poll<End> {
+        if after != before {
+            // Only note the time: the timer is re-armed when it fires, not on every read.
+            self.last = Instant::now();
+            if (after.1, after.2) != (before.1, before.2) {
+                // A direction just ended: the fin timeout applies from now on.
+                self.timer.set_at(self.last + self.limit(after).0);
+            }
+        }
+        loop {
+            ready!(Pin::new(&mut self.timer).poll(cx));
+            let (limit, end) = self.limit(after);
+            let deadline = self.last + limit;
+            if Instant::now() >= deadline {
+                return Poll::Ready(end);
+            }
+            self.timer.set_at(deadline);
+        }
+    }
+}
+
+/// The relay of one pair by copying: a future that ends with how the pair ended.
 pub struct Pump<'a, A: ?Sized, B: ?Sized> {
     client: &'a mut A,
     backend: &'a mut B,
     up: Half,
     down: Half,
-    timeouts: Timeouts,
-    timer: Timer,
-    last: Instant,
+    idle: Idle,
 }
 
 impl<'a, A, B> Pump<'a, A, B>
@@ -119,11 +244,9 @@ where
         Pump {
             client,
             backend,
-            up: Half::new(),
-            down: Half::new(),
-            timeouts,
-            timer: Timer::after(timeouts.idle),
-            last: Instant::now(),
+            up: Half::default(),
+            down: Half::default(),
+            idle: Idle::new(timeouts),
         }
     }
 
@@ -132,15 +255,7 @@ where
         (self.up.bytes, self.down.bytes)
     }
 
-    fn limit(&self) -> (Duration, End) {
-        if self.up.done || self.down.done {
-            (self.timeouts.fin, End::Fin)
-        } else {
-            (self.timeouts.idle, End::Idle)
-        }
-    }
-
-    fn progress(&self) -> (u64, bool, bool) {
+    fn progress(&self) -> Progress {
         (self.up.bytes + self.down.bytes, self.up.done, self.down.done)
     }
 
@@ -179,22 +294,6 @@ where
             return Poll::Ready(end);
         }
         let after = this.progress();
-        if after != before {
-            // Only note the time: the timer is re-armed when it fires, not on every read.
-            this.last = Instant::now();
-            if (after.1, after.2) != (before.1, before.2) {
-                // A direction just ended: the fin timeout applies from now on.
-                this.timer.set_at(this.last + this.limit().0);
-            }
-        }
-        loop {
-            ready!(Pin::new(&mut this.timer).poll(cx));
-            let (limit, end) = this.limit();
-            let deadline = this.last + limit;
-            if Instant::now() >= deadline {
-                return Poll::Ready(end);
-            }
-            this.timer.set_at(deadline);
-        }
+        this.idle.poll(cx, before, after)
     }
 }

@@ -5,8 +5,11 @@ use std::time::Instant;
 
 use futures::io::{AsyncRead, AsyncWrite};
 
+use std::any::Any;
+
 use super::pump::{End, Pump};
-use super::{SessionEnd, SessionId, SessionReport, Sessions};
+use super::splice::SplicePump;
+use super::{Path, SessionEnd, SessionId, SessionReport, Sessions};
 use crate::config::Protocol;
 use crate::rt::{JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
@@ -15,7 +18,7 @@ impl Sessions {
     /// Starts a session for `client`; the handle yields its report.
     pub fn open<S>(&self, client: S, peer: SocketAddr, guard: DrainGuard) -> JoinHandle<SessionReport>
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
         let ctx = self.clone();
         match self.route.protocol {
@@ -26,15 +29,17 @@ impl Sessions {
 
     async fn run_tcp<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), peer);
         let timeout = self.route.connect_timeout;
         let mut tried = Vec::new();
-        let connect = self.connect(id, peer, &mut tried, |pick| {
+        // Boxed: the connect phase is most of a session's state, and an idle session need not
+        // carry it for its whole life.
+        let connect = Box::pin(self.connect(id, peer, &mut tried, |pick| {
             self.dialer.tcp(pick.addr, pick.egress, timeout)
-        });
+        }));
         match self.force.unless(connect).await {
             None => report.end = SessionEnd::Forced,
             Some(Err(end)) => report.end = end,
@@ -49,6 +54,8 @@ impl Sessions {
         report
     }
 
+    /// Relays until the pair ends: by splice when both ends are TCP sockets (and splice is on),
+    /// by copying otherwise (an injected stream, for one).
     pub(super) async fn relay<S>(
         &self,
         client: &mut S,
@@ -56,13 +63,31 @@ impl Sessions {
         report: &mut SessionReport,
     ) -> SessionEnd
     where
-        S: AsyncRead + AsyncWrite + Unpin + Send,
+        S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
         log::debug!(route = &*self.route_name, session = report.id.0, client:% = report.peer,
             backend:? = report.backend; "session relaying");
-        let mut pump = Pump::new(client, upstream, self.route.timeouts);
-        let end = self.force.unless(&mut pump).await;
-        (report.bytes_up, report.bytes_down) = pump.bytes();
+        let timeouts = self.route.timeouts;
+        let tcp_client = (client as &mut dyn Any)
+            .downcast_mut::<TcpConn>()
+            .filter(|_| self.splice);
+        let end = if let Some(tcp_client) = tcp_client {
+            let mut pump = SplicePump::new(tcp_client, upstream, timeouts);
+            let end = self.force.unless(&mut pump).await;
+            (report.bytes_up, report.bytes_down) = pump.bytes();
+            report.path = if pump.fell_back() {
+                Path::SpliceThenCopy
+            } else {
+                Path::Splice
+            };
+            end
+        } else {
+            let mut pump = Pump::new(client, upstream, timeouts);
+            let end = self.force.unless(&mut pump).await;
+            (report.bytes_up, report.bytes_down) = pump.bytes();
+            report.path = Path::Copy;
+            end
+        };
         match end {
             None => SessionEnd::Forced,
             Some(End::Done) => SessionEnd::Done,

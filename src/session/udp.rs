@@ -64,9 +64,9 @@ impl Sessions {
         let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
         let (mut tried, mut last) = (Vec::new(), first);
         report.end = loop {
-            let connect = self.connect(id, flow.client, &mut tried, |pick| {
+            let connect = Box::pin(self.connect(id, flow.client, &mut tried, |pick| {
                 self.dialer.udp(pick.addr, pick.egress)
-            });
+            }));
             let (pick, upstream) = match self.force.unless(connect).await {
                 None => break SessionEnd::Forced,
                 Some(Err(end)) => break end,

@@ -1,0 +1,248 @@
+//! Zero-copy relaying between two TCP sockets: splice(2) from the source into a pipe and from
+//! the pipe into the destination, driven by the reactor's readiness. Pipes come from a bounded
+//! per-thread pool and are held only while bytes are in them, so an idle session holds none.
+//! When no pipe can be had, that direction copies instead (counted), and nothing is lost.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use futures::ready;
+
+use super::pump::{BUDGET, Direction, End, Half, Idle, Progress};
+use crate::config::Timeouts;
+use crate::rt::{Async, TcpConn};
+
+/// Pipes alive at once in the whole process (in use and kept); two descriptors each.
+const MAX_PIPES: usize = 1024;
+/// Pipes a thread keeps for reuse.
+const KEEP: usize = 64;
+/// Bytes a pipe holds, and the most one splice moves.
+const PIPE_SIZE: usize = 1 << 20;
+
+static PIPES: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    static KEPT: RefCell<Vec<Pipe>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A pipe's two ends.
+struct Pipe {
+    read: OwnedFd,
+    write: OwnedFd,
+}
+
+impl Pipe {
+    /// A pipe from this thread's pool, or a new one while under the cap.
+    fn take() -> Option<Pipe> {
+        if let Some(pipe) = KEPT.with_borrow_mut(Vec::pop) {
+            return Some(pipe);
+        }
+        if PIPES.fetch_add(1, Ordering::Relaxed) >= MAX_PIPES {
+            PIPES.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        let mut fds = [0 as RawFd; 2];
+        // SAFETY: pipe2 fills both descriptors, which are then owned here.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            PIPES.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        // SAFETY: fresh descriptors from pipe2, owned by nothing else.
+        let pipe = unsafe {
+            Pipe {
+                read: OwnedFd::from_raw_fd(fds[0]),
+                write: OwnedFd::from_raw_fd(fds[1]),
+            }
+        };
+        // A larger pipe moves more per splice. Failing to grow it (pipe-max-size, pipe-user-
+        // pages-soft) only costs speed: the default 64 KiB pipe still works.
+        // SAFETY: fcntl on a descriptor owned here.
+        unsafe { libc::fcntl(pipe.write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        Some(pipe)
+    }
+
+    /// Back to the pool: only empty pipes are given back.
+    fn give_back(self) {
+        KEPT.with_borrow_mut(|kept| {
+            if kept.len() < KEEP {
+                kept.push(self);
+            } else {
+                PIPES.fetch_sub(1, Ordering::Relaxed);
+            }
+        });
+    }
+}
+
+fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
+    let flags = libc::SPLICE_F_NONBLOCK | libc::SPLICE_F_MOVE;
+    // SAFETY: both descriptors are open for the duration of the call; null offsets mean
+    // "the current position", as sockets and pipes require.
+    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// One direction by splice, or by copying once no pipe could be had.
+#[derive(Default)]
+struct SpliceHalf {
+    pipe: Option<Pipe>,
+    /// Bytes in the pipe, not yet passed on.
+    in_pipe: usize,
+    eof: bool,
+    /// No pipe could be had: this direction copies from now on (boxed: rare, and an idle
+    /// session should not carry its room).
+    copying: Option<Box<Half>>,
+    done: bool,
+    bytes: u64,
+}
+
+impl SpliceHalf {
+    fn poll(&mut self, cx: &mut Context<'_>, src: &TcpConn, dst: &TcpConn) -> Poll<io::Result<()>> {
+        if let Some(copy) = &mut self.copying {
+            let (mut r, mut w) = (src, dst);
+            let polled = copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
+            (self.done, self.bytes) = (copy.done, copy.bytes);
+            return polled;
+        }
+        let (src, dst) = (src.as_async(), dst.as_async());
+        for _ in 0..BUDGET {
+            if self.in_pipe > 0 {
+                ready!(self.drain(cx, dst))?;
+                continue;
+            }
+            if self.eof {
+                // shutdown(Write) passes the FIN on; the other direction keeps flowing.
+                match dst.get_ref().shutdown(Shutdown::Write) {
+                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Poll::Ready(Err(e)),
+                    _ => {}
+                }
+                self.done = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Try first, wait only on EAGAIN: waiting first would cost a trip through the
+            // reactor for every chunk. A pipe is only held while bytes are in it.
+            let Some(pipe) = self.pipe.take().or_else(Pipe::take) else {
+                self.copying = Some(Box::new(Half::after(self.bytes)));
+                log::debug!("no pipe to be had: this direction copies");
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            };
+            match splice(src.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE) {
+                Ok(0) => {
+                    self.eof = true;
+                    pipe.give_back();
+                }
+                Ok(n) => {
+                    self.in_pipe = n;
+                    self.pipe = Some(pipe);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pipe.give_back();
+                    ready!(src.poll_readable(cx))?;
+                }
+                Err(e) => {
+                    pipe.give_back();
+                    return Poll::Ready(Err(e));
+                }
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Passes what is in the pipe on to `dst`; the pipe goes back once it is empty.
+    fn drain(&mut self, cx: &mut Context<'_>, dst: &Async<TcpStream>) -> Poll<io::Result<()>> {
+        let pipe = self.pipe.as_ref().expect("bytes in the pipe mean a pipe");
+        loop {
+            match splice(pipe.read.as_raw_fd(), dst.get_ref().as_raw_fd(), self.in_pipe) {
+                Ok(n) => {
+                    self.in_pipe -= n;
+                    self.bytes += n as u64;
+                    if self.in_pipe == 0 {
+                        self.pipe.take().expect("checked above").give_back();
+                    }
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(dst.poll_writable(cx))?,
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl Drop for SpliceHalf {
+    fn drop(&mut self) {
+        // A pipe with bytes still in it cannot be reused: close it, and free its place.
+        if self.pipe.take().is_some() {
+            PIPES.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The relay of a TCP pair by splice: a future that ends with how the pair ended.
+pub struct SplicePump<'a> {
+    client: &'a TcpConn,
+    backend: &'a TcpConn,
+    up: SpliceHalf,
+    down: SpliceHalf,
+    idle: Idle,
+}
+
+impl<'a> SplicePump<'a> {
+    pub fn new(client: &'a TcpConn, backend: &'a TcpConn, timeouts: Timeouts) -> Self {
+        SplicePump {
+            client,
+            backend,
+            up: SpliceHalf::default(),
+            down: SpliceHalf::default(),
+            idle: Idle::new(timeouts),
+        }
+    }
+
+    /// Bytes moved so far: (client to backend, backend to client).
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.up.bytes, self.down.bytes)
+    }
+
+    /// True when some direction had to copy for want of a pipe.
+    pub fn fell_back(&self) -> bool {
+        self.up.copying.is_some() || self.down.copying.is_some()
+    }
+
+    fn progress(&self) -> Progress {
+        (self.up.bytes + self.down.bytes, self.up.done, self.down.done)
+    }
+}
+
+impl Future for SplicePump<'_> {
+    type Output = End;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
+        let this = self.get_mut();
+        let before = this.progress();
+        if !this.up.done {
+            if let Poll::Ready(Err(e)) = this.up.poll(cx, this.client, this.backend) {
+                return Poll::Ready(End::Failed(Direction::Up, e));
+            }
+        }
+        if !this.down.done {
+            if let Poll::Ready(Err(e)) = this.down.poll(cx, this.backend, this.client) {
+                return Poll::Ready(End::Failed(Direction::Down, e));
+            }
+        }
+        if this.up.done && this.down.done {
+            return Poll::Ready(End::Done);
+        }
+        let after = this.progress();
+        this.idle.poll(cx, before, after)
+    }
+}
