@@ -78,15 +78,14 @@ pub(super) struct Half {
     eof: bool,
     pub done: bool,
     pub bytes: u64,
+    /// A read filled the whole scratch buffer: bulk data is flowing.
+    pub filled: bool,
 }
 
 impl Half {
-    /// A direction that has already moved `bytes` (by other means).
-    pub fn after(bytes: u64) -> Self {
-        Half {
-            bytes,
-            ..Half::default()
-        }
+    /// Nothing read is waiting for the writer.
+    pub fn is_flushed(&self) -> bool {
+        self.pending.is_none()
     }
 
     /// Ready(Ok) once `r` has ended and `w` has been closed (the FIN passed on).
@@ -160,6 +159,7 @@ impl Half {
                 self.eof = true;
                 return Poll::Ready(Ok(()));
             }
+            self.filled |= n == buf.len();
             let mut sent = 0;
             while sent < n {
                 match w.as_mut().poll_write(cx, &buf[sent..n])? {

@@ -1,7 +1,9 @@
 //! Zero-copy relaying between two TCP sockets: splice(2) from the source into a pipe and from
-//! the pipe into the destination, driven by the reactor's readiness. Pipes come from a bounded
-//! per-thread pool and are held only while bytes are in them, so an idle session holds none.
-//! When no pipe can be had, that direction copies instead (counted), and nothing is lost.
+//! the pipe into the destination, driven by the reactor's readiness. Like HAProxy's
+//! splice-auto, a direction copies while messages are small (two syscalls, no pipe) and
+//! splices once bulk data flows. Pipes come from a bounded per-thread pool and are held only
+//! while bytes are in them, so an idle session holds none. When no pipe can be had, that
+//! direction copies instead (counted), and nothing is lost.
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -14,6 +16,7 @@ use std::task::{Context, Poll};
 
 use futures::ready;
 
+use super::Path;
 use super::pump::{BUDGET, Direction, End, Half, Idle, Progress};
 use crate::config::Timeouts;
 use crate::rt::{Async, TcpConn};
@@ -91,26 +94,41 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     }
 }
 
-/// One direction by splice, or by copying once no pipe could be had.
+/// One direction: by copying while messages are small, by splice once bulk data flows (a read
+/// filled the whole buffer), and by copying again whenever no pipe can be had.
 #[derive(Default)]
 struct SpliceHalf {
+    copy: Half,
+    splicing: bool,
     pipe: Option<Pipe>,
     /// Bytes in the pipe, not yet passed on.
     in_pipe: usize,
     eof: bool,
-    /// No pipe could be had: this direction copies from now on (boxed: rare, and an idle
-    /// session should not carry its room).
-    copying: Option<Box<Half>>,
     done: bool,
-    bytes: u64,
+    /// Bytes moved by splice (the copy half counts its own).
+    spliced: u64,
+    /// Splicing stopped at least once for want of a pipe.
+    fell_back: bool,
 }
 
 impl SpliceHalf {
+    fn bytes(&self) -> u64 {
+        self.spliced + self.copy.bytes
+    }
+
+    fn done(&self) -> bool {
+        self.done || self.copy.done
+    }
+
     fn poll(&mut self, cx: &mut Context<'_>, src: &TcpConn, dst: &TcpConn) -> Poll<io::Result<()>> {
-        if let Some(copy) = &mut self.copying {
+        if !self.splicing {
             let (mut r, mut w) = (src, dst);
-            let polled = copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
-            (self.done, self.bytes) = (copy.done, copy.bytes);
+            let polled = self.copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
+            if polled.is_pending() && self.copy.filled && self.copy.is_flushed() {
+                // Bulk data, and nothing held back: from here on the kernel moves it.
+                (self.splicing, self.copy.filled) = (true, false);
+                cx.waker().wake_by_ref();
+            }
             return polled;
         }
         let (src, dst) = (src.as_async(), dst.as_async());
@@ -131,8 +149,8 @@ impl SpliceHalf {
             // Try first, wait only on EAGAIN: waiting first would cost a trip through the
             // reactor for every chunk. A pipe is only held while bytes are in it.
             let Some(pipe) = self.pipe.take().or_else(Pipe::take) else {
-                self.copying = Some(Box::new(Half::after(self.bytes)));
-                log::debug!("no pipe to be had: this direction copies");
+                log::debug!("no pipe to be had: this direction copies for now");
+                (self.splicing, self.fell_back) = (false, true);
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             };
@@ -166,7 +184,7 @@ impl SpliceHalf {
             match splice(pipe.read.as_raw_fd(), dst.get_ref().as_raw_fd(), self.in_pipe) {
                 Ok(n) => {
                     self.in_pipe -= n;
-                    self.bytes += n as u64;
+                    self.spliced += n as u64;
                     if self.in_pipe == 0 {
                         self.pipe.take().expect("checked above").give_back();
                     }
@@ -210,16 +228,21 @@ impl<'a> SplicePump<'a> {
 
     /// Bytes moved so far: (client to backend, backend to client).
     pub fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes, self.down.bytes)
+        (self.up.bytes(), self.down.bytes())
     }
 
-    /// True when some direction had to copy for want of a pipe.
-    pub fn fell_back(&self) -> bool {
-        self.up.copying.is_some() || self.down.copying.is_some()
+    /// How the bytes moved: by splice at all, and with a fallback for want of a pipe.
+    pub fn path(&self) -> Path {
+        let spliced = self.up.spliced + self.down.spliced > 0;
+        match (spliced, self.up.fell_back || self.down.fell_back) {
+            (_, true) => Path::SpliceThenCopy,
+            (true, false) => Path::Splice,
+            (false, false) => Path::Copy,
+        }
     }
 
     fn progress(&self) -> Progress {
-        (self.up.bytes + self.down.bytes, self.up.done, self.down.done)
+        (self.up.bytes() + self.down.bytes(), self.up.done(), self.down.done())
     }
 }
 
@@ -229,17 +252,17 @@ impl Future for SplicePump<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
         let before = this.progress();
-        if !this.up.done {
+        if !this.up.done() {
             if let Poll::Ready(Err(e)) = this.up.poll(cx, this.client, this.backend) {
                 return Poll::Ready(End::Failed(Direction::Up, e));
             }
         }
-        if !this.down.done {
+        if !this.down.done() {
             if let Poll::Ready(Err(e)) = this.down.poll(cx, this.backend, this.client) {
                 return Poll::Ready(End::Failed(Direction::Down, e));
             }
         }
-        if this.up.done && this.down.done {
+        if this.up.done() && this.down.done() {
             return Poll::Ready(End::Done);
         }
         let after = this.progress();

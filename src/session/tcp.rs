@@ -75,11 +75,7 @@ impl Sessions {
             let mut pump = SplicePump::new(tcp_client, upstream, timeouts);
             let end = self.force.unless(&mut pump).await;
             (report.bytes_up, report.bytes_down) = pump.bytes();
-            report.path = if pump.fell_back() {
-                Path::SpliceThenCopy
-            } else {
-                Path::Splice
-            };
+            report.path = pump.path();
             end
         } else {
             let mut pump = Pump::new(client, upstream, timeouts);
