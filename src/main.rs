@@ -86,7 +86,10 @@ fn main() -> ExitCode {
     rt::init(settings.workers);
     let level = args.log_level.unwrap_or(settings.log_level);
     let _ = logging::init(level, args.log_format.unwrap_or_else(Format::auto));
-    match rt::block_on(relayd::run(settings, stop_signal())) {
+    // The handler goes in before anything listens: a signal that came between the "listening"
+    // line and the handler would otherwise kill the process without a drain.
+    let signals = Signals::new([Signal::Int, Signal::Term]);
+    match rt::block_on(relayd::run(settings, stop_signal(signals))) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!(err:% = e; "cannot start");
@@ -96,8 +99,8 @@ fn main() -> ExitCode {
 }
 
 /// Completes on the first SIGINT or SIGTERM.
-async fn stop_signal() {
-    match Signals::new([Signal::Int, Signal::Term]) {
+async fn stop_signal(signals: std::io::Result<Signals>) {
+    match signals {
         Ok(mut signals) => {
             if let Some(Ok(signal)) = signals.next().await {
                 log::info!(signal:? = signal; "signal received");

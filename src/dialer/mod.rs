@@ -1,6 +1,7 @@
-//! Dialer actor, one per relay: holds a socket [`Factory`] per egress and hands out connected
-//! upstream sockets. It builds each socket in its loop (quick, non-blocking) and spawns the
-//! connect, so one slow or dead backend never holds up another session's dial.
+//! Dialer actor, one per relay: holds a socket [`Factory`] per egress and hands out upstream
+//! sockets, built and bound as the egress says. It builds each socket in its loop (quick,
+//! non-blocking); the connect runs in the asking task, so one slow or dead backend never holds
+//! up another session's dial. It also keeps the relay-wide word on each egress's health.
 
 mod socket;
 
@@ -19,20 +20,29 @@ use crate::rt::{self, Async, TcpConn};
 pub(crate) use socket::Factory;
 
 pub(crate) enum DialerMsg {
+    /// A socket for `target`, built and bound as the egress says; the caller connects it.
     Tcp {
         target: SocketAddr,
         egress: EgressId,
-        timeout: Duration,
-        reply: flume::Sender<Result<TcpConn, DialError>>,
+        reply: flume::Sender<Result<Prepared, DialError>>,
     },
     Udp {
         target: SocketAddr,
         egress: EgressId,
         reply: flume::Sender<Result<Async<UdpSocket>, DialError>>,
     },
-    /// What a connect task learnt of its egress: it failed for the egress's fault, or it
-    /// worked while the egress was down.
+    /// What a connect learnt of its egress: it failed for the egress's fault, or it worked
+    /// while the egress was down.
     Learnt { egress: EgressId, up: bool, why: String },
+}
+
+/// A TCP socket ready for its connect, and what the connect needs to know.
+pub(crate) struct Prepared {
+    socket: Socket,
+    egress_name: String,
+    proxy: Option<UpstreamProxy>,
+    /// The egress was down when the socket was built: a success is news.
+    was_down: bool,
 }
 
 /// Asks the relay's dialer for upstream sockets. Cheap to clone.
@@ -52,7 +62,6 @@ impl DialerHandle {
             down: vec![false; egress.len()],
             seq: 0,
             watchers,
-            myself: tx.downgrade(),
         };
         (DialerHandle { tx }, rt::spawn(dialer.run(rx)))
     }
@@ -63,15 +72,30 @@ impl DialerHandle {
     }
 
     /// A TCP connection to `target` leaving by `egress`, or why not within `timeout`.
+    ///
+    /// The dialer builds the socket; the connect (and the proxy's answer, through an egress
+    /// with `via_proxy`) runs here, in the caller's task, so that a slow connect holds up
+    /// nobody else and costs no task of its own.
     pub async fn tcp(&self, target: SocketAddr, egress: EgressId, timeout: Duration) -> Result<TcpConn, DialError> {
         let (reply, answer) = flume::bounded(1);
-        let msg = DialerMsg::Tcp {
+        let prepared = self.ask(DialerMsg::Tcp { target, egress, reply }, answer).await?;
+        let name = prepared.egress_name.clone();
+        let opened = rt::timeout(timeout, open(prepared.socket, target, prepared.proxy, &name)).await;
+        let opened = opened.unwrap_or(Err(DialError::Timeout {
+            egress: name,
             target,
-            egress,
-            timeout,
-            reply,
+            after: timeout,
+        }));
+        // Only news goes back to the dialer: an egress fault, or a success while it was down.
+        let news = match &opened {
+            Ok(_) if prepared.was_down => Some((true, "a dial succeeded".to_string())),
+            Err(e) if e.fault() == Some(Fault::Egress) => Some((false, e.to_string())),
+            _ => None,
         };
-        self.ask(msg, answer).await
+        if let Some((up, why)) = news {
+            let _ = self.tx.send_async(DialerMsg::Learnt { egress, up, why }).await;
+        }
+        opened
     }
 
     /// A UDP socket bound as `egress` says and connected to `target`.
@@ -89,20 +113,13 @@ struct Dialer {
     /// Numbers the news, so that a balancer can tell old from new.
     seq: u64,
     watchers: Vec<BalancerHandle>,
-    /// For connect tasks to report back; weak, so that it does not keep the dialer alive.
-    myself: flume::WeakSender<DialerMsg>,
 }
 
 impl Dialer {
     async fn run(mut self, rx: flume::Receiver<DialerMsg>) {
         while let Ok(msg) = rx.recv_async().await {
             match msg {
-                DialerMsg::Tcp {
-                    target,
-                    egress,
-                    timeout,
-                    reply,
-                } => self.tcp(target, egress, timeout, reply),
+                DialerMsg::Tcp { target, egress, reply } => self.tcp(target, egress, reply),
                 DialerMsg::Udp { target, egress, reply } => {
                     let socket = self
                         .factory(egress)
@@ -155,47 +172,26 @@ impl Dialer {
         (self.factories.get(egress.0)).ok_or(DialError::UnknownEgress(egress.0, self.factories.len()))
     }
 
-    /// Builds the socket here and leaves the connect (and the proxy's answer, through an egress
-    /// with `via_proxy`) to a task of its own, all within `limit`.
-    fn tcp(
-        &mut self,
-        target: SocketAddr,
-        egress: EgressId,
-        limit: Duration,
-        reply: flume::Sender<Result<TcpConn, DialError>>,
-    ) {
+    /// Builds the socket: quick, and never blocking. The caller connects it.
+    fn tcp(&mut self, target: SocketAddr, egress: EgressId, reply: flume::Sender<Result<Prepared, DialError>>) {
         let built = self.factory(egress).and_then(|f| {
             let proxy = f.via_proxy().cloned();
             let hop = proxy.as_ref().map_or(target, |p| p.addr);
             Ok((f.name().to_string(), proxy, f.tcp(hop)?))
         });
-        let (name, proxy, socket) = match built {
-            Ok(built) => built,
+        let prepared = match built {
+            Ok((egress_name, proxy, socket)) => Ok(Prepared {
+                socket,
+                egress_name,
+                proxy,
+                was_down: self.down.get(egress.0).copied().unwrap_or(false),
+            }),
             Err(e) => {
                 self.learn(egress, Some(&e));
-                let _ = reply.send(Err(e));
-                return;
+                Err(e)
             }
         };
-        let (was_down, myself) = (self.down.get(egress.0).copied().unwrap_or(false), self.myself.clone());
-        rt::detach(async move {
-            let opened = rt::timeout(limit, open(socket, target, proxy, &name)).await;
-            let opened = opened.unwrap_or(Err(DialError::Timeout {
-                egress: name,
-                target,
-                after: limit,
-            }));
-            // Only news goes back to the dialer: an egress fault, or a success while it was down.
-            let news = match &opened {
-                Ok(_) if was_down => Some((true, "a dial succeeded".to_string())),
-                Err(e) if e.fault() == Some(Fault::Egress) => Some((false, e.to_string())),
-                _ => None,
-            };
-            if let (Some((up, why)), Some(dialer)) = (news, myself.upgrade()) {
-                let _ = dialer.send_async(DialerMsg::Learnt { egress, up, why }).await;
-            }
-            let _ = reply.send(opened);
-        });
+        let _ = reply.send(prepared);
     }
 }
 

@@ -123,7 +123,8 @@ impl SpliceHalf {
     fn poll(&mut self, cx: &mut Context<'_>, src: &TcpConn, dst: &TcpConn) -> Poll<io::Result<()>> {
         if !self.splicing {
             let (mut r, mut w) = (src, dst);
-            let polled = self.copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
+            let readable = |cx: &mut Context<'_>| src.as_async().poll_readable(cx);
+            let polled = self.copy.poll_with(cx, Pin::new(&mut r), Pin::new(&mut w), readable);
             if polled.is_pending() && self.copy.filled && self.copy.is_flushed() {
                 // Bulk data, and nothing held back: from here on the kernel moves it.
                 (self.splicing, self.copy.filled) = (true, false);
