@@ -1,6 +1,9 @@
 //! Health as one Balancer sees it: of its backends (failed connects and active checks) and of
 //! the egresses they leave by (the Dialer's word, and this route's own failed dials).
 
+use super::{BackendId, Balancer, Entry, Fault};
+use crate::config::EgressId;
+
 use std::time::{Duration, Instant};
 
 use crate::config::Health;
@@ -176,6 +179,98 @@ impl EgressHealth {
     pub fn recovered(&mut self) -> bool {
         self.ejections = 0;
         self.down_until.take().is_some()
+    }
+}
+
+/// What sessions, checks and the Dialer tell the balancer about health.
+impl Balancer {
+    pub(super) fn entry(&mut self, id: BackendId) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.id == id)
+    }
+
+    pub(super) fn connected(&mut self, id: BackendId, egress: EgressId, outcome: Result<(), Fault>) {
+        let now = Instant::now();
+        match outcome {
+            Err(Fault::Egress) => return self.egress_failed(egress),
+            Err(Fault::Relay) => return,
+            _ => {}
+        }
+        if outcome.is_ok() {
+            self.egress_recovered(egress);
+        }
+        let health = self.health.clone();
+        let Some(entry) = self.entry(id) else { return };
+        if outcome.is_ok() {
+            entry.active += 1;
+            entry.sessions += 1;
+        } else {
+            entry.connect_failures += 1;
+        }
+        let change = entry.health.connected(outcome.is_ok(), now, &health);
+        self.report(id, change);
+    }
+
+    pub(super) fn closed(&mut self, id: BackendId) {
+        let Some(entry) = self.entry(id) else { return };
+        entry.active = entry.active.saturating_sub(1);
+        if entry.retired && entry.active == 0 {
+            self.entries.retain(|e| e.id != id);
+        }
+    }
+
+    pub(super) fn checked(&mut self, id: BackendId, ok: bool) {
+        let health = self.health.clone();
+        let Some(entry) = self.entry(id) else { return };
+        let change = entry.health.checked(ok, &health);
+        self.report(id, change);
+    }
+
+    /// One log line per change of a backend's standing.
+    pub(super) fn report(&self, id: BackendId, change: Option<Change>) {
+        let Some(change) = change else { return };
+        let Some(entry) = self.entries.iter().find(|e| e.id == id) else {
+            return;
+        };
+        match change {
+            Change::Down { why, cooldown } => {
+                let cooldown_ms = cooldown.map_or(0, |c| c.as_millis() as u64);
+                log::warn!(route = &*self.route, backend:% = entry.addr, why = why, cooldown_ms = cooldown_ms; "backend down");
+            }
+            Change::Up { why } => log::info!(route = &*self.route, backend:% = entry.addr, why = why; "backend up"),
+        }
+        self.stats.health_changed();
+    }
+
+    pub(super) fn egress_failed(&mut self, egress: EgressId) {
+        let health = self.health.clone();
+        let changed = self
+            .egresses
+            .get_mut(egress.0)
+            .is_some_and(|e| e.failed(Instant::now(), &health));
+        self.egress_report(egress, changed, false);
+    }
+
+    pub(super) fn egress_recovered(&mut self, egress: EgressId) {
+        let changed = self.egresses.get_mut(egress.0).is_some_and(|e| e.recovered());
+        self.egress_report(egress, changed, true);
+    }
+
+    pub(super) fn egress_news(&mut self, egress: EgressId, up: bool, seq: u64) {
+        let health = self.health.clone();
+        let changed = self
+            .egresses
+            .get_mut(egress.0)
+            .is_some_and(|e| e.told(up, seq, Instant::now(), &health));
+        self.egress_report(egress, changed, up);
+    }
+
+    /// The Dialer logs egress changes once for the relay; each route notes them at debug.
+    pub(super) fn egress_report(&self, egress: EgressId, changed: bool, up: bool) {
+        if changed {
+            let name = self.egress_names.get(egress.0).map_or("?", String::as_str);
+            log::debug!(route = &*self.route, egress = name, up = up; "egress standing changed");
+            self.stats.health_changed();
+        }
     }
 }
 

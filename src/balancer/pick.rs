@@ -2,6 +2,11 @@
 //! all with weight above 0, none already tried by the asking session). Pure functions over the
 //! few numbers they need, so their orders and distributions are tested exactly.
 
+use std::time::Instant;
+
+use super::{BackendId, Balancer, Entry, Pick};
+use crate::config::{Balance, EgressId, EgressStrategy};
+
 use std::net::{IpAddr, SocketAddr};
 
 /// What a strategy sees of a backend.
@@ -107,6 +112,56 @@ fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// Choosing a pair: the strategies above, over what is usable now.
+impl Balancer {
+    pub(super) fn egress_list(&self, entry: &Entry) -> &[EgressId] {
+        &self.sources[entry.source].egress
+    }
+
+    pub(super) fn egress_usable(&self, egress: EgressId, now: Instant) -> bool {
+        self.egresses.get(egress.0).is_some_and(|e| e.usable(now))
+    }
+
+    /// The next egress of `list` by the route's egress strategy.
+    pub(super) fn next_egress(&mut self, list: &[EgressId], now: Instant) -> Option<EgressId> {
+        let usable: Vec<EgressId> = list.iter().copied().filter(|e| self.egress_usable(*e, now)).collect();
+        let egress = match self.egress_strategy {
+            EgressStrategy::Failover => usable.first().copied(),
+            EgressStrategy::RoundRobin => usable.get(self.egress_cursor % usable.len().max(1)).copied(),
+        };
+        self.egress_cursor = self.egress_cursor.wrapping_add(1);
+        egress
+    }
+
+    pub(super) fn pick(&mut self, client: IpAddr, tried: &[BackendId]) -> Option<Pick> {
+        let now = Instant::now();
+        let usable: Vec<usize> = (self.entries.iter().enumerate())
+            .filter(|(_, e)| !e.retired && e.weight > 0 && !tried.contains(&e.id) && e.health.usable(now))
+            .filter(|(_, e)| self.egress_list(e).iter().any(|g| self.egress_usable(*g, now)))
+            .map(|(i, _)| i)
+            .collect();
+        if usable.is_empty() {
+            return None;
+        }
+        let len = self.entries.len();
+        let i = match self.strategy {
+            Balance::RoundRobin => round_robin(&usable, len, &mut self.cursor),
+            Balance::WeightedRoundRobin => smooth_weighted(&mut self.entries, &usable),
+            Balance::LeastConnections => least_connections(&self.entries, &usable, &mut self.cursor),
+            Balance::SourceHash => source_hash(&self.entries, &usable, client),
+            Balance::Random => two_choices(&self.entries, &usable, &mut self.rng),
+        };
+        let list = self.egress_list(&self.entries[i]).to_vec();
+        let egress = self.next_egress(&list, now)?;
+        let entry = &self.entries[i];
+        Some(Pick {
+            backend: entry.id,
+            addr: entry.addr,
+            egress,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,11 @@
 //! The Balancer's helpers: the health checker and the resolver. Each is a task that only sends
 //! the Balancer what it learnt; neither holds balancing state.
 
+use std::time::Instant;
+
+use super::{BackendId, Balancer, Entry};
+use crate::balancer::health::BackendHealth;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -106,5 +111,76 @@ pub(crate) async fn resolve_loop(
                 }
             }
         }
+    }
+}
+
+/// What the resolver and the checker need from the balancer.
+impl Balancer {
+    /// Brings a name backend's addresses up to date: new ones join, vanished ones retire
+    /// (their live sessions go on; the entry goes when the last one ends).
+    pub(super) fn resolved(&mut self, source: usize, mut addrs: Vec<SocketAddr>) {
+        addrs.sort_unstable();
+        addrs.dedup();
+        let (mut added, mut retired) = (Vec::new(), Vec::new());
+        for entry in self.entries.iter_mut().filter(|e| e.source == source && !e.retired) {
+            if !addrs.contains(&entry.addr) {
+                entry.retired = true;
+                retired.push(entry.addr);
+            }
+        }
+        self.entries.retain(|e| !(e.retired && e.active == 0));
+        for addr in addrs {
+            if !self
+                .entries
+                .iter()
+                .any(|e| e.source == source && e.addr == addr && !e.retired)
+            {
+                self.add(source, addr);
+                added.push(addr);
+            }
+        }
+        if let BackendAddr::Name { host, .. } = &self.sources[source].addr {
+            if !added.is_empty() || !retired.is_empty() {
+                log::info!(route = &*self.route, backend = host.as_str(), added:? = added, retired:? = retired;
+                    "backend addresses changed");
+            }
+        }
+    }
+
+    pub(super) fn add(&mut self, source: usize, addr: SocketAddr) {
+        self.entries.push(Entry {
+            id: BackendId(self.next_id),
+            source,
+            addr,
+            weight: self.sources[source].weight,
+            retired: false,
+            health: BackendHealth::new(),
+            active: 0,
+            sessions: 0,
+            connect_failures: 0,
+            current: 0,
+        });
+        self.next_id += 1;
+    }
+
+    /// Every live backend, by its first usable egress; by its first egress when none is usable,
+    /// so that a check through it can find the egress back.
+    pub(super) fn targets(&self) -> Vec<Pick> {
+        let now = Instant::now();
+        (self.entries.iter().filter(|e| !e.retired))
+            .filter_map(|e| {
+                let list = self.egress_list(e);
+                let egress = list
+                    .iter()
+                    .copied()
+                    .find(|g| self.egress_usable(*g, now))
+                    .or(list.first().copied())?;
+                Some(Pick {
+                    backend: e.id,
+                    addr: e.addr,
+                    egress,
+                })
+            })
+            .collect()
     }
 }

@@ -1,0 +1,126 @@
+//! The Balancer actor's own logic: ejection, draining, egress failover, retirement.
+
+use super::*;
+use crate::config::{Config, Settings};
+
+const CLIENT: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 7));
+
+fn settings(route: &str) -> Settings {
+    let text = format!(r#"(egress: {{"a": (), "b": ()}}, routes: [(name: "r", listen: "127.0.0.1:0", {route})])"#);
+    Config::parse(&text, "test").unwrap().validate().unwrap()
+}
+
+fn balancer(route: &str) -> Balancer {
+    let s = settings(route);
+    let names: Arc<[String]> = s.egress.iter().map(|e| e.name.clone()).collect();
+    Balancer::new(&s.routes[0], names, Arc::default())
+}
+
+fn ports(b: &mut Balancer, n: usize) -> Vec<u16> {
+    (0..n)
+        .map(|_| b.pick(CLIENT, &[]).map_or(0, |p| p.addr.port()))
+        .collect()
+}
+
+const THREE: &str = r#"backends: [(addr: "127.0.0.1:1"), (addr: "127.0.0.1:2"), (addr: "127.0.0.1:3")]"#;
+
+#[test]
+fn failed_connects_take_a_backend_out_and_sessions_only_get_healthy_ones() {
+    let mut b = balancer(&format!(r#"{THREE}, health: (fall: 2, cooldown: "1m")"#));
+    let second = b.entries[1].id;
+    for _ in 0..2 {
+        b.connected(second, EgressId(0), Err(Fault::Backend));
+    }
+    assert_eq!(ports(&mut b, 4), [1, 3, 1, 3]);
+    assert_eq!(b.snapshot().0[1].state, HealthState::Down);
+    assert_eq!(b.stats.health_changes(), 1);
+    // All down: the pick fails at once rather than waiting on connects.
+    for entry in [b.entries[0].id, b.entries[2].id] {
+        b.connected(entry, EgressId(0), Err(Fault::Backend));
+        b.connected(entry, EgressId(0), Err(Fault::Backend));
+    }
+    assert_eq!(b.pick(CLIENT, &[]), None);
+}
+
+#[test]
+fn weight_zero_drains_and_weights_interleave() {
+    let mut b = balancer(
+        r#"balance: WeightedRoundRobin, backends: [(addr: "127.0.0.1:1", weight: 5), (addr: "127.0.0.1:2"), (addr: "127.0.0.1:3"), (addr: "127.0.0.1:4", weight: 0)]"#,
+    );
+    assert_eq!(ports(&mut b, 7), [1, 1, 2, 1, 3, 1, 1]);
+    assert_eq!(b.snapshot().0[3].state, HealthState::Draining);
+}
+
+#[test]
+fn a_failed_egress_is_avoided_until_it_recovers() {
+    let mut b = balancer(&format!(r#"egress: ["a", "b"], egress_strategy: Failover, {THREE}"#));
+    let (a, e_b) = (EgressId(1), EgressId(2));
+    assert_eq!(b.pick(CLIENT, &[]).unwrap().egress, a);
+    let id = b.entries[0].id;
+    b.connected(id, a, Err(Fault::Egress));
+    assert_eq!(
+        b.pick(CLIENT, &[]).unwrap().egress,
+        e_b,
+        "traffic leaves by the other egress"
+    );
+    assert_eq!(b.entries[0].connect_failures, 0, "an egress fault is not the backend's");
+    assert_eq!(
+        b.snapshot().1,
+        [
+            EgressSnapshot {
+                name: "a".into(),
+                up: false
+            },
+            EgressSnapshot {
+                name: "b".into(),
+                up: true
+            }
+        ]
+    );
+    b.egress_news(a, true, 1);
+    assert_eq!(
+        b.pick(CLIENT, &[]).unwrap().egress,
+        a,
+        "failover returns to the first once it is back"
+    );
+    b.egress_news(e_b, false, 2);
+    b.egress_news(a, false, 3);
+    assert_eq!(b.pick(CLIENT, &[]), None, "no egress up: fail fast");
+}
+
+#[test]
+fn a_vanished_address_retires_and_goes_when_its_sessions_end() {
+    let mut b = balancer(r#"backends: [(addr: "127.0.0.1:1")]"#);
+    let old = b.pick(CLIENT, &[]).unwrap();
+    b.connected(old.backend, old.egress, Ok(()));
+    let new_addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    b.resolved(0, vec![new_addr]);
+    assert_eq!(
+        b.pick(CLIENT, &[]).unwrap().addr,
+        new_addr,
+        "new sessions go to the new address"
+    );
+    assert_eq!(
+        b.snapshot().0[0].state,
+        HealthState::Retired,
+        "the old one keeps its live session"
+    );
+    b.closed(old.backend);
+    assert_eq!(b.snapshot().0.len(), 1);
+}
+
+#[test]
+fn the_actor_serves_its_handle() {
+    let s = settings(THREE);
+    let names: Arc<[String]> = s.egress.iter().map(|e| e.name.clone()).collect();
+    let (handle, task) = BalancerHandle::spawn(&s.routes[0], names, Arc::default(), 8);
+    let (first, snapshot) = rt::block_on(async {
+        let first = handle.pick(CLIENT, &[]).await.unwrap().unwrap();
+        handle.connected(first.backend, first.egress, Ok(())).await.unwrap();
+        (first, handle.snapshot().await.unwrap())
+    });
+    assert_eq!(first.addr.port(), 1);
+    assert_eq!((snapshot.0[0].active, snapshot.0[0].sessions), (1, 1));
+    drop(handle);
+    rt::block_on(task);
+}
