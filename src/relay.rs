@@ -41,6 +41,7 @@ pub struct Relay {
     drain_timeout: Duration,
     tasks: Vec<rt::JoinHandle<()>>,
     stats: Arc<Stats>,
+    status: Option<SocketAddr>,
 }
 
 struct RouteEntry {
@@ -113,6 +114,7 @@ impl Relay {
             drain_timeout: settings.drain_timeout,
             tasks: vec![dialer_task],
             stats,
+            status: None,
         };
         for ((route, socket), (balancer, balancer_task)) in settings.routes.into_iter().zip(sockets).zip(balancers) {
             relay.tasks.push(balancer_task);
@@ -209,6 +211,7 @@ impl Relay {
             .local_addr()
             .expect("a bound socket has a local address");
         log::info!(addr:% = addr; "status page listening");
+        self.status = Some(addr);
         self.tasks.push(rt::spawn(status.run(common.stop.clone())));
     }
 
@@ -219,6 +222,11 @@ impl Relay {
     /// The address a route listens on (useful with port 0).
     pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
         self.route(route).map(|r| r.view.listen)
+    }
+
+    /// The address the status page listens on, if the config has one (useful with port 0).
+    pub fn status_addr(&self) -> Option<SocketAddr> {
+        self.status
     }
 
     /// Runs a session on `stream` exactly as if the route's listener had accepted it from
@@ -268,6 +276,7 @@ impl Relay {
             drain_timeout,
             tasks,
             stats,
+            status: _,
         } = self;
         let live = stats.active();
         log::info!(sessions = live, drain_ms = drain_timeout.as_millis() as u64; "stopping");

@@ -71,6 +71,25 @@ impl Status {
             s.total(),
             s.forced()
         );
+        let _ = writeln!(
+            page,
+            "refused_no_backend={} health_changes={}",
+            s.no_backend(),
+            s.health_changes()
+        );
+        let _ = writeln!(
+            page,
+            "udp dropped_over_max_flows={} dropped_queue_full={}",
+            s.udp_over_limit(),
+            s.udp_dropped()
+        );
+        let _ = writeln!(
+            page,
+            "tcp paths splice={} copy={} splice_then_copy={}",
+            s.spliced(),
+            s.copied(),
+            s.splice_fallbacks()
+        );
         for route in &self.routes {
             let snapshot = route.snapshot().await;
             let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);
