@@ -220,7 +220,7 @@ async fn open(
 }
 
 fn register(socket: UdpSocket, target: SocketAddr, factory: &Factory) -> Result<Async<UdpSocket>, DialError> {
-    Async::new(socket).map_err(|source| DialError::Connect {
+    Async::new_nonblocking(socket).map_err(|source| DialError::Connect {
         egress: factory.name().to_string(),
         target,
         source,
@@ -239,7 +239,7 @@ async fn connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<Tcp
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(failed(e)),
     }
-    let stream = Async::new(TcpStream::from(socket)).map_err(failed)?;
+    let stream = Async::new_nonblocking(TcpStream::from(socket)).map_err(failed)?;
     stream.writable().await.map_err(failed)?;
     if let Some(e) = stream.get_ref().take_error().map_err(failed)? {
         return Err(failed(e));

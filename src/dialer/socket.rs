@@ -74,12 +74,9 @@ impl Factory {
                 target,
             });
         }
-        let socket = Socket::new(Domain::for_address(target), kind, Some(proto));
-        let socket = socket.map_err(|source| self.failed(BindStep::Create, target, source))?;
-        socket
-            .set_nonblocking(true)
-            .map_err(|source| self.failed(BindStep::Create, target, source))?;
-        Ok(socket)
+        // Non-blocking from birth: no fcntl round trips per connection.
+        let socket = Socket::new(Domain::for_address(target), kind.nonblocking(), Some(proto));
+        socket.map_err(|source| self.failed(BindStep::Create, target, source))
     }
 
     fn tcp_options(&self, socket: &Socket, target: SocketAddr) -> Result<(), DialError> {

@@ -13,7 +13,10 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::time::Duration;
 
-use socket2::{Domain, Socket, Type};
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{Protocol, Route};
 use crate::error::StartError;
@@ -67,13 +70,13 @@ impl Listener {
     pub async fn run(self, stop: Signal, guard: DrainGuard) {
         let route = self.sessions.route_name.clone();
         let mut backoff = BACKOFF_MIN;
-        while let Some(accepted) = stop.unless(self.socket.accept()).await {
+        while let Some(accepted) = stop.unless(accept(&self.socket)).await {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = BACKOFF_MIN;
                     // Small writes (prompts, handshakes) go out at once, as they came in.
                     let _ = stream.get_ref().set_nodelay(true);
-                    drop(self.sessions.open(TcpConn::from_async(stream), peer, guard.clone()));
+                    drop(self.sessions.open(stream, peer, guard.clone()));
                 }
                 Err(e) if is_transient(&e) => {
                     log::debug!(route = &*route, err:% = e; "accept: connection gone before it was taken");
@@ -87,6 +90,38 @@ impl Listener {
         }
         log::info!(route = &*route; "listener stopped");
     }
+}
+
+/// Accepts with accept4(SOCK_NONBLOCK | SOCK_CLOEXEC): the new socket goes to the reactor as it
+/// is, without the mode-setting calls a plain accept would need after it.
+async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn, SocketAddr)> {
+    let (fd, peer) = listener
+        .read_with(|l| {
+            // SAFETY: accept4 writes at most `len` bytes of address into the storage try_init
+            // provides, and returns a new descriptor that is owned below.
+            unsafe {
+                SockAddr::try_init(|storage, len| {
+                    let fd = libc::accept4(
+                        l.as_raw_fd(),
+                        storage.cast(),
+                        len,
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    );
+                    if fd < 0 {
+                        Err(io::Error::last_os_error())
+                    } else {
+                        Ok(fd)
+                    }
+                })
+            }
+        })
+        .await?;
+    // SAFETY: a fresh descriptor from accept4, owned by nothing else.
+    let stream = unsafe { TcpStream::from_raw_fd(fd) };
+    let peer = peer
+        .as_socket()
+        .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
+    Ok((TcpConn::from_async(Async::new_nonblocking(stream)?), peer))
 }
 
 /// The client gave up between SYN and accept: nothing is wrong with the listener.
