@@ -45,8 +45,19 @@ pub struct Relay {
 }
 
 struct RouteEntry {
-    view: RouteView,
+    listen: SocketAddr,
     sessions: Sessions,
+}
+
+impl RouteEntry {
+    /// What the status page and snapshots show of the route.
+    fn view(&self) -> RouteView {
+        RouteView {
+            name: self.sessions.route_name.clone(),
+            listen: self.listen,
+            balancer: self.sessions.balancer.clone(),
+        }
+    }
 }
 
 /// One route as its balancer sees it.
@@ -160,12 +171,7 @@ impl Relay {
         };
         let listen = listen.expect("a bound socket has a local address");
         log::info!(route = &*sessions.route_name, protocol:? = sessions.route.protocol, addr:% = listen; "listening");
-        let view = RouteView {
-            name: sessions.route_name.clone(),
-            listen,
-            balancer: sessions.balancer.clone(),
-        };
-        self.routes.push(RouteEntry { view, sessions });
+        self.routes.push(RouteEntry { listen, sessions });
         self.tasks.push(task);
     }
 
@@ -202,7 +208,7 @@ impl Relay {
     fn start_status(&mut self, socket: Async<TcpListener>, common: &Common) {
         let status = Status {
             socket,
-            routes: self.routes.iter().map(|r| r.view.clone()).collect(),
+            routes: self.routes.iter().map(|r| r.view()).collect(),
             stats: self.stats.clone(),
         };
         let addr = status
@@ -221,7 +227,7 @@ impl Relay {
 
     /// The address a route listens on (useful with port 0).
     pub fn local_addr(&self, route: &str) -> Option<SocketAddr> {
-        self.route(route).map(|r| r.view.listen)
+        self.route(route).map(|r| r.listen)
     }
 
     /// The address the status page listens on, if the config has one (useful with port 0).
@@ -260,7 +266,7 @@ impl Relay {
     pub async fn snapshot(&self) -> Vec<RouteSnapshot> {
         let mut out = Vec::with_capacity(self.routes.len());
         for r in &self.routes {
-            out.push(r.view.snapshot().await);
+            out.push(r.view().snapshot().await);
         }
         out
     }

@@ -38,10 +38,6 @@ impl Signal {
         let _ = self.0.recv_async().await;
     }
 
-    pub fn fired(&self) -> bool {
-        self.0.is_disconnected()
-    }
-
     /// `work`'s output, or `None` when this signal fires first (`work` is then dropped).
     pub async fn unless<F: Future>(&self, work: F) -> Option<F::Output> {
         match future::select(pin!(work), pin!(self.wait())).await {

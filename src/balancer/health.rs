@@ -1,7 +1,7 @@
 //! Health as one Balancer sees it: of its backends (failed connects and active checks) and of
 //! the egresses they leave by (the Dialer's word, and this route's own failed dials).
 
-use super::{BackendId, Balancer, Entry, Fault};
+use super::{BackendId, Balancer, Fault};
 use crate::config::EgressId;
 
 use std::time::{Duration, Instant};
@@ -184,10 +184,6 @@ impl EgressHealth {
 
 /// What sessions, checks and the Dialer tell the balancer about health.
 impl Balancer {
-    pub(super) fn entry(&mut self, id: BackendId) -> Option<&mut Entry> {
-        self.entries.iter_mut().find(|e| e.id == id)
-    }
-
     pub(super) fn connected(&mut self, id: BackendId, egress: EgressId, outcome: Result<(), Fault>) {
         let now = Instant::now();
         match outcome {
@@ -198,20 +194,24 @@ impl Balancer {
         if outcome.is_ok() {
             self.egress_recovered(egress);
         }
-        let health = self.health.clone();
-        let Some(entry) = self.entry(id) else { return };
+        // Disjoint borrows of entries and health: nothing is cloned per connection.
+        let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
+            return;
+        };
         if outcome.is_ok() {
             entry.active += 1;
             entry.sessions += 1;
         } else {
             entry.connect_failures += 1;
         }
-        let change = entry.health.connected(outcome.is_ok(), now, &health);
+        let change = entry.health.connected(outcome.is_ok(), now, &self.health);
         self.report(id, change);
     }
 
     pub(super) fn closed(&mut self, id: BackendId) {
-        let Some(entry) = self.entry(id) else { return };
+        let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
+            return;
+        };
         entry.active = entry.active.saturating_sub(1);
         if entry.retired && entry.active == 0 {
             self.entries.retain(|e| e.id != id);
@@ -219,9 +219,10 @@ impl Balancer {
     }
 
     pub(super) fn checked(&mut self, id: BackendId, ok: bool) {
-        let health = self.health.clone();
-        let Some(entry) = self.entry(id) else { return };
-        let change = entry.health.checked(ok, &health);
+        let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
+            return;
+        };
+        let change = entry.health.checked(ok, &self.health);
         self.report(id, change);
     }
 
@@ -242,11 +243,10 @@ impl Balancer {
     }
 
     pub(super) fn egress_failed(&mut self, egress: EgressId) {
-        let health = self.health.clone();
         let changed = self
             .egresses
             .get_mut(egress.0)
-            .is_some_and(|e| e.failed(Instant::now(), &health));
+            .is_some_and(|e| e.failed(Instant::now(), &self.health));
         self.egress_report(egress, changed, false);
     }
 
@@ -256,11 +256,10 @@ impl Balancer {
     }
 
     pub(super) fn egress_news(&mut self, egress: EgressId, up: bool, seq: u64) {
-        let health = self.health.clone();
         let changed = self
             .egresses
             .get_mut(egress.0)
-            .is_some_and(|e| e.told(up, seq, Instant::now(), &health));
+            .is_some_and(|e| e.told(up, seq, Instant::now(), &self.health));
         self.egress_report(egress, changed, up);
     }
 
