@@ -14,7 +14,7 @@ use crate::dialer::DialerHandle;
 use crate::error::{InjectError, StartError};
 use crate::listener::{self, Bound, Listener, UdpListener};
 use crate::rt::{self, Async};
-use crate::session::{SessionReport, Sessions};
+use crate::session::{RouteContext, SessionReport, Sessions};
 use crate::shutdown::{self, Drain, Signal, Trigger};
 use crate::stats::Stats;
 use crate::status::{RouteView, Status};
@@ -22,7 +22,7 @@ use crate::status::{RouteView, Status};
 /// What every route's actors share.
 struct Common {
     dialer: DialerHandle,
-    egress_names: Arc<[String]>,
+    egress_names: Arc<[Arc<str>]>,
     stop: Signal,
     force: Signal,
     splice: bool,
@@ -102,7 +102,7 @@ impl Relay {
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let mailbox = settings.mailbox.get();
-        let egress_names: Arc<[String]> = settings.egress.iter().map(|e| e.name.clone()).collect();
+        let egress_names: Arc<[Arc<str>]> = settings.egress.iter().map(|e| e.name.as_str().into()).collect();
         let stats = Arc::<Stats>::default();
         // Balancers first: the Dialer tells them when an egress goes down or comes back.
         let balancers: Vec<_> = (settings.routes.iter())
@@ -140,7 +140,7 @@ impl Relay {
     /// The Listener of `route` (whose Balancer runs already), and its checker and resolver.
     fn start_route(&mut self, route: Route, socket: Bound, balancer: BalancerHandle, common: &Common) {
         self.start_helpers(&route, &balancer, common);
-        let sessions = Sessions {
+        let sessions = Sessions::new(RouteContext {
             route_name: route.name.as_str().into(),
             route: Arc::new(route),
             egress_names: common.egress_names.clone(),
@@ -150,7 +150,7 @@ impl Relay {
             force: common.force.clone(),
             stats: self.stats.clone(),
             splice: common.splice,
-        };
+        });
         let guard = self.drain.guard().expect("a new drain hands out guards");
         let stop = common.stop.clone();
         let (listen, task) = match socket {

@@ -73,8 +73,35 @@ pub async fn sleep(duration: Duration) {
 }
 
 /// `future`'s output, or `None` when `limit` passed first.
-pub async fn timeout<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
-    async_std::future::timeout(limit, future).await.ok()
+///
+/// A future of its own rather than an `async fn`: an `async fn` holds its argument twice (as
+/// given and as awaited), and every dial wraps its whole connect in this.
+pub fn timeout<F: Future>(limit: Duration, future: F) -> Timeout<F> {
+    Timeout {
+        future,
+        timer: Timer::after(limit),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// See [`timeout`].
+    pub struct Timeout<F> {
+        #[pin]
+        future: F,
+        timer: Timer,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        Pin::new(this.timer).poll(cx).map(|_| None)
+    }
 }
 
 /// The addresses `host` resolves to (the system resolver, off the executor's threads).

@@ -266,7 +266,7 @@ impl Balancer {
     /// The Dialer logs egress changes once for the relay; each route notes them at debug.
     pub(super) fn egress_report(&self, egress: EgressId, changed: bool, up: bool) {
         if changed {
-            let name = self.egress_names.get(egress.0).map_or("?", String::as_str);
+            let name = self.egress_names.get(egress.0).map_or("?", |n| &**n);
             log::debug!(route = &*self.route, egress = name, up = up; "egress standing changed");
             self.stats.health_changed();
         }

@@ -135,7 +135,7 @@ impl BalancerHandle {
     /// A balancer for `route`; `egress_names` are the relay's, indexed by [`EgressId`].
     pub(crate) fn spawn(
         route: &Route,
-        egress_names: Arc<[String]>,
+        egress_names: Arc<[Arc<str>]>,
         stats: Arc<Stats>,
         mailbox: usize,
     ) -> (Self, rt::JoinHandle<()>) {
@@ -253,13 +253,13 @@ struct Balancer {
     egress_cursor: usize,
     /// Indexed by [`EgressId`]: every egress of the relay.
     egresses: Vec<EgressHealth>,
-    egress_names: Arc<[String]>,
+    egress_names: Arc<[Arc<str>]>,
     rng: fastrand::Rng,
     stats: Arc<Stats>,
 }
 
 impl Balancer {
-    fn new(route: &Route, egress_names: Arc<[String]>, stats: Arc<Stats>) -> Self {
+    fn new(route: &Route, egress_names: Arc<[Arc<str>]>, stats: Arc<Stats>) -> Self {
         let mut balancer = Balancer {
             route: route.name.as_str().into(),
             strategy: route.balance,
@@ -355,7 +355,7 @@ impl Balancer {
         }
         let egresses = (names.iter())
             .map(|g| EgressSnapshot {
-                name: self.egress_names.get(g.0).cloned().unwrap_or_default(),
+                name: self.egress_names.get(g.0).map(|n| n.to_string()).unwrap_or_default(),
                 up: self.egresses.get(g.0).is_some_and(EgressHealth::is_up),
             })
             .collect();

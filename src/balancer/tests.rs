@@ -12,7 +12,7 @@ fn settings(route: &str) -> Settings {
 
 fn balancer(route: &str) -> Balancer {
     let s = settings(route);
-    let names: Arc<[String]> = s.egress.iter().map(|e| e.name.clone()).collect();
+    let names: Arc<[Arc<str>]> = s.egress.iter().map(|e| e.name.as_str().into()).collect();
     Balancer::new(&s.routes[0], names, Arc::default())
 }
 
@@ -112,7 +112,7 @@ fn a_vanished_address_retires_and_goes_when_its_sessions_end() {
 #[test]
 fn the_actor_serves_its_handle() {
     let s = settings(THREE);
-    let names: Arc<[String]> = s.egress.iter().map(|e| e.name.clone()).collect();
+    let names: Arc<[Arc<str>]> = s.egress.iter().map(|e| e.name.as_str().into()).collect();
     let (handle, task) = BalancerHandle::spawn(&s.routes[0], names, Arc::default(), 8);
     let (first, snapshot) = rt::block_on(async {
         let first = handle.pick(CLIENT, &[]).await.unwrap().unwrap();

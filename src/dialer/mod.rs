@@ -7,6 +7,7 @@ mod socket;
 
 use std::io;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::sync::Arc;
 use std::time::Duration;
 
 use socket2::{SockAddr, Socket};
@@ -39,7 +40,7 @@ pub(crate) enum DialerMsg {
 /// A TCP socket ready for its connect, and what the connect needs to know.
 pub(crate) struct Prepared {
     socket: Socket,
-    egress_name: String,
+    egress_name: Arc<str>,
     proxy: Option<UpstreamProxy>,
     /// The egress was down when the socket was built: a success is news.
     was_down: bool,
@@ -59,6 +60,7 @@ impl DialerHandle {
         let (tx, rx) = flume::bounded(mailbox);
         let dialer = Dialer {
             factories: egress.iter().cloned().map(Factory::new).collect(),
+            names: egress.iter().map(|e| e.name.as_str().into()).collect(),
             down: vec![false; egress.len()],
             seq: 0,
             watchers,
@@ -82,7 +84,7 @@ impl DialerHandle {
         let name = prepared.egress_name.clone();
         let opened = rt::timeout(timeout, open(prepared.socket, target, prepared.proxy, &name)).await;
         let opened = opened.unwrap_or(Err(DialError::Timeout {
-            egress: name,
+            egress: name.to_string(),
             target,
             after: timeout,
         }));
@@ -108,6 +110,8 @@ impl DialerHandle {
 struct Dialer {
     /// Indexed by [`EgressId`].
     factories: Vec<Factory>,
+    /// Indexed by [`EgressId`]: the factories' names, shared with every dial's errors.
+    names: Vec<Arc<str>>,
     /// Indexed by [`EgressId`]: the relay-wide word on each egress.
     down: Vec<bool>,
     /// Numbers the news, so that a balancer can tell old from new.
@@ -177,7 +181,7 @@ impl Dialer {
         let built = self.factory(egress).and_then(|f| {
             let proxy = f.via_proxy().cloned();
             let hop = proxy.as_ref().map_or(target, |p| p.addr);
-            Ok((f.name().to_string(), proxy, f.tcp(hop)?))
+            Ok((self.names[egress.0].clone(), proxy, f.tcp(hop)?))
         });
         let prepared = match built {
             Ok((egress_name, proxy, socket)) => Ok(Prepared {

@@ -3,6 +3,7 @@
 //! one log line, and a closed connection.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -32,7 +33,7 @@ fn refused(status: u16, target: &str, why: impl Into<String>) -> Refused {
 /// An open tunnel: the target dialed, the upstream, and bytes the client sent after its head.
 struct Tunnel {
     target: SocketAddr,
-    egress: String,
+    egress: Arc<str>,
     upstream: TcpConn,
     early: Vec<u8>,
 }
@@ -138,7 +139,7 @@ impl Sessions {
     /// The first of `addrs` that connects, by the route's egress: 504 if the last failure was
     /// a timeout, 502 otherwise. An egress at fault is taken out and the address tried again by
     /// the next one.
-    async fn dial_any(&self, addrs: &[SocketAddr], target: &str) -> Result<(TcpConn, SocketAddr, String), Refused> {
+    async fn dial_any(&self, addrs: &[SocketAddr], target: &str) -> Result<(TcpConn, SocketAddr, Arc<str>), Refused> {
         let mut last = refused(502, target, "no address tried");
         for addr in addrs {
             for _ in 0..=self.egress_names.len() {

@@ -70,7 +70,7 @@ pub struct SessionReport {
     pub route: Arc<str>,
     pub peer: SocketAddr,
     pub backend: Option<SocketAddr>,
-    pub egress: Option<String>,
+    pub egress: Option<Arc<str>>,
     /// Client to backend.
     pub bytes_up: u64,
     /// Backend to client.
@@ -110,11 +110,15 @@ impl Drop for Live {
 }
 
 /// What a route's sessions share; the Listeners and [`crate::Relay::inject`] open sessions here.
+/// Every session holds a clone, so it is one reference count, not one per field.
 #[derive(Clone)]
-pub(crate) struct Sessions {
+pub(crate) struct Sessions(Arc<RouteContext>);
+
+/// The route's settings and the handles of the actors its sessions talk to.
+pub(crate) struct RouteContext {
     pub route: Arc<Route>,
     pub route_name: Arc<str>,
-    pub egress_names: Arc<[String]>,
+    pub egress_names: Arc<[Arc<str>]>,
     pub balancer: BalancerHandle,
     pub dialer: DialerHandle,
     pub stop: Signal,
@@ -122,6 +126,20 @@ pub(crate) struct Sessions {
     pub stats: Arc<Stats>,
     /// TCP pairs move bytes by splice(2).
     pub splice: bool,
+}
+
+impl Sessions {
+    pub fn new(context: RouteContext) -> Self {
+        Sessions(Arc::new(context))
+    }
+}
+
+impl std::ops::Deref for Sessions {
+    type Target = RouteContext;
+
+    fn deref(&self) -> &RouteContext {
+        &self.0
+    }
 }
 
 impl Sessions {
@@ -151,7 +169,7 @@ impl Sessions {
         (id, task)
     }
 
-    fn egress_name(&self, pick: &Pick) -> String {
+    fn egress_name(&self, pick: &Pick) -> Arc<str> {
         self.egress_names[pick.egress.0].clone()
     }
 
@@ -186,7 +204,7 @@ impl Sessions {
                 Ok(upstream) => return Ok((pick, upstream)),
                 Err(DialError::Gone(_)) => return Err(SessionEnd::RelayStopped),
                 Err(e) => log::warn!(route = &*self.route_name, session = id.0, client:% = peer,
-                    backend:% = pick.addr, egress = self.egress_name(&pick).as_str(), err:% = e; "connect failed"),
+                    backend:% = pick.addr, egress = &*self.egress_name(&pick), err:% = e; "connect failed"),
             }
             match fault {
                 Some(Fault::Egress) => egress_faults += 1,
@@ -201,13 +219,16 @@ impl Sessions {
 /// One summary line per session; a session that reached no backend, or whose backend failed,
 /// is a warning.
 fn log_end(r: &SessionReport) {
-    let end = format!("{:?}", r.end);
-    let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
-    let egress = r.egress.as_deref().unwrap_or("-");
     let level = match r.end {
         SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) => log::Level::Warn,
         _ => log::Level::Info,
     };
+    if !log::log_enabled!(level) {
+        return;
+    }
+    let end = format!("{:?}", r.end);
+    let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
+    let egress = r.egress.as_deref().unwrap_or("-");
     log::log!(level, route = &*r.route, session = r.id.0, client:% = r.peer, backend = backend.as_str(),
         egress = egress, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
         duration_ms = r.duration.as_millis() as u64, end = end.as_str(); "session closed");

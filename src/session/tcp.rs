@@ -1,5 +1,6 @@
 //! A TCP session: connect with failover, then the two-way pump.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -10,6 +11,7 @@ use std::any::Any;
 use super::pump::{End, Pump};
 use super::splice::SplicePump;
 use super::{Path, SessionEnd, SessionId, SessionReport, Sessions};
+use crate::balancer::Pick;
 use crate::config::Protocol;
 use crate::rt::{JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
@@ -27,31 +29,39 @@ impl Sessions {
         }
     }
 
-    async fn run_tcp<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
+    /// The session's future. Not an `async fn`: that would keep a second copy of every
+    /// argument in the task for its whole life.
+    #[allow(clippy::manual_async_fn)]
+    fn run_tcp<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> impl Future<Output = SessionReport> + Send
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
-        let started = Instant::now();
-        let mut report = SessionReport::new(id, self.route_name.clone(), peer);
-        let timeout = self.route.connect_timeout;
-        let mut tried = Vec::new();
-        // Boxed: the connect phase is most of a session's state, and an idle session need not
-        // carry it for its whole life.
-        let connect = Box::pin(self.connect(id, peer, &mut tried, |pick| {
-            self.dialer.tcp(pick.addr, pick.egress, timeout)
-        }));
-        match self.force.unless(connect).await {
-            None => report.end = SessionEnd::Forced,
-            Some(Err(end)) => report.end = end,
-            Some(Ok((pick, mut upstream))) => {
-                report.backend = Some(pick.addr);
-                report.egress = Some(self.egress_name(&pick));
-                report.end = self.relay(&mut client, &mut upstream, &mut report).await;
-                let _ = self.balancer.closed(pick.backend).await;
+        async move {
+            let started = Instant::now();
+            let timeout = self.route.connect_timeout;
+            // Boxed, and dropped once connected: the connect phase is most of a session's
+            // state, and an idle session need not carry it for its whole life.
+            let connect = Box::pin(async {
+                let mut tried = Vec::new();
+                let dial = |pick: Pick| self.dialer.tcp(pick.addr, pick.egress, timeout);
+                self.connect(id, peer, &mut tried, dial).await
+            });
+            let connected = self.force.unless(connect).await;
+            let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+            match connected {
+                None => report.end = SessionEnd::Forced,
+                Some(Err(end)) => report.end = end,
+                Some(Ok((pick, mut upstream))) => {
+                    report.backend = Some(pick.addr);
+                    report.egress = Some(self.egress_name(&pick));
+                    report.end = self.relay(&mut client, &mut upstream, &mut report).await;
+                    drop(upstream);
+                    let _ = self.balancer.closed(pick.backend).await;
+                }
             }
+            report.duration = started.elapsed();
+            report
         }
-        report.duration = started.elapsed();
-        report
     }
 
     /// Relays until the pair ends: by splice when both ends are TCP sockets (and splice is on),

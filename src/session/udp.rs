@@ -100,7 +100,7 @@ impl Sessions {
     /// as a failed connect; a flow it never answered fails over to the next backend.
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
         log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
-            egress = self.egress_name(pick).as_str(), err:% = e; "udp backend failed");
+            egress = &*self.egress_name(pick), err:% = e; "udp backend failed");
         let _ = self
             .balancer
             .connected(pick.backend, pick.egress, Err(Fault::Backend))
