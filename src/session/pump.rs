@@ -16,7 +16,7 @@ use futures::io::{AsyncRead, AsyncWrite};
 use futures::ready;
 
 use crate::config::Timeouts;
-use crate::rt::Timer;
+use crate::rt::Deadline;
 
 /// Bytes one read may take.
 pub(super) const SCRATCH: usize = 64 * 1024;
@@ -211,7 +211,7 @@ pub(super) type Progress = (u64, bool, bool);
 /// The idle and fin timeouts of a relayed pair.
 pub(super) struct Idle {
     timeouts: Timeouts,
-    timer: Timer,
+    timer: Deadline,
     last: Instant,
 }
 
@@ -219,7 +219,7 @@ impl Idle {
     pub fn new(timeouts: Timeouts) -> Self {
         Idle {
             timeouts,
-            timer: Timer::after(timeouts.idle),
+            timer: Deadline::after(timeouts.idle),
             last: Instant::now(),
         }
     }

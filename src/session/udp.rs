@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use super::{Direction, SessionEnd, SessionId, SessionReport, Sessions};
 use crate::balancer::{Fault, Pick};
 use crate::listener::Endpoint;
-use crate::rt::{Async, JoinHandle, Timer};
+use crate::rt::{Async, Deadline, JoinHandle};
 use crate::shutdown::DrainGuard;
 
 /// The largest UDP payload, plus one so that a truncated read cannot pass unnoticed.
@@ -122,7 +122,7 @@ impl Sessions {
         report.bytes_up += last.len() as u64;
         let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
         let mut moved = Instant::now();
-        let mut timer = Timer::after(quiet);
+        let mut timer = Deadline::after(quiet);
         loop {
             match self.next_event(flow, upstream, &mut timer, stopping, client_gone).await {
                 Event::Force => return SessionEnd::Forced,
@@ -163,7 +163,7 @@ impl Sessions {
         &self,
         flow: &Flow,
         upstream: &Async<UdpSocket>,
-        timer: &mut Timer,
+        timer: &mut Deadline,
         stopping: bool,
         client_gone: bool,
     ) -> Event {

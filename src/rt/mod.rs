@@ -14,7 +14,10 @@ use std::time::Duration;
 
 use futures::io::{AsyncRead, AsyncWrite};
 
+mod deadline;
+
 pub(crate) use async_io::{Async, Timer};
+pub use deadline::Deadline;
 
 /// Sets the executor's thread count (default: one per core). Only the first call before any
 /// task is spawned counts; the daemon makes it right after reading its config.
@@ -79,7 +82,7 @@ pub async fn sleep(duration: Duration) {
 pub fn timeout<F: Future>(limit: Duration, future: F) -> Timeout<F> {
     Timeout {
         future,
-        timer: Timer::after(limit),
+        deadline: Deadline::after(limit),
     }
 }
 
@@ -88,7 +91,7 @@ pin_project_lite::pin_project! {
     pub struct Timeout<F> {
         #[pin]
         future: F,
-        timer: Timer,
+        deadline: Deadline,
     }
 }
 
@@ -100,7 +103,7 @@ impl<F: Future> Future for Timeout<F> {
         if let Poll::Ready(output) = this.future.poll(cx) {
             return Poll::Ready(Some(output));
         }
-        Pin::new(this.timer).poll(cx).map(|_| None)
+        Pin::new(this.deadline).poll(cx).map(|()| None)
     }
 }
 
