@@ -1,41 +1,70 @@
 //! Stop signals and the session drain.
 //!
-//! A signal is a flume channel nobody ever sends on: dropping its one [`Trigger`] makes every
-//! cloned [`Signal::wait`] return. Sessions hold a [`DrainGuard`] (an unused sender); when the
-//! last guard is gone, [`Drain::wait`] returns, so the relay knows every session has ended
-//! without keeping a list of them.
+//! A [`Signal`] fires when its one [`Trigger`] is dropped: every cloned [`Signal::wait`] then
+//! returns. Sessions hold a [`DrainGuard`] (an unused sender); when the last guard is gone,
+//! [`Drain::wait`] returns, so the relay knows every session has ended without keeping a list
+//! of them.
 
 use std::future::Future;
 use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use event_listener::Event;
 use futures::future::{self, Either};
 
 use crate::rt;
 
+#[derive(Debug, Default)]
+struct Shared {
+    fired: AtomicBool,
+    event: Event,
+}
+
 /// Fires its [`Signal`]s when dropped or [`Trigger::fire`]d.
 #[derive(Debug)]
-pub struct Trigger(#[allow(dead_code)] flume::Sender<()>);
+pub struct Trigger(Arc<Shared>);
 
 /// Waits for a [`Trigger`]; cheap to clone.
+///
+/// Every session waits on the relay's force signal for its whole life, so a wait costs little:
+/// a flag to check, and a listener linked into (and out of) the signal's list in O(1), kept in
+/// the waiting future itself rather than allocated.
 #[derive(Debug, Clone)]
-pub struct Signal(flume::Receiver<()>);
+pub struct Signal(Arc<Shared>);
 
 /// A trigger and the signal it fires.
 pub fn signal() -> (Trigger, Signal) {
-    let (tx, rx) = flume::bounded(1);
-    (Trigger(tx), Signal(rx))
+    let shared = Arc::new(Shared::default());
+    (Trigger(shared.clone()), Signal(shared))
 }
 
 impl Trigger {
     pub fn fire(self) {}
 }
 
+impl Drop for Trigger {
+    fn drop(&mut self) {
+        self.0.fired.store(true, Ordering::Release);
+        self.0.event.notify(usize::MAX);
+    }
+}
+
 impl Signal {
     /// Returns once the trigger has fired (at once if it already has).
     pub async fn wait(&self) {
-        // Nothing is ever sent: the only way out is the sender being dropped.
-        let _ = self.0.recv_async().await;
+        loop {
+            if self.0.fired.load(Ordering::Acquire) {
+                return;
+            }
+            event_listener::listener!(self.0.event => listener);
+            // Fired between the check and the listening: the listener missed the news.
+            if self.0.fired.load(Ordering::Acquire) {
+                return;
+            }
+            listener.await;
+        }
     }
 
     /// `work`'s output, or `None` when this signal fires first (`work` is then dropped).
