@@ -82,6 +82,9 @@ pub(super) struct Half {
     pub filled: bool,
     /// The last read was short: the socket is drained for now.
     drained: bool,
+    /// The other direction has ended, so this one's end ends the pair: the writer is about to
+    /// be closed, and closing it sends the FIN without a shutdown of its own.
+    pub last: bool,
 }
 
 impl Half {
@@ -116,7 +119,11 @@ impl Half {
         for _ in 0..BUDGET {
             ready!(self.flush_pending(cx, w.as_mut()))?;
             if self.eof {
-                ready!(w.as_mut().poll_close(cx))?;
+                if self.last {
+                    ready!(w.as_mut().poll_flush(cx))?;
+                } else {
+                    ready!(w.as_mut().poll_close(cx))?;
+                }
                 self.done = true;
                 return Poll::Ready(Ok(()));
             }

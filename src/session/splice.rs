@@ -139,10 +139,13 @@ impl SpliceHalf {
                 continue;
             }
             if self.eof {
-                // shutdown(Write) passes the FIN on; the other direction keeps flowing.
-                match dst.get_ref().shutdown(Shutdown::Write) {
-                    Err(e) if e.kind() != io::ErrorKind::NotConnected => return Poll::Ready(Err(e)),
-                    _ => {}
+                // shutdown(Write) passes the FIN on while the other direction keeps flowing;
+                // when that one has ended too, closing the socket sends it.
+                if !self.copy.last {
+                    match dst.get_ref().shutdown(Shutdown::Write) {
+                        Err(e) if e.kind() != io::ErrorKind::NotConnected => return Poll::Ready(Err(e)),
+                        _ => {}
+                    }
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -253,11 +256,15 @@ impl Future for SplicePump<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
         let before = this.progress();
+        // A direction that ends after the other one has ends the pair: the sockets are closed
+        // next, and the close sends its FIN.
+        this.up.copy.last = this.down.done();
         if !this.up.done() {
             if let Poll::Ready(Err(e)) = this.up.poll(cx, this.client, this.backend) {
                 return Poll::Ready(End::Failed(Direction::Up, e));
             }
         }
+        this.down.copy.last = this.up.done();
         if !this.down.done() {
             if let Poll::Ready(Err(e)) = this.down.poll(cx, this.backend, this.client) {
                 return Poll::Ready(End::Failed(Direction::Down, e));

@@ -55,7 +55,8 @@ impl Sessions {
                     report.backend = Some(pick.addr);
                     report.egress = Some(self.egress_name(&pick));
                     report.end = self.relay(&mut client, &mut upstream, &mut report).await;
-                    drop(upstream);
+                    // Closed now: a pair that ended both ways left its last FIN to the close.
+                    drop((upstream, client));
                     let _ = self.balancer.closed(pick.backend).await;
                 }
             }
