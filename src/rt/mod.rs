@@ -31,6 +31,10 @@ struct Pool {
 
 static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
 
+fn pool() -> &'static Pool {
+    POOL.get_or_init(|| start_workers(None))
+}
+
 /// Sets the executor's thread count (default: one per core) and starts the workers. Only the
 /// first call counts, and only before the first task is spawned (which starts the default).
 pub fn init(workers: Option<std::num::NonZeroUsize>) {
@@ -101,7 +105,7 @@ where
     F::Output: Send + 'static,
 {
     use std::sync::atomic::Ordering;
-    let pool = POOL.get_or_init(|| start_workers(None));
+    let pool = pool();
     let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.executors.len();
     JoinHandle(Some(pool.executors[i].spawn(future)))
 }
@@ -288,3 +292,42 @@ where
 
 /// A relayed TCP connection, accepted or dialed.
 pub type TcpConn = Conn<TcpStream>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_handle_lets_its_task_run_on() {
+        let (tx, rx) = flume::bounded(1);
+        let (go, wait) = flume::bounded::<()>(1);
+        drop(spawn(async move {
+            let _ = wait.recv_async().await;
+            let _ = tx.send_async(42).await;
+        }));
+        go.send(()).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(42));
+    }
+
+    #[test]
+    fn a_task_runs_on_a_worker_and_stays_on_it() {
+        // Each task notes its thread before and after a wait in the reactor.
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                spawn(async {
+                    let before = std::thread::current();
+                    Timer::after(Duration::from_millis(1)).await;
+                    (
+                        before.id(),
+                        before.name().map(str::to_string),
+                        std::thread::current().id(),
+                    )
+                })
+            })
+            .collect();
+        for (before, name, after) in block_on(futures::future::join_all(tasks)) {
+            assert_eq!(name.as_deref(), Some("relayd-worker"));
+            assert_eq!(before, after, "a task moved to another thread");
+        }
+    }
+}
