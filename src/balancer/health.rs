@@ -73,6 +73,12 @@ impl BackendHealth {
         self.failing
     }
 
+    /// A connect that succeeds would change something: failures in a row to forget, a
+    /// cool-down to end, or a trial to pass.
+    pub fn success_is_news(&self) -> bool {
+        self.failing > 0 || self.ejections > 0 || self.state != State::Up
+    }
+
     /// A session's connect to this backend succeeded or failed (through the backend's fault).
     pub fn connected(&mut self, ok: bool, now: Instant, h: &Health) -> Option<Change> {
         if ok {
@@ -175,6 +181,11 @@ impl EgressHealth {
         if up { self.recovered() } else { self.failed(now, h) }
     }
 
+    /// A dial that succeeds by this egress would change something.
+    pub fn success_is_news(&self) -> bool {
+        self.ejections > 0 || self.down_until.is_some()
+    }
+
     /// A dial by this egress succeeded.
     pub fn recovered(&mut self) -> bool {
         self.ejections = 0;
@@ -184,28 +195,36 @@ impl EgressHealth {
 
 /// What sessions, checks and the Dialer tell the balancer about health.
 impl Balancer {
+    /// How a picked pair's dial ended. The pick counted the session already; a failure takes
+    /// it back. A success is only heard of when it is news ([`super::Pick::news`]).
     pub(super) fn connected(&mut self, id: BackendId, egress: EgressId, outcome: Result<(), Fault>) {
         let now = Instant::now();
+        if outcome.is_err() {
+            self.unpicked(id);
+        }
         match outcome {
             Err(Fault::Egress) => return self.egress_failed(egress),
             Err(Fault::Relay) => return,
-            _ => {}
-        }
-        if outcome.is_ok() {
-            self.egress_recovered(egress);
+            Ok(()) => self.egress_recovered(egress),
+            Err(Fault::Backend) => {}
         }
         // Disjoint borrows of entries and health: nothing is cloned per connection.
         let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
             return;
         };
-        if outcome.is_ok() {
-            entry.active += 1;
-            entry.sessions += 1;
-        } else {
+        if outcome.is_err() {
             entry.connect_failures += 1;
         }
         let change = entry.health.connected(outcome.is_ok(), now, &self.health);
         self.report(id, change);
+    }
+
+    /// Takes back what a pick counted for a session that never opened.
+    fn unpicked(&mut self, id: BackendId) {
+        if let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) {
+            entry.sessions = entry.sessions.saturating_sub(1);
+        }
+        self.closed(id);
     }
 
     pub(super) fn closed(&mut self, id: BackendId) {

@@ -31,6 +31,9 @@ pub struct Pick {
     pub backend: BackendId,
     pub addr: SocketAddr,
     pub egress: EgressId,
+    /// A successful connect would change the backend's or the egress's health, so the session
+    /// reports it. Otherwise only failures are reported: the pick itself counted the session.
+    pub news: bool,
 }
 
 /// Whose fault a failed dial was.
@@ -83,7 +86,7 @@ pub(crate) enum BalancerMsg {
         tried: Vec<BackendId>,
         reply: flume::Sender<Option<Pick>>,
     },
-    /// A session's dial ended: `Ok` means a session is now open on the backend.
+    /// A session's dial failed, or succeeded where that is news ([`Pick::news`]).
     Connected {
         backend: BackendId,
         egress: EgressId,

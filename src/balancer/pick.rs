@@ -155,11 +155,16 @@ impl Balancer {
         };
         let list = self.egress_list(&self.entries[i]).to_vec();
         let egress = self.next_egress(&list, now)?;
-        let entry = &self.entries[i];
+        let egress_news = self.egresses.get(egress.0).is_some_and(|e| e.success_is_news());
+        // Counted now, as HAProxy does: a connect in flight is load for least-connections too.
+        let entry = &mut self.entries[i];
+        entry.active += 1;
+        entry.sessions += 1;
         Some(Pick {
             backend: entry.id,
             addr: entry.addr,
             egress,
+            news: egress_news || entry.health.success_is_news(),
         })
     }
 }

@@ -179,6 +179,7 @@ impl Balancer {
                     backend: e.id,
                     addr: e.addr,
                     egress,
+                    news: false,
                 })
             })
             .collect()

@@ -124,3 +124,23 @@ fn the_actor_serves_its_handle() {
     drop(handle);
     rt::block_on(task);
 }
+
+#[test]
+fn a_pick_counts_its_session_and_a_failed_connect_takes_it_back() {
+    let mut b = balancer(&format!(r#"balance: LeastConnections, {THREE}, health: (fall: 3)"#));
+    let first = b.pick(CLIENT, &[]).unwrap();
+    assert!(
+        !first.news,
+        "a healthy pair's success changes nothing: no need to report it"
+    );
+    // A connect in flight is load: the next pick goes elsewhere.
+    assert_ne!(b.pick(CLIENT, &[]).unwrap().backend, first.backend);
+    b.connected(first.backend, first.egress, Err(Fault::Backend));
+    let snap = &b.snapshot().0[0];
+    assert_eq!((snap.active, snap.sessions, snap.connect_failures), (0, 0, 1));
+    // One failure in a row: the next success to it would reset that, so it is news.
+    let again = (0..3)
+        .map(|_| b.pick(CLIENT, &[]).unwrap())
+        .find(|p| p.backend == first.backend);
+    assert!(again.expect("still usable after one failure").news);
+}

@@ -196,10 +196,12 @@ impl Sessions {
             };
             let dialed = dial(pick).await;
             let fault = dialed.as_ref().err().map(|e| e.fault().unwrap_or(Fault::Backend));
-            let _ = self
-                .balancer
-                .connected(pick.backend, pick.egress, fault.map_or(Ok(()), Err))
-                .await;
+            if fault.is_some() || pick.news {
+                let _ = self
+                    .balancer
+                    .connected(pick.backend, pick.egress, fault.map_or(Ok(()), Err))
+                    .await;
+            }
             match dialed {
                 Ok(upstream) => return Ok((pick, upstream)),
                 Err(DialError::Gone(_)) => return Err(SessionEnd::RelayStopped),

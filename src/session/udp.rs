@@ -75,8 +75,11 @@ impl Sessions {
             report.backend = Some(pick.addr);
             report.egress = Some(self.egress_name(&pick));
             let end = self.relay_udp(&flow, &upstream, &mut last, &mut report).await;
-            let _ = self.balancer.closed(pick.backend).await;
-            let SessionEnd::Failed(_, e) = &end else { break end };
+            // One word ends what the pick counted: a failed connect, or a closed session.
+            let SessionEnd::Failed(_, e) = &end else {
+                let _ = self.balancer.closed(pick.backend).await;
+                break end;
+            };
             self.backend_failed(&pick, &flow, id, e).await;
             if report.bytes_down > 0 {
                 break end;
@@ -97,7 +100,8 @@ impl Sessions {
     }
 
     /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED) is counted
-    /// as a failed connect; a flow it never answered fails over to the next backend.
+    /// as a failed connect (and the flow's session on it is no longer counted); a flow it never
+    /// answered fails over to the next backend.
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
         log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
             egress = &*self.egress_name(pick), err:% = e; "udp backend failed");
