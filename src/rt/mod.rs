@@ -120,7 +120,8 @@ where
 
 /// Runs `future` to completion on the current thread (for `main`, examples and tests).
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    async_std::task::block_on(future)
+    // async-io's own: async-std's would also start async-std's executor threads, idle here.
+    async_io::block_on(future)
 }
 
 /// Waits `duration`. For back-off only: code never sleeps to wait for an event.
