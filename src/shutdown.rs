@@ -119,3 +119,26 @@ impl Default for Drain {
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_signal_reaches_waiters_from_before_and_after_it_fired() {
+        let (trigger, signal) = signal();
+        let waiters: Vec<_> = (0..8)
+            .map(|_| {
+                let signal = signal.clone();
+                rt::spawn(async move { signal.wait().await })
+            })
+            .collect();
+        // Still waiting: `unless` gives the work's output while the signal has not fired.
+        assert_eq!(rt::block_on(signal.unless(async { 7 })), Some(7));
+        trigger.fire();
+        rt::block_on(futures::future::join_all(waiters));
+        // Late waiters return at once, and work raced against a fired signal is dropped.
+        rt::block_on(signal.wait());
+        assert_eq!(rt::block_on(signal.unless(std::future::pending::<()>())), None);
+    }
+}
