@@ -50,12 +50,13 @@ impl Sessions {
             .connect
             .as_ref()
             .expect("validation gives HttpConnect routes their settings");
-        // Boxed, as for TCP sessions: an open tunnel need not carry the request phase's state.
-        match self
+        // Boxed, as for TCP sessions, and bound before the match (a scrutinee would live on
+        // through the relay): an open tunnel need not carry the request phase's state.
+        let opened = self
             .force
             .unless(Box::pin(self.open_tunnel(&mut client, settings)))
-            .await
-        {
+            .await;
+        match opened {
             None => report.end = SessionEnd::Forced,
             Some(Err(refused)) => {
                 log::warn!(route = &*self.route_name, session = id.0, client:% = peer, target = refused.target.as_str(),
