@@ -46,11 +46,11 @@ pub(crate) struct Status {
 
 impl Status {
     pub async fn run(self, stop: Signal) {
-        while let Some(accepted) = stop.unless(self.socket.accept()).await {
+        while let Some(accepted) = stop.unless(crate::listener::accept(&self.socket)).await {
             match accepted {
                 Ok((stream, _)) => {
                     let page = self.render().await;
-                    rt::detach(serve(TcpConn::from_async(stream), page));
+                    rt::detach(serve(stream, page));
                 }
                 Err(e) => {
                     log::warn!(err:% = e; "status page: accept failed, backing off");

@@ -127,7 +127,7 @@ impl Dialer {
                 DialerMsg::Udp { target, egress, reply } => {
                     let socket = self
                         .factory(egress)
-                        .and_then(|f| f.udp(target).and_then(|s| register(s, target, f)));
+                        .and_then(|f| f.udp(target).map(Async::new_nonblocking));
                     self.learn(egress, socket.as_ref().err());
                     let _ = reply.send(socket);
                 }
@@ -223,14 +223,6 @@ async fn open(
     }
 }
 
-fn register(socket: UdpSocket, target: SocketAddr, factory: &Factory) -> Result<Async<UdpSocket>, DialError> {
-    Async::new_nonblocking(socket).map_err(|source| DialError::Connect {
-        egress: factory.name().to_string(),
-        target,
-        source,
-    })
-}
-
 /// Completes a non-blocking connect (the caller bounds it in time).
 async fn connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<TcpConn, DialError> {
     let failed = |source: io::Error| DialError::Connect {
@@ -243,7 +235,7 @@ async fn connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<Tcp
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(failed(e)),
     }
-    let stream = Async::new_nonblocking(TcpStream::from(socket)).map_err(failed)?;
+    let stream = Async::new_nonblocking(TcpStream::from(socket));
     stream.writable().await.map_err(failed)?;
     if let Some(e) = stream.get_ref().take_error().map_err(failed)? {
         return Err(failed(e));

@@ -94,7 +94,7 @@ impl Listener {
 
 /// Accepts with accept4(SOCK_NONBLOCK | SOCK_CLOEXEC): the new socket goes to the reactor as it
 /// is, without the mode-setting calls a plain accept would need after it.
-async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn, SocketAddr)> {
+pub(crate) async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn, SocketAddr)> {
     let (fd, peer) = listener
         .read_with(|l| {
             // SAFETY: accept4 writes at most `len` bytes of address into the storage try_init
@@ -121,7 +121,7 @@ async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn, SocketAdd
     let peer = peer
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
-    Ok((TcpConn::from_async(Async::new_nonblocking(stream)?), peer))
+    Ok((TcpConn::from_async(Async::new_nonblocking(stream)), peer))
 }
 
 /// The client gave up between SYN and accept: nothing is wrong with the listener.

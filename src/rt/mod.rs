@@ -1,7 +1,8 @@
 //! The one place that names the async runtime.
 //!
-//! Tasks run on async-executor (the executor under async-std), one per worker thread; sockets
-//! use async-io, the reactor async-std is built on; rarely firing timeouts use [`Deadline`].
+//! Tasks run on async-executor (the executor under async-std), one per worker thread; each
+//! worker waits for its own sockets in an epoll of its own ([`Async`], in `reactor`); rarely
+//! firing timeouts use [`Deadline`]. `block_on` (main, tests) is async-io's.
 //! Everything else in the crate goes through these few items, so a change of runtime touches
 //! this module only.
 
@@ -16,9 +17,10 @@ use std::time::Duration;
 use futures::io::{AsyncRead, AsyncWrite};
 
 mod deadline;
+mod reactor;
 
-pub(crate) use async_io::{Async, Timer};
 pub use deadline::Deadline;
+pub use reactor::Async;
 
 /// One executor per worker thread: a task runs on the thread it was given for its whole life,
 /// so its sockets, buffers and state stay in that core's cache. New tasks go to the workers in
@@ -61,8 +63,8 @@ fn start_workers(workers: Option<std::num::NonZeroUsize>) -> Pool {
     for executor in executors {
         std::thread::Builder::new()
             .name("relayd-worker".into())
-            // async-io's block_on: an idle worker waits in the reactor itself.
-            .spawn(move || async_io::block_on(executor.run(std::future::pending::<()>())))
+            // An idle worker waits in its own reactor.
+            .spawn(move || reactor::run_worker(executor.run(std::future::pending::<()>())))
             .expect("cannot start a worker thread");
     }
     Pool {
@@ -127,7 +129,7 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
 
 /// Waits `duration`. For back-off only: code never sleeps to wait for an event.
 pub async fn sleep(duration: Duration) {
-    Timer::after(duration).await;
+    Deadline::after(duration).await;
 }
 
 /// `future`'s output, or `None` when `limit` passed first.
@@ -318,7 +320,7 @@ mod tests {
             .map(|_| {
                 spawn(async {
                     let before = std::thread::current();
-                    Timer::after(Duration::from_millis(1)).await;
+                    Deadline::after(Duration::from_millis(1)).await;
                     (
                         before.id(),
                         before.name().map(str::to_string),

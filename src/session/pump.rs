@@ -80,8 +80,6 @@ pub(super) struct Half {
     pub bytes: u64,
     /// A read filled the whole scratch buffer: bulk data is flowing.
     pub filled: bool,
-    /// The last read was short: the socket is drained for now.
-    drained: bool,
     /// The other direction has ended, so this one's end ends the pair: the writer is about to
     /// be closed, and closing it sends the FIN without a shutdown of its own.
     pub last: bool,
@@ -94,27 +92,10 @@ impl Half {
     }
 
     /// Ready(Ok) once `r` has ended and `w` has been closed (the FIN passed on).
-    pub fn poll<R, W>(&mut self, cx: &mut Context<'_>, r: Pin<&mut R>, w: Pin<&mut W>) -> Poll<io::Result<()>>
+    pub fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
-    {
-        self.poll_with(cx, r, w, |_| Poll::Ready(Ok(())))
-    }
-
-    /// As [`Half::poll`]; after a short read, `readable` is waited on instead of a read that
-    /// would only say EAGAIN (a socket can tell; a generic stream cannot).
-    pub fn poll_with<R, W, F>(
-        &mut self,
-        cx: &mut Context<'_>,
-        mut r: Pin<&mut R>,
-        mut w: Pin<&mut W>,
-        mut readable: F,
-    ) -> Poll<io::Result<()>>
-    where
-        R: AsyncRead + ?Sized,
-        W: AsyncWrite + ?Sized,
-        F: FnMut(&mut Context<'_>) -> Poll<io::Result<()>>,
     {
         for _ in 0..BUDGET {
             ready!(self.flush_pending(cx, w.as_mut()))?;
@@ -126,14 +107,6 @@ impl Half {
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
-            }
-            if self.drained {
-                if readable(cx)?.is_pending() {
-                    // Nothing to read now: push out anything a buffering writer holds.
-                    ready!(w.as_mut().poll_flush(cx))?;
-                    return Poll::Pending;
-                }
-                self.drained = false;
             }
             match self.pass_on(cx, r.as_mut(), w.as_mut()) {
                 Poll::Ready(result) => result?,
@@ -194,7 +167,6 @@ impl Half {
                 return Poll::Ready(Ok(()));
             }
             self.filled |= n == buf.len();
-            self.drained = n < buf.len();
             let mut sent = 0;
             while sent < n {
                 match w.as_mut().poll_write(cx, &buf[sent..n])? {

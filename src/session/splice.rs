@@ -123,8 +123,7 @@ impl SpliceHalf {
     fn poll(&mut self, cx: &mut Context<'_>, src: &TcpConn, dst: &TcpConn) -> Poll<io::Result<()>> {
         if !self.splicing {
             let (mut r, mut w) = (src, dst);
-            let readable = |cx: &mut Context<'_>| src.as_async().poll_readable(cx);
-            let polled = self.copy.poll_with(cx, Pin::new(&mut r), Pin::new(&mut w), readable);
+            let polled = self.copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
             if polled.is_pending() && self.copy.filled && self.copy.is_flushed() {
                 // Bulk data, and nothing held back: from here on the kernel moves it.
                 (self.splicing, self.copy.filled) = (true, false);
@@ -158,22 +157,22 @@ impl SpliceHalf {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             };
-            match splice(src.get_ref().as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE) {
-                Ok(0) => {
+            match src.poll_read_with(cx, |src| splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)) {
+                Poll::Ready(Ok(0)) => {
                     self.eof = true;
                     pipe.give_back();
                 }
-                Ok(n) => {
+                Poll::Ready(Ok(n)) => {
                     self.in_pipe = n;
                     self.pipe = Some(pipe);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    pipe.give_back();
-                    ready!(src.poll_readable(cx))?;
-                }
-                Err(e) => {
+                Poll::Ready(Err(e)) => {
                     pipe.give_back();
                     return Poll::Ready(Err(e));
+                }
+                Poll::Pending => {
+                    pipe.give_back();
+                    return Poll::Pending;
                 }
             }
         }
@@ -184,20 +183,14 @@ impl SpliceHalf {
     /// Passes what is in the pipe on to `dst`; the pipe goes back once it is empty.
     fn drain(&mut self, cx: &mut Context<'_>, dst: &Async<TcpStream>) -> Poll<io::Result<()>> {
         let pipe = self.pipe.as_ref().expect("bytes in the pipe mean a pipe");
-        loop {
-            match splice(pipe.read.as_raw_fd(), dst.get_ref().as_raw_fd(), self.in_pipe) {
-                Ok(n) => {
-                    self.in_pipe -= n;
-                    self.spliced += n as u64;
-                    if self.in_pipe == 0 {
-                        self.pipe.take().expect("checked above").give_back();
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => ready!(dst.poll_writable(cx))?,
-                Err(e) => return Poll::Ready(Err(e)),
-            }
+        let (from, len) = (pipe.read.as_raw_fd(), self.in_pipe);
+        let n = ready!(dst.poll_write_with(cx, |dst| splice(from, dst.as_raw_fd(), len)))?;
+        self.in_pipe -= n;
+        self.spliced += n as u64;
+        if self.in_pipe == 0 {
+            self.pipe.take().expect("checked above").give_back();
         }
+        Poll::Ready(Ok(()))
     }
 }
 
