@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
-use crate::rt::Async;
+use crate::rt::{self, Async};
 
 /// Room for one IPv4 or IPv6 pktinfo control message.
 const CONTROL: usize = 64;
@@ -85,11 +85,7 @@ fn set_flag(socket: &Socket, level: libc::c_int, name: libc::c_int) -> io::Resul
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    rt::check(rc).map(drop)
 }
 
 fn recv_pktinfo(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
@@ -109,10 +105,7 @@ fn recv_pktinfo(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, Socket
             msg.msg_iovlen = 1;
             msg.msg_control = control.0.as_mut_ptr().cast();
             msg.msg_controllen = CONTROL as _;
-            let n = libc::recvmsg(socket.as_raw_fd(), &mut msg, 0);
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            let n = rt::check(libc::recvmsg(socket.as_raw_fd(), &mut msg, 0))?;
             *len = msg.msg_namelen;
             Ok((n as usize, destination(&msg)))
         })?
@@ -196,11 +189,7 @@ fn send_pktinfo(socket: &UdpSocket, buf: &[u8], to: SocketAddr, from: IpAddr) ->
     }
     // SAFETY: a valid fd and a msghdr whose buffers are all live and sized as declared.
     let n = unsafe { libc::sendmsg(socket.as_raw_fd(), &msg, libc::MSG_DONTWAIT) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    rt::check(n).map(|n| n as usize)
 }
 
 #[cfg(test)]

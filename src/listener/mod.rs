@@ -101,17 +101,12 @@ pub(crate) async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn
             // provides, and returns a new descriptor that is owned below.
             unsafe {
                 SockAddr::try_init(|storage, len| {
-                    let fd = libc::accept4(
+                    rt::check(libc::accept4(
                         l.as_raw_fd(),
                         storage.cast(),
                         len,
                         libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    );
-                    if fd < 0 {
-                        Err(io::Error::last_os_error())
-                    } else {
-                        Ok(fd)
-                    }
+                    ))
                 })
             }
         })

@@ -56,7 +56,7 @@ fn watcher() -> &'static Watcher {
 impl Watcher {
     fn lock(&self) -> MutexGuard<'_, Table> {
         // A waker that panicked while the lock was held leaves the table itself intact.
-        self.table.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        super::lock(&self.table)
     }
 
     /// Wakes every deadline as it passes; sleeps until the next one, or for [`NAP`].

@@ -101,6 +101,21 @@ impl<T> Drop for JoinHandle<T> {
     }
 }
 
+/// A system call's return value, or the `errno` it set when it returned a negative one.
+pub(crate) fn check<T: Default + PartialOrd>(result: T) -> io::Result<T> {
+    if result < T::default() {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+/// Locks `mutex`. rt's locks guard tables that no panic leaves half-changed, so a poisoned
+/// one still holds sound data.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Runs `future` as a task of its own, on the next worker in turn.
 pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
 where

@@ -22,10 +22,12 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures::io::{AsyncRead, AsyncWrite};
+
+use super::{check, lock};
 
 /// The epoll data of the reactor's own eventfd; a source's data is its address, never 0.
 const NOTIFY: u64 = 0;
@@ -52,14 +54,6 @@ struct SourcePtr(*const Source);
 // SAFETY: the pointer stands for a strong reference to a `Source`, which is Send and Sync; it
 // is only turned back into that reference, once, by the reactor it was given to.
 unsafe impl Send for SourcePtr {}
-
-fn check(result: libc::c_int) -> io::Result<libc::c_int> {
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
-    }
-}
 
 impl Reactor {
     fn new() -> io::Result<Reactor> {
@@ -267,11 +261,6 @@ struct State {
 struct Source {
     fd: RawFd,
     state: Mutex<State>,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Nothing panics while these locks are held; a poisoned one still holds sound data.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Source {

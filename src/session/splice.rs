@@ -19,7 +19,7 @@ use futures::ready;
 use super::Path;
 use super::pump::{BUDGET, Direction, End, Half, Idle, Progress};
 use crate::config::Timeouts;
-use crate::rt::{Async, TcpConn};
+use crate::rt::{self, Async, TcpConn};
 
 /// Pipes alive at once in the whole process (in use and kept); two descriptors each.
 const MAX_PIPES: usize = 1024;
@@ -87,11 +87,7 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: both descriptors are open for the duration of the call; null offsets mean
     // "the current position", as sockets and pipes require.
     let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, flags) };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    rt::check(n).map(|n| n as usize)
 }
 
 /// One direction: by copying while messages are small, by splice once bulk data flows (a read
