@@ -9,11 +9,14 @@
 //! (`main`, tests, embedders' threads) share one more epoll, watched by a thread of its own.
 //!
 //! A readiness event counts up a tick per direction, and a direction is ready while its tick
-//! differs from the tick its last failed attempt (`EAGAIN`) started at. Only such a failure
-//! clears readiness: an edge that comes during the attempt keeps the direction ready, and a
-//! short read does not clear it (one edge can bring the last bytes and the FIN together, and
-//! no edge follows for the FIN the next read returns). At worst a stale tick costs one more
-//! attempt.
+//! differs from the tick its last failed attempt (`EAGAIN`) started at; an edge that comes
+//! during the attempt keeps the direction ready. An attempt is only made while the direction
+//! is ready (or before the first wait), so a task woken for one socket does not try every
+//! other socket it polls. A short read from a stream socket clears readiness too, as HAProxy
+//! treats it: the kernel gave all it had, and bytes that come later bring an edge of their
+//! own. The exception is a peer that hung up: one edge can bring the last bytes and the FIN
+//! together, and no edge follows for the FIN that the next read returns, so once the
+//! reactor has seen `EPOLLRDHUP` (or a hang-up or error) only `EAGAIN` clears readiness.
 
 use std::cell::Cell;
 use std::future::Future;
@@ -256,6 +259,17 @@ struct State {
     /// The reactor whose epoll holds the descriptor, once a task waited on it.
     reactor: Option<&'static Reactor>,
     directions: [Direction; 2],
+    /// The peer hung up, or the socket failed: a short read no longer means "drained".
+    hung_up: bool,
+}
+
+impl State {
+    /// The tick an attempt in `direction` starts at, or None while that attempt would only
+    /// block: registered, and no edge since the last attempt that would have.
+    fn attempt(&self, direction: usize) -> Option<u32> {
+        let direction = &self.directions[direction];
+        (self.reactor.is_none() || direction.tick != direction.cleared).then_some(direction.tick)
+    }
 }
 
 struct Source {
@@ -267,7 +281,9 @@ impl Source {
     fn ready(&self, events: u32, wakers: &mut Vec<Waker>) {
         const READABLE: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
         const WRITABLE: u32 = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
+        const HUNG_UP: u32 = (libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
         let mut state = lock(&self.state);
+        state.hung_up |= events & HUNG_UP != 0;
         for (direction, mask) in [(READ, READABLE), (WRITE, WRITABLE)] {
             if events & mask != 0 {
                 let direction = &mut state.directions[direction];
@@ -399,20 +415,45 @@ impl<T> Async<T> {
         self.poll_with(WRITE, cx, &mut op)
     }
 
-    /// Tries `op` first: waiting first would cost a trip through the reactor for every call.
+    /// Tries `op` while the direction is ready, without a trip through the reactor first;
+    /// waits while it is not.
     fn poll_with<R>(
         &self,
         direction: usize,
         cx: &mut Context<'_>,
         op: &mut impl FnMut(&T) -> io::Result<R>,
     ) -> Poll<io::Result<R>> {
+        self.poll_attempt(direction, cx, op)
+            .map(|attempt| attempt.map(|(result, _)| result))
+    }
+
+    /// As [`Async::poll_with`], with the tick the successful attempt started at.
+    fn poll_attempt<R>(
+        &self,
+        direction: usize,
+        cx: &mut Context<'_>,
+        op: &mut impl FnMut(&T) -> io::Result<R>,
+    ) -> Poll<io::Result<(R, u32)>> {
         loop {
-            let tick = lock(&self.source.state).directions[direction].tick;
+            let attempt = lock(&self.source.state).attempt(direction);
+            let Some(tick) = attempt else {
+                futures::ready!(self.poll_ready_after(direction, None, cx))?;
+                continue;
+            };
             match op(&self.io) {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                result => return Poll::Ready(result),
+                result => return Poll::Ready(result.map(|r| (r, tick))),
             }
             futures::ready!(self.poll_ready_after(direction, Some(tick), cx))?;
+        }
+    }
+
+    /// After a read that started at `tick` returned fewer bytes than asked for: the stream
+    /// socket is drained, unless its peer hung up (see the module's docs).
+    fn drained(&self, tick: u32) {
+        let mut state = lock(&self.source.state);
+        if !state.hung_up && state.reactor.is_some() {
+            state.directions[READ].cleared = tick;
         }
     }
 }
@@ -450,12 +491,18 @@ impl<T> Drop for Async<T> {
     }
 }
 
+/// Reads from a stream socket (TCP, Unix stream): a short read counts as drained.
 impl<T> AsyncRead for &Async<T>
 where
     for<'a> &'a T: Read,
 {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        self.poll_with(READ, cx, &mut |mut io: &T| io.read(buf))
+        let len = buf.len();
+        let (n, tick) = futures::ready!(self.poll_attempt(READ, cx, &mut |mut io: &T| io.read(buf)))?;
+        if n > 0 && n < len {
+            self.drained(tick);
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -518,6 +565,29 @@ mod tests {
         assert_eq!(block_on((&socket).read(&mut buf)).unwrap(), 3);
         // Nothing left: the next read would block, and waits.
         assert!((&socket).read(&mut buf).now_or_never().is_none());
+        assert!(readable(&socket).now_or_never().is_none());
+        peer.write_all(b"two").unwrap();
+        let n = block_on(timeout(Duration::from_secs(10), (&socket).read(&mut buf)));
+        assert_eq!(n.expect("woken by the new bytes").unwrap(), 3);
+        assert_eq!(&buf[..3], b"two");
+    }
+
+    #[test]
+    fn a_short_read_counts_as_drained_until_new_bytes_bring_an_edge() {
+        let (mut peer, socket) = UnixStream::pair().unwrap();
+        let socket = Async::new(socket).unwrap();
+        peer.write_all(b"one").unwrap();
+        block_on(timeout(Duration::from_secs(10), readable(&socket)))
+            .expect("readable")
+            .unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(block_on((&socket).read(&mut buf)).unwrap(), 3, "a short read");
+        // The kernel gave all it had: no longer ready, and no attempt (which would only say
+        // EAGAIN) is made until an edge comes.
+        let state = lock(&socket.source.state);
+        assert!(!state.hung_up);
+        assert_eq!(state.attempt(READ), None, "a short read left the socket ready");
+        drop(state);
         assert!(readable(&socket).now_or_never().is_none());
         peer.write_all(b"two").unwrap();
         let n = block_on(timeout(Duration::from_secs(10), (&socket).read(&mut buf)));
