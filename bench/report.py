@@ -34,17 +34,64 @@ lines = [
     *[f"- {v}" for v in versions],
     "",
     "Each cell is the median of the runs; `× direct` and `× HAProxy` are ratios of medians from",
-    "this same run (for latency, memory and descriptors, lower is better).",
+    "this same run (for latency, memory and descriptors, lower is better). The last column shows",
+    "how far the runs spread: on a shared 2-core machine, one run of a figure swings by 10-15%.",
+    "The raw figures of every run are in `bench/RESULTS.tsv`.",
     "",
 ]
+CPU = " machine CPU (% of a core per Gbit/s)"
+
+
+def medians_of(figure):
+    return {t: statistics.median(v) for t, v in values[figure].items() if v}
+
+
 for figure in order:
-    lines += [f"## {figure}", "", "| target | median | × direct | × HAProxy |", "|---|---|---|---|"]
-    medians = {t: statistics.median(v) for t, v in values[figure].items() if v}
+    if figure.endswith(CPU):
+        continue  # rendered with its ceiling below
+    lines += [
+        f"## {figure}",
+        "",
+        "| target | median | × direct | × HAProxy | runs (lowest–highest) |",
+        "|---|---|---|---|---|",
+    ]
+    medians = medians_of(figure)
     for t in targets:
         if t not in medians:
             continue
         m = medians[t]
         ratio = lambda base: fmt(m / medians[base]) + "×" if medians.get(base) else "–"
-        lines.append(f"| {t} | {fmt(m)} | {ratio('direct')} | {ratio('haproxy')} |")
+        runs = values[figure][t]
+        spread = f"{fmt(min(runs))}–{fmt(max(runs))}" if len(runs) > 1 else "one run"
+        lines.append(f"| {t} | {fmt(m)} | {ratio('direct')} | {ratio('haproxy')} | {spread} |")
+    lines.append("")
+
+# What each path could carry with every core busy: the cores divided by what the whole machine
+# (client, relay, backend and kernel) spent per Gbit/s through it. A relay adds a second TCP
+# connection's kernel work to every byte, so its ceiling sits below the direct path's
+# throughput, however little the relay itself does.
+for figure in order:
+    if not figure.endswith(CPU):
+        continue
+    name = figure[: -len(CPU)]
+    cpu, measured = medians_of(figure), medians_of(f"{name} (Gbit/s)")
+    direct = measured.get("direct")
+    lines += [
+        f"## {name}: machine CPU and the ceiling it sets",
+        "",
+        f"Ceiling = {cores} cores × 100 / CPU per Gbit/s: the throughput with every core busy at",
+        "the same cost per byte. `ceiling × direct` is that ceiling over the direct path's",
+        "measured throughput: a path cannot pass its own ceiling without spending less per byte.",
+        "",
+        "| target | % of a core per Gbit/s | ceiling (Gbit/s) | ceiling × direct | measured × ceiling |",
+        "|---|---|---|---|---|",
+    ]
+    for t in targets:
+        if not cpu.get(t):
+            continue
+        ceiling = int(cores) * 100 / cpu[t]
+        of_direct = fmt(ceiling / direct) + "×" if direct else "–"
+        used = fmt(measured[t] / ceiling) + "×" if measured.get(t) else "–"
+        lines.append(f"| {t} | {fmt(cpu[t])} | {fmt(ceiling)} | {of_direct} | {used} |")
     lines.append("")
 open(out, "w").write("\n".join(lines))

@@ -2,7 +2,8 @@
 # relayd's benchmark: relayd side by side with HAProxy (with and without splice), nginx stream
 # and socat, and with no relay at all, in one run on loopback. Same backends, same load tools,
 # the same worker count for every relay (the core count). Every process is started and stopped
-# here, by PID; every load loop is bounded in time. Writes bench/RESULTS.md.
+# here, by PID; every load loop is bounded in time. Writes bench/RESULTS.md, and the raw
+# figures of every run to bench/RESULTS.tsv.
 #
 #   bench/run.sh                 # RUNS=3 SECS=5 IDLE=9000 by default
 #   RUNS=5 SECS=10 bench/run.sh
@@ -135,6 +136,7 @@ for port in 9300 9302 9303 9310 9311 9313 9320 9321 9330 9331 9340 9341 9343 935
 for port in 9301 9312 9342; do wait_port udp $port; done
 
 RESULTS=$WORK/results.tsv
+jiffies() { awk '/^cpu / {print $2+$3+$4+$7+$8 ", " $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; } # busy, all (stolen time counts in all, not as busy)
 record() { printf '%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$4" >>"$RESULTS"; }
 field() { sed -E "s/.*$1=([^ ]+).*/\\1/"; }
 
@@ -146,9 +148,14 @@ for run in $(seq 1 "$RUNS"); do
         [ "$target" = direct ] && iperf=9302
         for mode in "1 stream:" "8 streams:-P 8" "reverse:-R"; do
             name=${mode%%:*}
+            before=$(jiffies)
             bps=$(iperf3 -c 127.0.0.1 -p "$iperf" -t "$SECS" ${mode#*:} -J 2>/dev/null |
                 python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)' || echo 0)
+            after=$(jiffies)
             record "tcp $name (Gbit/s)" "$target" "$run" "$bps"
+            # What the whole machine (client, relay, backend, kernel) spent per Gbit/s.
+            record "tcp $name machine CPU (% of a core per Gbit/s)" "$target" "$run" \
+                "$(python3 -c "b0, t0 = $before; b1, t1 = $after; print(100 * $CORES * (b1 - b0) / (t1 - t0) / max($bps, 1e-9))")"
         done
         out=$("$LOADGEN" tcp-pingpong 127.0.0.1:$base 32 "$SECS" 64)
         record "ping-pong round trips/s" "$target" "$run" "$(field round_trips_per_s <<<"$out")"
@@ -202,6 +209,7 @@ for target in relayd haproxy nginx; do
     record "descriptors per idle connection" "$target" 1 "$(python3 -c "print(($fd1 - $fd0) / $IDLE)")"
 done
 
+cp "$RESULTS" "$ROOT/bench/RESULTS.tsv"
 python3 "$ROOT/bench/report.py" "$RESULTS" "$ROOT/bench/RESULTS.md" \
     "bench/run.sh (RUNS=$RUNS SECS=$SECS IDLE=$IDLE)" "$CORES" \
     "$("$RELAYD" --version 2>/dev/null || echo "relayd $(git rev-parse --short HEAD)")" \
