@@ -538,6 +538,16 @@ mod tests {
         std::future::poll_fn(|cx| socket.poll_readable(cx))
     }
 
+    /// Bytes the peer sends now reach a reader that waits for them.
+    fn new_bytes_wake_the_reader(peer: &mut UnixStream, socket: &Async<UnixStream>) {
+        peer.write_all(b"two").unwrap();
+        let mut buf = [0u8; 64];
+        let mut reader = socket;
+        let n = block_on(timeout(Duration::from_secs(10), reader.read(&mut buf)));
+        assert_eq!(n.expect("woken by the new bytes").unwrap(), 3);
+        assert_eq!(&buf[..3], b"two");
+    }
+
     #[test]
     fn a_short_read_leaves_the_socket_ready_for_the_fin_that_came_with_it() {
         let (mut peer, socket) = UnixStream::pair().unwrap();
@@ -566,10 +576,7 @@ mod tests {
         // Nothing left: the next read would block, and waits.
         assert!((&socket).read(&mut buf).now_or_never().is_none());
         assert!(readable(&socket).now_or_never().is_none());
-        peer.write_all(b"two").unwrap();
-        let n = block_on(timeout(Duration::from_secs(10), (&socket).read(&mut buf)));
-        assert_eq!(n.expect("woken by the new bytes").unwrap(), 3);
-        assert_eq!(&buf[..3], b"two");
+        new_bytes_wake_the_reader(&mut peer, &socket);
     }
 
     #[test]
@@ -589,10 +596,7 @@ mod tests {
         assert_eq!(state.attempt(READ), None, "a short read left the socket ready");
         drop(state);
         assert!(readable(&socket).now_or_never().is_none());
-        peer.write_all(b"two").unwrap();
-        let n = block_on(timeout(Duration::from_secs(10), (&socket).read(&mut buf)));
-        assert_eq!(n.expect("woken by the new bytes").unwrap(), 3);
-        assert_eq!(&buf[..3], b"two");
+        new_bytes_wake_the_reader(&mut peer, &socket);
     }
 
     #[test]
