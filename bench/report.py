@@ -18,7 +18,6 @@ for figure, target, _run, value in csv.reader(open(raw), delimiter="\t"):
         pass
 
 targets = ["direct", "relayd", "haproxy", "haproxy-splice", "nginx", "socat"]
-lower_is_better = ("p50", "p99", "failed", "memory", "descriptors")
 
 
 def fmt(x):

@@ -153,9 +153,10 @@ for run in $(seq 1 "$RUNS"); do
                 python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)' || echo 0)
             after=$(jiffies)
             record "tcp $name (Gbit/s)" "$target" "$run" "$bps"
-            # What the whole machine (client, relay, backend, kernel) spent per Gbit/s.
+            # What the whole machine (client, relay, backend, kernel) spent per Gbit/s; a run
+            # that moved nothing has no such figure.
             record "tcp $name machine CPU (% of a core per Gbit/s)" "$target" "$run" \
-                "$(python3 -c "b0, t0 = $before; b1, t1 = $after; print(100 * $CORES * (b1 - b0) / (t1 - t0) / max($bps, 1e-9))")"
+                "$(python3 -c "b0, t0 = $before; b1, t1 = $after; print(100 * $CORES * (b1 - b0) / (t1 - t0) / $bps if $bps > 0 else '')")"
         done
         out=$("$LOADGEN" tcp-pingpong 127.0.0.1:$base 32 "$SECS" 64)
         record "ping-pong round trips/s" "$target" "$run" "$(field round_trips_per_s <<<"$out")"
