@@ -136,40 +136,58 @@ pub enum DialError {
         target: SocketAddr,
         why: String,
     },
+    #[error("egress {egress} is down ({why}): not dialing {target}")]
+    EgressDown {
+        egress: String,
+        target: SocketAddr,
+        why: std::sync::Arc<str>,
+    },
     #[error("no egress with id {0} (the dialer has {1})")]
     UnknownEgress(usize, usize),
     #[error(transparent)]
     Gone(#[from] Gone),
 }
 
+/// Whose fault a failed dial was: each failure is charged to its cause, and only there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Refused, reset, timed out, host unreachable: this backend (address), on this route.
+    Backend,
+    /// The egress cannot build a socket whatever the target (its device or source cannot be
+    /// bound), or went down during the dial: the same backend is tried by another egress.
+    Egress,
+    /// This target cannot be reached by this egress (no route to its network, its address
+    /// family, the local ports towards it are spent): the session tries elsewhere, and nothing
+    /// is marked down.
+    Path,
+    /// The relay itself ran short (file descriptors, memory): nobody's health is judged.
+    Relay,
+}
+
 impl DialError {
-    /// Whose fault the failure was, for the balancer: the relay's when it ran out of file
-    /// descriptors or memory; the egress's when its interface, address or route is gone; the
-    /// backend's otherwise. `None` when the relay is stopping.
-    pub fn fault(&self) -> Option<crate::balancer::Fault> {
-        use crate::balancer::Fault;
-        let gone = |e: &io::Error| {
+    /// Whose fault the failure was; `None` when the relay is stopping. Only what does not
+    /// depend on the target (binding the device or the source, the kernel's word) is the
+    /// egress's: a target nobody can route to must not take an egress down for every route.
+    pub fn fault(&self) -> Option<Fault> {
+        let errno = |e: &io::Error| e.raw_os_error().unwrap_or(0);
+        let short = |e: &io::Error| matches!(errno(e), libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM);
+        let path = |e: &io::Error| {
             matches!(
-                e.raw_os_error(),
-                Some(libc::ENODEV | libc::ENETUNREACH | libc::ENETDOWN | libc::EADDRNOTAVAIL)
-            )
-        };
-        let short = |e: &io::Error| {
-            matches!(
-                e.raw_os_error(),
-                Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                errno(e),
+                libc::ENETUNREACH | libc::ENETDOWN | libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPERM | libc::EACCES
             )
         };
         match self {
             DialError::Bind { source, .. } | DialError::Connect { source, .. } if short(source) => Some(Fault::Relay),
             DialError::Bind {
-                step: BindStep::Device(_) | BindStep::Source(_),
+                step: BindStep::Create,
                 ..
-            } => Some(Fault::Egress),
-            DialError::Bind { source, .. } | DialError::Connect { source, .. } if gone(source) => Some(Fault::Egress),
-            DialError::Family { .. } | DialError::UnknownEgress(..) => Some(Fault::Egress),
+            } => Some(Fault::Path),
+            DialError::Bind { .. } | DialError::EgressDown { .. } | DialError::UnknownEgress(..) => Some(Fault::Egress),
+            DialError::Family { .. } => Some(Fault::Path),
+            DialError::Connect { source, .. } if path(source) => Some(Fault::Path),
             DialError::Gone(_) => None,
-            _ => Some(Fault::Backend),
+            DialError::Connect { .. } | DialError::Timeout { .. } | DialError::Proxy { .. } => Some(Fault::Backend),
         }
     }
 }
@@ -188,8 +206,6 @@ pub enum InjectError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balancer::Fault;
-
     fn connect(errno: i32) -> DialError {
         DialError::Connect {
             egress: "e".into(),
@@ -201,7 +217,19 @@ mod tests {
     #[test]
     fn dial_errors_blame_the_right_party() {
         assert_eq!(connect(libc::ECONNREFUSED).fault(), Some(Fault::Backend));
-        assert_eq!(connect(libc::ENETUNREACH).fault(), Some(Fault::Egress));
+        assert_eq!(
+            connect(libc::ENETUNREACH).fault(),
+            Some(Fault::Path),
+            "one unreachable target is not the egress's fault"
+        );
+        assert_eq!(connect(libc::EADDRNOTAVAIL).fault(), Some(Fault::Path), "ports spent");
+        assert_eq!(connect(libc::EHOSTUNREACH).fault(), Some(Fault::Backend));
+        let family = DialError::Family {
+            egress: "e".into(),
+            source_ip: "198.18.0.1".parse().unwrap(),
+            target: "[2001:db8::1]:443".parse().unwrap(),
+        };
+        assert_eq!(family.fault(), Some(Fault::Path), "the target's family is the target's");
         assert_eq!(connect(libc::EMFILE).fault(), Some(Fault::Relay));
         let device = DialError::Bind {
             egress: "e".into(),

@@ -13,6 +13,7 @@
 //! - [`acl`] and [`http`]: what CONNECT routes allow, and the little HTTP they speak.
 //! - [`relay`]: wiring and the stop sequence.
 //! - `listener`, `balancer`, `dialer`, `session`: one module per actor.
+//! - `egress`: the kernel's link, address and route state, as verdicts on each egress.
 //! - [`shutdown`]: stop signals and the session drain.
 //! - [`stats`]: relay-wide counters, with a way to wait on them.
 //! - `status`: the plain-text status page.
@@ -23,6 +24,7 @@ pub mod acl;
 pub mod balancer;
 pub mod config;
 pub mod dialer;
+mod egress;
 pub mod error;
 pub mod http;
 mod listener;
@@ -36,7 +38,7 @@ mod status;
 
 pub use balancer::{BackendSnapshot, EgressSnapshot, HealthState};
 pub use config::{BackendConfig, Config, EgressConfig, RouteConfig, Settings};
-pub use error::{ConfigError, DialError, InjectError, StartError};
+pub use error::{ConfigError, DialError, Fault, InjectError, StartError};
 pub use relay::{Relay, RouteSnapshot, ShutdownReport, run};
 pub use rt::Conn;
 pub use session::{Path, SessionEnd, SessionReport};

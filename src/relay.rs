@@ -9,8 +9,9 @@ use std::time::Duration;
 use futures::io::{AsyncRead, AsyncWrite};
 
 use crate::balancer::{BackendSnapshot, BalancerHandle, EgressSnapshot, check_loop, resolve_loop};
-use crate::config::{BackendAddr, Config, Protocol, Route, Settings};
+use crate::config::{BackendAddr, Config, Egress, EgressId, Protocol, Route, Settings};
 use crate::dialer::DialerHandle;
+use crate::egress;
 use crate::error::{InjectError, StartError};
 use crate::listener::{self, Bound, Listener, UdpListener};
 use crate::rt::{self, Async};
@@ -110,6 +111,12 @@ impl Relay {
             .collect();
         let watchers = balancers.iter().map(|(handle, _)| handle.clone()).collect();
         let (dialer, dialer_task) = DialerHandle::spawn(&settings.egress, watchers, mailbox);
+        // The kernel's word on every egress that names a device or a source.
+        let judged: Vec<(EgressId, Egress)> = (settings.egress.iter().cloned().enumerate())
+            .filter(|(_, e)| e.device.is_some() || e.source.is_some())
+            .map(|(i, e)| (EgressId(i), e))
+            .collect();
+        let watcher = (!judged.is_empty()).then(|| rt::spawn(egress::watch(judged, dialer.clone(), stop_signal.clone())));
         let common = Common {
             dialer,
             egress_names,
@@ -123,7 +130,7 @@ impl Relay {
             force,
             drain: Drain::new(),
             drain_timeout: settings.drain_timeout,
-            tasks: vec![dialer_task],
+            tasks: std::iter::once(dialer_task).chain(watcher).collect(),
             stats,
             status: None,
         };

@@ -418,7 +418,8 @@ fn udp_dial() {
             let socket = dialer
                 .udp(target, relayd::config::EgressId(id))
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string())?
+                .socket;
             socket.send(b"who am i").await.map_err(|e| e.to_string())?;
             let mut buf = [0u8; 64];
             let n = relayd::rt::timeout(Duration::from_secs(5), socket.recv(&mut buf)).await;

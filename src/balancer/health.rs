@@ -1,10 +1,12 @@
 //! Health as one Balancer sees it: of its backends (failed connects and active checks) and of
-//! the egresses they leave by (the Dialer's word, and this route's own failed dials).
+//! the egresses they leave by (the Dialer's word, relay-wide: no route judges an egress alone).
 
-use super::{BackendId, Balancer, Fault};
-use crate::config::EgressId;
-
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::{BackendId, Balancer};
+use crate::config::EgressId;
+use crate::error::Fault;
 
 use crate::config::Health;
 
@@ -21,19 +23,14 @@ enum State {
 /// A change worth one log line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Change {
-    Down {
-        why: &'static str,
-        cooldown: Option<Duration>,
-    },
-    Up {
-        why: &'static str,
-    },
+    Down { why: String, cooldown: Option<Duration> },
+    Up { why: &'static str },
 }
 
 /// The cool-down after the `ejections`-th ejection in a row: doubling, up to the cap.
 fn cooldown(h: &Health, ejections: u32) -> Duration {
     let doublings = ejections.saturating_sub(1).min(20);
-    (h.cooldown * 2u32.pow(doublings)).min(h.cooldown_max)
+    h.cooldown.saturating_mul(2u32.pow(doublings)).min(h.cooldown_max)
 }
 
 #[derive(Debug, Clone)]
@@ -79,23 +76,24 @@ impl BackendHealth {
         self.failing > 0 || self.ejections > 0 || self.state != State::Up
     }
 
-    /// A session's connect to this backend succeeded or failed (through the backend's fault).
-    pub fn connected(&mut self, ok: bool, now: Instant, h: &Health) -> Option<Change> {
-        if ok {
+    /// A session's connect to this backend (or a UDP flow's first answer) succeeded, or
+    /// failed through the backend's fault and why.
+    pub fn connected(&mut self, outcome: Result<(), &str>, now: Instant, h: &Health) -> Option<Change> {
+        let Err(last) = outcome else {
             self.failing = 0;
             self.ejections = 0;
             return self.up("a connect succeeded");
-        }
-        self.failing += 1;
+        };
+        self.failing = self.failing.saturating_add(1);
         self.passing = 0;
         // Up and over the limit, or on trial after a cool-down: out (again, for longer).
-        (self.failing >= h.fall && self.usable(now)).then(|| self.eject(now, h))
+        (self.failing >= h.fall && self.usable(now)).then(|| self.eject(now, h, last))
     }
 
-    /// An active check passed or failed.
-    pub fn checked(&mut self, ok: bool, h: &Health) -> Option<Change> {
+    /// An active check passed, or failed and why.
+    pub fn checked(&mut self, verdict: Result<(), &str>, h: &Health) -> Option<Change> {
         let rise = h.check.as_ref().map_or(1, |c| c.rise);
-        if ok {
+        if verdict.is_ok() {
             self.failing = 0;
             self.passing += 1;
             if self.passing >= rise {
@@ -105,25 +103,26 @@ impl BackendHealth {
             return None;
         }
         self.passing = 0;
-        self.failing += 1;
+        self.failing = self.failing.saturating_add(1);
         if self.failing >= h.fall && self.state == State::Up {
             self.state = State::Down { until: None };
+            let last = verdict.err().unwrap_or_default();
             return Some(Change::Down {
-                why: "checks failed",
+                why: format!("{} checks failed, the last: {last}", self.failing),
                 cooldown: None,
             });
         }
         None
     }
 
-    fn eject(&mut self, now: Instant, h: &Health) -> Change {
-        self.ejections += 1;
+    fn eject(&mut self, now: Instant, h: &Health, last: &str) -> Change {
+        self.ejections = self.ejections.saturating_add(1);
         let cooldown = cooldown(h, self.ejections);
         self.state = State::Down {
-            until: Some(now + cooldown),
+            until: now.checked_add(cooldown),
         };
         Change::Down {
-            why: "connects failed",
+            why: format!("{} connects failed, the last: {last}", self.failing),
             cooldown: Some(cooldown),
         }
     }
@@ -135,79 +134,43 @@ impl BackendHealth {
     }
 }
 
-/// An egress's standing in this balancer.
-#[derive(Debug, Clone)]
+/// An egress's standing in this balancer: the Dialer's newest word.
+#[derive(Debug, Clone, Default)]
 pub(super) struct EgressHealth {
-    down_until: Option<Instant>,
-    ejections: u32,
-    /// The newest word from the Dialer, so that an older one arriving late changes nothing.
+    /// Why it is down, if it is.
+    pub down: Option<Arc<str>>,
+    /// The newest word's number, so that an older one arriving late changes nothing.
     seq: u64,
 }
 
 impl EgressHealth {
-    pub fn new() -> Self {
-        EgressHealth {
-            down_until: None,
-            ejections: 0,
-            seq: 0,
-        }
-    }
-
-    pub fn usable(&self, now: Instant) -> bool {
-        self.down_until.is_none_or(|t| now >= t)
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.down_until.is_none()
-    }
-
-    /// A dial by this egress failed for the egress's own fault: out for a cool-down (unless it
-    /// already is). True when that is a change.
-    pub fn failed(&mut self, now: Instant, h: &Health) -> bool {
-        if !self.usable(now) {
-            return false;
-        }
-        self.ejections += 1;
-        self.down_until = Some(now + cooldown(h, self.ejections));
-        true
-    }
-
     /// The Dialer's word on this egress, numbered; true when it changed something.
-    pub fn told(&mut self, up: bool, seq: u64, now: Instant, h: &Health) -> bool {
+    pub fn told(&mut self, down: Option<Arc<str>>, seq: u64) -> bool {
         if seq <= self.seq {
             return false;
         }
         self.seq = seq;
-        if up { self.recovered() } else { self.failed(now, h) }
-    }
-
-    /// A dial that succeeds by this egress would change something.
-    pub fn success_is_news(&self) -> bool {
-        self.ejections > 0 || self.down_until.is_some()
-    }
-
-    /// A dial by this egress succeeded.
-    pub fn recovered(&mut self) -> bool {
-        self.ejections = 0;
-        self.down_until.take().is_some()
+        let changed = self.down.is_some() != down.is_some();
+        self.down = down;
+        changed
     }
 }
 
 /// What sessions, checks and the Dialer tell the balancer about health.
 impl Balancer {
     /// How a picked pair's dial ended. The pick counted the session already; a failure takes
-    /// it back. A success is only heard of when it is news ([`super::Pick::news`]).
-    pub(super) fn connected(&mut self, id: BackendId, egress: EgressId, outcome: Result<(), Fault>) {
+    /// it back. Only the backend's own faults and successes judge the backend; the Dialer
+    /// judges egresses, and a path fault is nobody's.
+    pub(super) fn connected(&mut self, id: BackendId, outcome: Result<(), (Fault, String)>) {
         let now = Instant::now();
         if outcome.is_err() {
             self.unpicked(id);
         }
-        match outcome {
-            Err(Fault::Egress) => return self.egress_failed(egress),
-            Err(Fault::Relay) => return,
-            Ok(()) => self.egress_recovered(egress),
-            Err(Fault::Backend) => {}
-        }
+        let outcome = match &outcome {
+            Ok(()) => Ok(()),
+            Err((Fault::Backend, why)) => Err(why.as_str()),
+            Err(_) => return,
+        };
         // Disjoint borrows of entries and health: nothing is cloned per connection.
         let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
             return;
@@ -215,7 +178,7 @@ impl Balancer {
         if outcome.is_err() {
             entry.connect_failures += 1;
         }
-        let change = entry.health.connected(outcome.is_ok(), now, &self.health);
+        let change = entry.health.connected(outcome, now, &self.health);
         self.report(id, change);
     }
 
@@ -237,11 +200,11 @@ impl Balancer {
         }
     }
 
-    pub(super) fn checked(&mut self, id: BackendId, ok: bool) {
+    pub(super) fn checked(&mut self, id: BackendId, verdict: Result<(), String>) {
         let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
             return;
         };
-        let change = entry.health.checked(ok, &self.health);
+        let change = entry.health.checked(verdict.as_ref().map(drop).map_err(String::as_str), &self.health);
         self.report(id, change);
     }
 
@@ -254,31 +217,16 @@ impl Balancer {
         match change {
             Change::Down { why, cooldown } => {
                 let cooldown_ms = cooldown.map_or(0, |c| c.as_millis() as u64);
-                log::warn!(route = &*self.route, backend:% = entry.addr, why = why, cooldown_ms = cooldown_ms; "backend down");
+                log::warn!(route = &*self.route, backend:% = entry.addr, why = why.as_str(), cooldown_ms = cooldown_ms; "backend down");
             }
             Change::Up { why } => log::info!(route = &*self.route, backend:% = entry.addr, why = why; "backend up"),
         }
         self.stats.health_changed();
     }
 
-    pub(super) fn egress_failed(&mut self, egress: EgressId) {
-        let changed = self
-            .egresses
-            .get_mut(egress.0)
-            .is_some_and(|e| e.failed(Instant::now(), &self.health));
-        self.egress_report(egress, changed, false);
-    }
-
-    pub(super) fn egress_recovered(&mut self, egress: EgressId) {
-        let changed = self.egresses.get_mut(egress.0).is_some_and(|e| e.recovered());
-        self.egress_report(egress, changed, true);
-    }
-
-    pub(super) fn egress_news(&mut self, egress: EgressId, up: bool, seq: u64) {
-        let changed = self
-            .egresses
-            .get_mut(egress.0)
-            .is_some_and(|e| e.told(up, seq, Instant::now(), &self.health));
+    pub(super) fn egress_news(&mut self, egress: EgressId, down: Option<Arc<str>>, seq: u64) {
+        let up = down.is_none();
+        let changed = self.egresses.get_mut(egress.0).is_some_and(|e| e.told(down, seq));
         self.egress_report(egress, changed, up);
     }
 
@@ -316,12 +264,12 @@ mod tests {
     fn failed_connects_eject_for_a_growing_cooldown_and_a_success_restores() {
         let (h, t0) = (health(false), Instant::now());
         let mut b = BackendHealth::new();
-        assert_eq!(b.connected(false, t0, &h), None, "one failure is not enough");
-        let down = b.connected(false, t0, &h);
+        assert_eq!(b.connected(Err("refused"), t0, &h), None, "one failure is not enough");
+        let down = b.connected(Err("refused"), t0, &h);
         assert_eq!(
             down,
             Some(Change::Down {
-                why: "connects failed",
+                why: "2 connects failed, the last: refused".into(),
                 cooldown: Some(Duration::from_secs(1))
             })
         );
@@ -329,14 +277,14 @@ mod tests {
         // On trial after the cool-down, another failure ejects it for twice as long, then the cap.
         let later = t0 + Duration::from_secs(1);
         assert!(
-            matches!(b.connected(false, later, &h), Some(Change::Down { cooldown: Some(d), .. }) if d == Duration::from_secs(2))
+            matches!(b.connected(Err("refused"), later, &h), Some(Change::Down { cooldown: Some(d), .. }) if d == Duration::from_secs(2))
         );
         let later = later + Duration::from_secs(2);
         assert!(
-            matches!(b.connected(false, later, &h), Some(Change::Down { cooldown: Some(d), .. }) if d == Duration::from_secs(3))
+            matches!(b.connected(Err("refused"), later, &h), Some(Change::Down { cooldown: Some(d), .. }) if d == Duration::from_secs(3))
         );
         assert_eq!(
-            b.connected(true, later + Duration::from_secs(3), &h),
+            b.connected(Ok(()), later + Duration::from_secs(3), &h),
             Some(Change::Up {
                 why: "a connect succeeded"
             })
@@ -348,30 +296,42 @@ mod tests {
     fn checks_take_a_backend_out_after_fall_and_back_after_rise() {
         let h = health(true);
         let mut b = BackendHealth::new();
-        assert_eq!(b.checked(false, &h), None);
-        assert!(matches!(
-            b.checked(false, &h),
+        assert_eq!(b.checked(Err("timed out"), &h), None);
+        assert_eq!(
+            b.checked(Err(r#"expected "+PONG", got "-ERR""#), &h),
             Some(Change::Down {
-                why: "checks failed",
+                why: r#"2 checks failed, the last: expected "+PONG", got "-ERR""#.into(),
                 cooldown: None
             })
-        ));
+        );
         assert!(
             !b.usable(Instant::now() + Duration::from_secs(3600)),
             "only checks bring it back"
         );
-        assert_eq!(b.checked(true, &h), None);
-        assert_eq!(b.checked(true, &h), Some(Change::Up { why: "checks passed" }));
+        assert_eq!(b.checked(Ok(()), &h), None);
+        assert_eq!(b.checked(Ok(()), &h), Some(Change::Up { why: "checks passed" }));
     }
 
     #[test]
     fn an_egress_follows_the_newest_word_only() {
-        let (h, now) = (health(false), Instant::now());
-        let mut e = EgressHealth::new();
-        assert!(e.told(false, 2, now, &h));
-        assert!(!e.usable(now));
-        assert!(!e.told(true, 1, now, &h), "older news changes nothing");
-        assert!(e.told(true, 3, now, &h));
-        assert!(e.is_up());
+        let mut e = EgressHealth::default();
+        assert!(e.told(Some("carrier lost on up1".into()), 2));
+        assert!(e.down.is_some());
+        assert!(!e.told(None, 1), "older news changes nothing");
+        assert!(e.told(None, 3));
+        assert!(e.down.is_none());
+    }
+
+    #[test]
+    fn a_cooldown_at_the_edge_of_the_clock_does_not_panic() {
+        let h = Health {
+            cooldown: Duration::MAX,
+            cooldown_max: Duration::MAX,
+            fall: 1,
+            check: None,
+        };
+        let mut b = BackendHealth::new();
+        assert!(b.connected(Err("refused"), Instant::now(), &h).is_some());
+        assert!(!b.usable(Instant::now()), "out for good, not a panic");
     }
 }

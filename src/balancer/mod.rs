@@ -9,14 +9,12 @@ mod tasks;
 
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Instant;
-
 use health::{BackendHealth, EgressHealth};
 use pick::Weighed;
 pub(crate) use tasks::{check_loop, resolve_loop};
 
 use crate::config::{Backend, BackendAddr, Balance, EgressId, EgressStrategy, Health, Route};
-use crate::error::Gone;
+use crate::error::{Fault, Gone};
 use crate::rt;
 use crate::stats::Stats;
 
@@ -31,20 +29,18 @@ pub struct Pick {
     pub backend: BackendId,
     pub addr: SocketAddr,
     pub egress: EgressId,
-    /// A successful connect would change the backend's or the egress's health, so the session
-    /// reports it. Otherwise only failures are reported: the pick itself counted the session.
+    /// A success would change the backend's health (failures to forget, a trial to pass), so
+    /// the session reports it. Otherwise only failures are reported: the pick itself counted
+    /// the session.
     pub news: bool,
 }
 
-/// Whose fault a failed dial was.
+/// What a session has tried and must not be offered again: a backend by one egress (that way
+/// failed), or a backend by any egress (the backend itself failed).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fault {
-    /// Refused, timed out, reset: try another backend.
-    Backend,
-    /// The interface, its address or its route is gone: try another egress.
-    Egress,
-    /// The relay itself ran short (file descriptors, memory): nobody's health is judged.
-    Relay,
+pub struct Tried {
+    pub backend: BackendId,
+    pub egress: Option<EgressId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,38 +76,38 @@ pub struct EgressSnapshot {
 }
 
 pub(crate) enum BalancerMsg {
-    /// Next pair for `client`, skipping backends this session found at fault.
+    /// Next pair for `client`, skipping what this session tried; or why there is none.
     Pick {
         client: IpAddr,
-        tried: Vec<BackendId>,
-        reply: flume::Sender<Option<Pick>>,
+        tried: Vec<Tried>,
+        reply: flume::Sender<Result<Pick, String>>,
     },
-    /// A session's dial failed, or succeeded where that is news ([`Pick::news`]).
+    /// A session's dial (or a UDP flow's first answer) failed, with whose fault and why, or
+    /// succeeded where that is news ([`Pick::news`]).
     Connected {
         backend: BackendId,
-        egress: EgressId,
-        outcome: Result<(), Fault>,
+        outcome: Result<(), (Fault, String)>,
     },
     /// A session on `backend` has ended.
     Closed {
         backend: BackendId,
     },
+    /// An active check passed, or failed and why.
     Checked {
         backend: BackendId,
-        ok: bool,
+        verdict: Result<(), String>,
     },
-    /// The egress for a target the client named (CONNECT routes); `None`: every egress is down.
+    /// The egress for a target the client named (CONNECT routes), other than `avoid`; or why
+    /// there is none.
     Egress {
-        reply: flume::Sender<Option<EgressId>>,
+        avoid: Vec<EgressId>,
+        reply: flume::Sender<Result<EgressId, String>>,
     },
-    /// A dial by `egress` failed for the egress's fault (CONNECT routes).
-    EgressFailed {
-        egress: EgressId,
-    },
-    /// The Dialer's word on an egress, numbered so that late news changes nothing.
+    /// The Dialer's word on an egress (`Some(why)`: down), numbered so that late news changes
+    /// nothing.
     EgressNews {
         egress: EgressId,
-        up: bool,
+        down: Option<Arc<str>>,
         seq: u64,
     },
     /// A name backend (`source`, its index in the route's list) now resolves to `addrs`.
@@ -159,45 +155,33 @@ impl BalancerHandle {
         answer.recv_async().await.map_err(|_| Gone("balancer"))
     }
 
-    /// The next pair for a session from `client` that found `tried` at fault; `None` when no
+    /// The next pair for a session from `client` that has `tried` these; `Err(why)` when no
     /// usable pair is left (every backend or egress is down: fail fast).
-    pub async fn pick(&self, client: IpAddr, tried: &[BackendId]) -> Result<Option<Pick>, Gone> {
+    pub async fn pick(&self, client: IpAddr, tried: &[Tried]) -> Result<Result<Pick, String>, Gone> {
         let tried = tried.to_vec();
         self.ask(|reply| BalancerMsg::Pick { client, tried, reply }).await
     }
 
-    pub async fn connected(
-        &self,
-        backend: BackendId,
-        egress: EgressId,
-        outcome: Result<(), Fault>,
-    ) -> Result<(), Gone> {
-        self.send(BalancerMsg::Connected {
-            backend,
-            egress,
-            outcome,
-        })
-        .await
+    pub async fn connected(&self, backend: BackendId, outcome: Result<(), (Fault, String)>) -> Result<(), Gone> {
+        self.send(BalancerMsg::Connected { backend, outcome }).await
     }
 
     pub async fn closed(&self, backend: BackendId) -> Result<(), Gone> {
         self.send(BalancerMsg::Closed { backend }).await
     }
 
-    pub async fn checked(&self, backend: BackendId, ok: bool) -> Result<(), Gone> {
-        self.send(BalancerMsg::Checked { backend, ok }).await
+    pub async fn checked(&self, backend: BackendId, verdict: Result<(), String>) -> Result<(), Gone> {
+        self.send(BalancerMsg::Checked { backend, verdict }).await
     }
 
-    pub async fn egress(&self) -> Result<Option<EgressId>, Gone> {
-        self.ask(|reply| BalancerMsg::Egress { reply }).await
+    /// An egress for a client-chosen target, other than `avoid`.
+    pub async fn egress(&self, avoid: &[EgressId]) -> Result<Result<EgressId, String>, Gone> {
+        let avoid = avoid.to_vec();
+        self.ask(|reply| BalancerMsg::Egress { avoid, reply }).await
     }
 
-    pub async fn egress_failed(&self, egress: EgressId) -> Result<(), Gone> {
-        self.send(BalancerMsg::EgressFailed { egress }).await
-    }
-
-    pub(crate) async fn egress_news(&self, egress: EgressId, up: bool, seq: u64) -> Result<(), Gone> {
-        self.send(BalancerMsg::EgressNews { egress, up, seq }).await
+    pub(crate) async fn egress_news(&self, egress: EgressId, down: Option<Arc<str>>, seq: u64) -> Result<(), Gone> {
+        self.send(BalancerMsg::EgressNews { egress, down, seq }).await
     }
 
     pub(crate) async fn resolved(&self, source: usize, addrs: Vec<SocketAddr>) -> Result<(), Gone> {
@@ -274,7 +258,7 @@ impl Balancer {
             next_id: 0,
             cursor: 0,
             egress_cursor: 0,
-            egresses: vec![EgressHealth::new(); egress_names.len()],
+            egresses: vec![EgressHealth::default(); egress_names.len()],
             egress_names,
             rng: fastrand::Rng::new(),
             stats,
@@ -307,19 +291,13 @@ impl Balancer {
                 BalancerMsg::Pick { client, tried, reply } => {
                     let _ = reply.send(self.pick(client, &tried));
                 }
-                BalancerMsg::Connected {
-                    backend,
-                    egress,
-                    outcome,
-                } => self.connected(backend, egress, outcome),
+                BalancerMsg::Connected { backend, outcome } => self.connected(backend, outcome),
                 BalancerMsg::Closed { backend } => self.closed(backend),
-                BalancerMsg::Checked { backend, ok } => self.checked(backend, ok),
-                BalancerMsg::Egress { reply } => {
-                    let list = self.route_egress.clone();
-                    let _ = reply.send(self.next_egress(&list, Instant::now()));
+                BalancerMsg::Checked { backend, verdict } => self.checked(backend, verdict),
+                BalancerMsg::Egress { avoid, reply } => {
+                    let _ = reply.send(self.client_egress(&avoid));
                 }
-                BalancerMsg::EgressFailed { egress } => self.egress_failed(egress),
-                BalancerMsg::EgressNews { egress, up, seq } => self.egress_news(egress, up, seq),
+                BalancerMsg::EgressNews { egress, down, seq } => self.egress_news(egress, down, seq),
                 BalancerMsg::Resolved { source, addrs } => self.resolved(source, addrs),
                 BalancerMsg::Targets { reply } => {
                     let _ = reply.send(self.targets());
@@ -359,7 +337,7 @@ impl Balancer {
         let egresses = (names.iter())
             .map(|g| EgressSnapshot {
                 name: self.egress_names.get(g.0).map(|n| n.to_string()).unwrap_or_default(),
-                up: self.egresses.get(g.0).is_some_and(EgressHealth::is_up),
+                up: self.egresses.get(g.0).is_some_and(|e| e.down.is_none()),
             })
             .collect();
         (backends, egresses)

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::{BackendId, Balancer, Entry, Pick};
+use super::{BackendId, Balancer, Entry, Pick, Tried};
 use crate::config::{Balance, EgressId, EgressStrategy};
 
 use std::net::{IpAddr, SocketAddr};
@@ -120,13 +120,20 @@ impl Balancer {
         &self.sources[entry.source].egress
     }
 
-    pub(super) fn egress_usable(&self, egress: EgressId, now: Instant) -> bool {
-        self.egresses.get(egress.0).is_some_and(|e| e.usable(now))
+    pub(super) fn egress_usable(&self, egress: EgressId) -> bool {
+        self.egresses.get(egress.0).is_some_and(|e| e.down.is_none())
     }
 
-    /// The next egress of `list` by the route's egress strategy.
-    pub(super) fn next_egress(&mut self, list: &[EgressId], now: Instant) -> Option<EgressId> {
-        let usable: Vec<EgressId> = list.iter().copied().filter(|e| self.egress_usable(*e, now)).collect();
+    /// The egresses `entry` may still leave by for a session that tried `tried`.
+    fn open_egresses(&self, entry: &Entry, tried: &[Tried]) -> Vec<EgressId> {
+        let failed_by = |g: EgressId| tried.iter().any(|t| t.backend == entry.id && t.egress == Some(g));
+        (self.egress_list(entry).iter().copied())
+            .filter(|g| self.egress_usable(*g) && !failed_by(*g))
+            .collect()
+    }
+
+    /// The next of `usable` (usable egresses) by the route's egress strategy.
+    fn next_egress(&mut self, usable: &[EgressId]) -> Option<EgressId> {
         let egress = match self.egress_strategy {
             EgressStrategy::Failover => usable.first().copied(),
             EgressStrategy::RoundRobin => usable.get(self.egress_cursor % usable.len().max(1)).copied(),
@@ -135,15 +142,34 @@ impl Balancer {
         egress
     }
 
-    pub(super) fn pick(&mut self, client: IpAddr, tried: &[BackendId]) -> Option<Pick> {
+    /// An egress of the route for a target a client named (CONNECT), other than `avoid`.
+    pub(super) fn client_egress(&mut self, avoid: &[EgressId]) -> Result<EgressId, String> {
+        let list = self.route_egress.clone();
+        let usable: Vec<EgressId> = (list.iter().copied())
+            .filter(|g| self.egress_usable(*g) && !avoid.contains(g))
+            .collect();
+        self.next_egress(&usable).ok_or_else(|| self.egresses_down(&list))
+    }
+
+    /// Why none of `list` is usable: the first one down and why, or that each was tried.
+    fn egresses_down(&self, list: &[EgressId]) -> String {
+        let down = list.iter().find_map(|g| {
+            let why = self.egresses.get(g.0)?.down.as_ref()?;
+            Some(format!("egress {} down: {why}", self.egress_names[g.0]))
+        });
+        down.unwrap_or_else(|| "every egress tried".into())
+    }
+
+    pub(super) fn pick(&mut self, client: IpAddr, tried: &[Tried]) -> Result<Pick, String> {
         let now = Instant::now();
+        let failed = |id: BackendId| tried.iter().any(|t| t.backend == id && t.egress.is_none());
         let usable: Vec<usize> = (self.entries.iter().enumerate())
-            .filter(|(_, e)| !e.retired && e.weight > 0 && !tried.contains(&e.id) && e.health.usable(now))
-            .filter(|(_, e)| self.egress_list(e).iter().any(|g| self.egress_usable(*g, now)))
+            .filter(|(_, e)| !e.retired && e.weight > 0 && !failed(e.id) && e.health.usable(now))
+            .filter(|(_, e)| !self.open_egresses(e, tried).is_empty())
             .map(|(i, _)| i)
             .collect();
         if usable.is_empty() {
-            return None;
+            return Err(self.why_none(tried, now));
         }
         let len = self.entries.len();
         let i = match self.strategy {
@@ -153,19 +179,38 @@ impl Balancer {
             Balance::SourceHash => source_hash(&self.entries, &usable, client),
             Balance::Random => two_choices(&self.entries, &usable, &mut self.rng),
         };
-        let list = self.egress_list(&self.entries[i]).to_vec();
-        let egress = self.next_egress(&list, now)?;
-        let egress_news = self.egresses.get(egress.0).is_some_and(|e| e.success_is_news());
+        let open = self.open_egresses(&self.entries[i], tried);
+        let egress = self.next_egress(&open).expect("a usable backend has an open egress");
         // Counted now, as HAProxy does: a connect in flight is load for least-connections too.
         let entry = &mut self.entries[i];
         entry.active += 1;
         entry.sessions += 1;
-        Some(Pick {
+        Ok(Pick {
             backend: entry.id,
             addr: entry.addr,
             egress,
-            news: egress_news || entry.health.success_is_news(),
+            news: entry.health.success_is_news(),
         })
+    }
+
+    /// Why no pair is left, in words for the session's log line.
+    fn why_none(&self, tried: &[Tried], now: Instant) -> String {
+        let serving: Vec<&Entry> = (self.entries.iter()).filter(|e| !e.retired && e.weight > 0).collect();
+        if serving.is_empty() {
+            return "no backend in service (none resolved, or all draining)".into();
+        }
+        let untried: Vec<&Entry> = (serving.iter().copied())
+            .filter(|e| !tried.iter().any(|t| t.backend == e.id && t.egress.is_none()))
+            .collect();
+        if untried.is_empty() {
+            return "every backend tried".into();
+        }
+        let healthy: Vec<&Entry> = (untried.iter().copied()).filter(|e| e.health.usable(now)).collect();
+        if healthy.is_empty() {
+            return "no healthy backend".into();
+        }
+        let lists: Vec<EgressId> = healthy.iter().flat_map(|e| self.egress_list(e).iter().copied()).collect();
+        self.egresses_down(&lists)
     }
 }
 

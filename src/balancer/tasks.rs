@@ -1,8 +1,6 @@
 //! The Balancer's helpers: the health checker and the resolver. Each is a task that only sends
 //! the Balancer what it learnt; neither holds balancing state.
 
-use std::time::Instant;
-
 use super::{BackendId, Balancer, Entry};
 use crate::balancer::health::BackendHealth;
 
@@ -14,7 +12,7 @@ use futures::io::{AsyncReadExt, AsyncWriteExt};
 use super::{BalancerHandle, Pick};
 use crate::config::{Backend, BackendAddr, Check};
 use crate::dialer::DialerHandle;
-use crate::error::DialError;
+use crate::error::Fault;
 use crate::rt;
 use crate::shutdown::Signal;
 
@@ -35,8 +33,8 @@ pub(crate) async fn check_loop(
         for target in targets {
             let (check, balancer, dialer) = (check.clone(), balancer.clone(), dialer.clone());
             rt::detach(async move {
-                if let Some(ok) = probe(&check, &dialer, target).await {
-                    let _ = balancer.checked(target.backend, ok).await;
+                if let Some(verdict) = probe(&check, &dialer, target).await {
+                    let _ = balancer.checked(target.backend, verdict).await;
                 }
             });
         }
@@ -47,36 +45,45 @@ pub(crate) async fn check_loop(
     log::debug!(route = &*route; "health checks stopped");
 }
 
-/// One check: `Some(passed)`, or `None` when the egress was at fault (the Dialer marks that,
-/// and it says nothing about the backend).
-async fn probe(check: &Check, dialer: &DialerHandle, target: Pick) -> Option<bool> {
+/// One check: `Some(Ok)` passed, `Some(Err(why))` failed, or `None` when it says nothing of
+/// the backend (the egress or the path was at fault, or the relay is stopping).
+async fn probe(check: &Check, dialer: &DialerHandle, target: Pick) -> Option<Result<(), String>> {
     let verdict = rt::timeout(check.timeout, async {
         let mut conn = match dialer.tcp(target.addr, target.egress, check.timeout).await {
             Ok(conn) => conn,
-            Err(e) if e.fault() == Some(super::Fault::Egress) => return None,
-            Err(DialError::Gone(_)) => return None,
-            Err(_) => return Some(false),
+            Err(e) if e.fault() != Some(Fault::Backend) => return None,
+            Err(e) => return Some(Err(e.to_string())),
         };
         if let Some(send) = &check.send {
-            if conn.write_all(send).await.is_err() {
-                return Some(false);
+            if let Err(e) = conn.write_all(send).await {
+                return Some(Err(format!("sending the check: {e}")));
             }
         }
-        let Some(expect) = &check.expect else { return Some(true) };
+        let Some(expect) = &check.expect else { return Some(Ok(())) };
         let mut seen = Vec::new();
         let mut buf = [0u8; 512];
+        let mut ended = "the backend closed";
         while seen.len() < EXPECT_WINDOW {
             match conn.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
+                Ok(0) => break,
+                Err(_) => {
+                    ended = "reading failed";
+                    break;
+                }
                 Ok(n) => seen.extend_from_slice(&buf[..n]),
             }
             if seen.windows(expect.len()).any(|w| w == expect.as_slice()) {
-                return Some(true);
+                return Some(Ok(()));
             }
         }
-        Some(false)
+        Some(Err(format!(
+            "expected {:?}, got {:?} ({ended})",
+            String::from_utf8_lossy(expect),
+            String::from_utf8_lossy(&seen[..seen.len().min(64)])
+        )))
     });
-    verdict.await.unwrap_or(Some(false))
+    let timed_out = || Err(format!("no verdict within {}", humantime::format_duration(check.timeout)));
+    verdict.await.unwrap_or_else(|| Some(timed_out()))
 }
 
 /// Resolves the route's name backends every `interval` until `stop`; a failed lookup keeps the
@@ -166,14 +173,13 @@ impl Balancer {
     /// Every live backend, by its first usable egress; by its first egress when none is usable,
     /// so that a check through it can find the egress back.
     pub(super) fn targets(&self) -> Vec<Pick> {
-        let now = Instant::now();
         (self.entries.iter().filter(|e| !e.retired))
             .filter_map(|e| {
                 let list = self.egress_list(e);
                 let egress = list
                     .iter()
                     .copied()
-                    .find(|g| self.egress_usable(*g, now))
+                    .find(|g| self.egress_usable(*g))
                     .or(list.first().copied())?;
                 Some(Pick {
                     backend: e.id,

@@ -164,6 +164,10 @@ pub struct HealthConfig {
     pub cooldown_max: Option<String>,
     /// Active checks; without them, only failed connects judge a backend.
     pub check: Option<CheckConfig>,
+    /// UDP routes only: a flow whose backend sends nothing back within this long counts as a
+    /// failed connect, and the flow tries the next backend (default: off, since one-way
+    /// protocols such as syslog never answer; ICMP errors always count).
+    pub reply_timeout: Option<String>,
 }
 
 /// An active health check: a TCP connect by the backend's egress, optionally a greeting.
@@ -198,7 +202,9 @@ pub struct RouteConfig {
     pub backends: Vec<BackendConfig>,
     /// Per connect attempt (default `3s`).
     pub connect_timeout: Option<String>,
-    /// Backends tried per session before giving up (default: each backend once).
+    /// Backend addresses tried per session before giving up (default: each once; a name that
+    /// resolves to three addresses is three candidates). A try by another egress after an
+    /// egress or path failure does not count.
     pub connect_attempts: Option<usize>,
     /// A session with no traffic either way for this long is closed (default `10m` for TCP,
     /// `60s` for UDP flows).

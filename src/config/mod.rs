@@ -120,7 +120,8 @@ pub struct Route {
     pub egress_strategy: EgressStrategy,
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
-    pub connect_attempts: NonZeroUsize,
+    /// Backend addresses tried per session; `None`: each once.
+    pub connect_attempts: Option<NonZeroUsize>,
     pub timeouts: Timeouts,
     pub backlog: u32,
     pub max_flows: NonZeroUsize,
@@ -137,6 +138,8 @@ pub struct Health {
     pub cooldown: Duration,
     pub cooldown_max: Duration,
     pub check: Option<Check>,
+    /// UDP: no answer within this long is a failed connect.
+    pub reply_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -233,12 +233,13 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
     let backends: Vec<Backend> = (r.backends.iter().enumerate())
         .filter_map(|(j, b)| backend(&format!("routes[{i}].backends[{j}]"), b, &egress, ids, p))
         .collect();
-    let attempts = r.connect_attempts.unwrap_or(r.backends.len().max(1));
-    let connect_attempts = NonZeroUsize::new(attempts).or_else(|| {
-        if r.connect_attempts.is_some() {
+    // Unset: every address of every backend once (a name's addresses are candidates each).
+    let connect_attempts = r.connect_attempts.and_then(|n| {
+        let n = NonZeroUsize::new(n);
+        if n.is_none() {
             p.add(at("connect_attempts"), "must be at least 1");
         }
-        None
+        n
     });
     let idle = match r.protocol {
         Protocol::Tcp | Protocol::HttpConnect => Duration::from_secs(600),
@@ -248,6 +249,9 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         p.add(at("max_flows"), "must be at least 1");
         None
     });
+    if r.protocol != Protocol::Udp && r.health.as_ref().is_some_and(|h| h.reply_timeout.is_some()) {
+        p.add(at("health.reply_timeout"), "only Udp routes wait for replies");
+    }
     let timeouts = Timeouts {
         idle: p.duration(at("idle_timeout"), &r.idle_timeout, idle),
         fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
@@ -261,7 +265,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         egress_strategy: r.egress_strategy,
         backends,
         connect_timeout: p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3)),
-        connect_attempts: connect_attempts?,
+        connect_attempts,
         timeouts,
         backlog: r.backlog.unwrap_or(1024),
         max_flows: max_flows?,
@@ -341,11 +345,16 @@ fn health(path: &str, h: Option<&HealthConfig>, p: &mut Problems) -> Health {
     if cooldown_max < cooldown {
         p.add(at("cooldown_max"), "is shorter than cooldown");
     }
+    let reply_timeout = h
+        .reply_timeout
+        .as_ref()
+        .map(|_| p.duration(at("reply_timeout"), &h.reply_timeout, Duration::ZERO));
     Health {
         fall: count(p, "fall", h.fall, 3),
         cooldown,
         cooldown_max,
         check,
+        reply_timeout,
     }
 }
 
@@ -473,7 +482,7 @@ mod tests {
         let settings = Config::parse(GOOD, "test").unwrap().validate().unwrap();
         let route = &settings.routes[0];
         assert_eq!(route.connect_timeout, Duration::from_secs(3));
-        assert_eq!(route.connect_attempts.get(), 1);
+        assert_eq!(route.connect_attempts, None, "every address once");
         assert_eq!(route.timeouts.idle, Duration::from_secs(600));
         assert_eq!(settings.egress[0].name, DEFAULT_EGRESS);
         assert_eq!(route.backends[0].egress, [EgressId(0)]);

@@ -1,24 +1,33 @@
 //! Dialer actor, one per relay: holds a socket [`Factory`] per egress and hands out upstream
 //! sockets, built and bound as the egress says. It builds each socket in its loop (quick,
 //! non-blocking); the connect runs in the asking task, so one slow or dead backend never holds
-//! up another session's dial. It also keeps the relay-wide word on each egress's health.
+//! up another session's dial.
+//!
+//! It also keeps the relay-wide word on each egress, from what does not depend on any one
+//! target: the kernel's verdict (see [`crate::egress`]), a device or source that cannot be
+//! bound, and dials that time out towards several targets while another egress connects.
+//! Every balancer hears each change; dials in flight by an egress that goes down are cut short,
+//! so their sessions go again by another egress at once.
 
 mod socket;
+mod standing;
 
 use std::io;
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, Socket};
 
-use crate::balancer::{BalancerHandle, Fault};
+use crate::balancer::BalancerHandle;
 use crate::config::{Egress, EgressId, UpstreamProxy};
-use crate::error::{DialError, Gone};
+use crate::error::{DialError, Fault, Gone};
 use crate::http;
 use crate::rt::{self, Async, TcpConn};
+use crate::shutdown::Signal;
 
 pub(crate) use socket::Factory;
+use standing::Standing;
 
 pub(crate) enum DialerMsg {
     /// A socket for `target`, built and bound as the egress says; the caller connects it.
@@ -30,11 +39,17 @@ pub(crate) enum DialerMsg {
     Udp {
         target: SocketAddr,
         egress: EgressId,
-        reply: flume::Sender<Result<Async<UdpSocket>, DialError>>,
+        reply: flume::Sender<Result<UdpUpstream, DialError>>,
     },
-    /// What a connect learnt of its egress: it failed for the egress's fault, or it worked
-    /// while the egress was down.
-    Learnt { egress: EgressId, up: bool, why: String },
+    /// How a connect by `egress` to `target` went, where that can say something of the egress:
+    /// every timeout, and successes while timeouts are being weighed.
+    Dialed {
+        egress: EgressId,
+        target: SocketAddr,
+        timed_out: bool,
+    },
+    /// The kernel's verdict on an egress: `Some(why)` it is unusable, `None` usable.
+    Kernel { egress: EgressId, down: Option<String> },
 }
 
 /// A TCP socket ready for its connect, and what the connect needs to know.
@@ -42,8 +57,17 @@ pub(crate) struct Prepared {
     socket: Socket,
     egress_name: Arc<str>,
     proxy: Option<UpstreamProxy>,
-    /// The egress was down when the socket was built: a success is news.
-    was_down: bool,
+    /// Fires when the egress goes down: the connect is cut short.
+    lost: Signal,
+    /// The dialer is weighing timeouts: tell it how this connect went, success included.
+    report_success: bool,
+}
+
+/// A connected UDP socket and the signal that fires when its egress goes down (a live flow
+/// then moves to another egress).
+pub struct UdpUpstream {
+    pub socket: Async<UdpSocket>,
+    pub lost: Signal,
 }
 
 /// Asks the relay's dialer for upstream sockets. Cheap to clone.
@@ -61,7 +85,7 @@ impl DialerHandle {
         let dialer = Dialer {
             factories: egress.iter().cloned().map(Factory::new).collect(),
             names: egress.iter().map(|e| e.name.as_str().into()).collect(),
-            down: vec![false; egress.len()],
+            standing: egress.iter().map(|_| Standing::new()).collect(),
             seq: 0,
             watchers,
         };
@@ -82,28 +106,42 @@ impl DialerHandle {
         let (reply, answer) = flume::bounded(1);
         let prepared = self.ask(DialerMsg::Tcp { target, egress, reply }, answer).await?;
         let name = prepared.egress_name.clone();
-        let opened = rt::timeout(timeout, open(prepared.socket, target, prepared.proxy, &name)).await;
-        let opened = opened.unwrap_or(Err(DialError::Timeout {
-            egress: name.to_string(),
-            target,
-            after: timeout,
-        }));
-        // Only news goes back to the dialer: an egress fault, or a success while it was down.
-        let news = match &opened {
-            Ok(_) if prepared.was_down => Some((true, "a dial succeeded".to_string())),
-            Err(e) if e.fault() == Some(Fault::Egress) => Some((false, e.to_string())),
-            _ => None,
+        let connect = rt::timeout(timeout, open(prepared.socket, target, prepared.proxy, &name));
+        let opened = match prepared.lost.unless(connect).await {
+            None => Err(DialError::EgressDown {
+                egress: name.to_string(),
+                target,
+                why: "it went down during the connect".into(),
+            }),
+            Some(None) => Err(DialError::Timeout {
+                egress: name.to_string(),
+                target,
+                after: timeout,
+            }),
+            Some(Some(opened)) => opened,
         };
-        if let Some((up, why)) = news {
-            let _ = self.tx.send_async(DialerMsg::Learnt { egress, up, why }).await;
+        let timed_out = matches!(opened, Err(DialError::Timeout { .. }));
+        if timed_out || (opened.is_ok() && prepared.report_success) {
+            let msg = DialerMsg::Dialed {
+                egress,
+                target,
+                timed_out,
+            };
+            let _ = self.tx.send_async(msg).await;
         }
         opened
     }
 
     /// A UDP socket bound as `egress` says and connected to `target`.
-    pub async fn udp(&self, target: SocketAddr, egress: EgressId) -> Result<Async<UdpSocket>, DialError> {
+    pub async fn udp(&self, target: SocketAddr, egress: EgressId) -> Result<UdpUpstream, DialError> {
         let (reply, answer) = flume::bounded(1);
         self.ask(DialerMsg::Udp { target, egress, reply }, answer).await
+    }
+
+    /// The kernel's verdict on `egress` changed.
+    pub(crate) async fn kernel(&self, egress: EgressId, down: Option<String>) -> Result<(), Gone> {
+        let msg = DialerMsg::Kernel { egress, down };
+        self.tx.send_async(msg).await.map_err(|_| Gone("dialer"))
     }
 }
 
@@ -113,7 +151,7 @@ struct Dialer {
     /// Indexed by [`EgressId`]: the factories' names, shared with every dial's errors.
     names: Vec<Arc<str>>,
     /// Indexed by [`EgressId`]: the relay-wide word on each egress.
-    down: Vec<bool>,
+    standing: Vec<Standing>,
     /// Numbers the news, so that a balancer can tell old from new.
     seq: u64,
     watchers: Vec<BalancerHandle>,
@@ -121,81 +159,147 @@ struct Dialer {
 
 impl Dialer {
     async fn run(mut self, rx: flume::Receiver<DialerMsg>) {
-        while let Ok(msg) = rx.recv_async().await {
+        loop {
+            // A trial of an egress taken out by its dials is due: it is let back in then.
+            let next_trial = self.standing.iter().filter_map(Standing::trial_at).min();
+            let msg = match next_trial {
+                None => rx.recv_async().await.ok(),
+                Some(at) => match rt::timeout(at.saturating_duration_since(Instant::now()), rx.recv_async()).await {
+                    Some(msg) => msg.ok(),
+                    None => {
+                        self.trials(Instant::now());
+                        continue;
+                    }
+                },
+            };
+            let Some(msg) = msg else { break };
             match msg {
                 DialerMsg::Tcp { target, egress, reply } => self.tcp(target, egress, reply),
                 DialerMsg::Udp { target, egress, reply } => {
-                    let socket = self
-                        .factory(egress)
-                        .and_then(|f| f.udp(target).map(Async::new_nonblocking));
-                    self.learn(egress, socket.as_ref().err());
-                    let _ = reply.send(socket);
+                    let _ = reply.send(self.udp(target, egress));
                 }
-                DialerMsg::Learnt { egress, up, why } => self.tell(egress, up, &why),
+                DialerMsg::Dialed {
+                    egress,
+                    target,
+                    timed_out,
+                } => self.dialed(egress, target, timed_out),
+                DialerMsg::Kernel { egress, down } => {
+                    if let Some(standing) = self.standing.get_mut(egress.0) {
+                        standing.kernel = down.map(Into::into);
+                        self.announce(egress);
+                    }
+                }
             }
         }
         log::debug!(actor = "dialer"; "stopped, no handles left");
     }
 
-    /// Notes what a finished dial says of its egress.
-    fn learn(&mut self, egress: EgressId, failed: Option<&DialError>) {
-        match failed {
-            None => self.tell(egress, true, "a dial succeeded"),
-            Some(e) if e.fault() == Some(Fault::Egress) => self.tell(egress, false, &e.to_string()),
-            Some(_) => {}
-        }
-    }
-
-    /// Records the egress's standing and, when it changed, logs it once for the relay and tells
-    /// every balancer.
-    fn tell(&mut self, egress: EgressId, up: bool, why: &str) {
-        let Some(down) = self.down.get_mut(egress.0) else {
-            return;
-        };
-        if *down != up {
-            return;
-        }
-        *down = !up;
-        self.seq += 1;
-        let name = self.factories[egress.0].name();
-        if up {
-            log::info!(egress = name, why = why; "egress up");
-        } else {
-            log::warn!(egress = name, why = why; "egress down");
-        }
-        for watcher in &self.watchers {
-            let (watcher, seq) = (watcher.clone(), self.seq);
-            rt::detach(async move {
-                let _ = watcher.egress_news(egress, up, seq).await;
-            });
-        }
-    }
-
     /// Validated settings only hold ids in range; an embedder's own ids might not.
-    fn factory(&self, egress: EgressId) -> Result<&Factory, DialError> {
-        (self.factories.get(egress.0)).ok_or(DialError::UnknownEgress(egress.0, self.factories.len()))
+    fn factory(&self, egress: EgressId, target: SocketAddr) -> Result<&Factory, DialError> {
+        let factory = (self.factories.get(egress.0)).ok_or(DialError::UnknownEgress(egress.0, self.factories.len()))?;
+        match self.standing[egress.0].down() {
+            Some(why) => Err(DialError::EgressDown {
+                egress: factory.name().to_string(),
+                target,
+                why: why.clone(),
+            }),
+            None => Ok(factory),
+        }
     }
 
     /// Builds the socket: quick, and never blocking. The caller connects it.
     fn tcp(&mut self, target: SocketAddr, egress: EgressId, reply: flume::Sender<Result<Prepared, DialError>>) {
-        let built = self.factory(egress).and_then(|f| {
+        let built = self.factory(egress, target).and_then(|f| {
             let proxy = f.via_proxy().cloned();
             let hop = proxy.as_ref().map_or(target, |p| p.addr);
-            Ok((self.names[egress.0].clone(), proxy, f.tcp(hop)?))
+            Ok((proxy, f.tcp(hop)?))
         });
-        let prepared = match built {
-            Ok((egress_name, proxy, socket)) => Ok(Prepared {
-                socket,
-                egress_name,
-                proxy,
-                was_down: self.down.get(egress.0).copied().unwrap_or(false),
-            }),
-            Err(e) => {
-                self.learn(egress, Some(&e));
-                Err(e)
-            }
-        };
+        let prepared = built.map(|(proxy, socket)| Prepared {
+            socket,
+            egress_name: self.names[egress.0].clone(),
+            proxy,
+            lost: self.standing[egress.0].lost(),
+            report_success: self.standing.iter().any(Standing::weighing),
+        });
+        self.learn(egress, prepared.as_ref().err());
         let _ = reply.send(prepared);
+    }
+
+    fn udp(&mut self, target: SocketAddr, egress: EgressId) -> Result<UdpUpstream, DialError> {
+        let socket = self
+            .factory(egress, target)
+            .and_then(|f| f.udp(target).map(Async::new_nonblocking));
+        self.learn(egress, socket.as_ref().err());
+        Ok(UdpUpstream {
+            socket: socket?,
+            lost: self.standing[egress.0].lost(),
+        })
+    }
+
+    /// A socket that could not be built for the egress's own fault (its device or source)
+    /// takes it out until a trial.
+    fn learn(&mut self, egress: EgressId, failed: Option<&DialError>) {
+        let Some(e) = failed else { return };
+        if e.fault() != Some(Fault::Egress) || matches!(e, DialError::EgressDown { .. }) {
+            return;
+        }
+        if let Some(standing) = self.standing.get_mut(egress.0) {
+            standing.failed(e.to_string(), Instant::now());
+            self.announce(egress);
+        }
+    }
+
+    fn dialed(&mut self, egress: EgressId, target: SocketAddr, timed_out: bool) {
+        let now = Instant::now();
+        let Some(standing) = self.standing.get_mut(egress.0) else {
+            return;
+        };
+        if !timed_out {
+            standing.connected(now);
+            return;
+        }
+        // Timeouts towards several targets by one egress while another egress connects
+        // point at the egress, not at each of those backends.
+        let targets = standing.timed_out(target, now);
+        let since = standing.timeouts_since();
+        let other = (self.standing.iter().enumerate()).find(|(i, s)| {
+            *i != egress.0 && s.down().is_none() && s.last_success.zip(since).is_some_and(|(ok, t)| ok >= t)
+        });
+        if let Some((other, _)) = other.filter(|_| targets >= standing::SUSPECT_AFTER) {
+            let why = format!(
+                "connects to {targets} targets timed out while egress {} connected",
+                self.names[other]
+            );
+            self.standing[egress.0].failed(why, now);
+            self.announce(egress);
+        }
+    }
+
+    fn trials(&mut self, now: Instant) {
+        for i in 0..self.standing.len() {
+            if self.standing[i].trial(now) {
+                self.announce(EgressId(i));
+            }
+        }
+    }
+
+    /// Tells every balancer the egress's standing when it changed, and logs it once.
+    fn announce(&mut self, egress: EgressId) {
+        let name = self.names[egress.0].clone();
+        let Some(change) = self.standing[egress.0].change() else {
+            return;
+        };
+        self.seq += 1;
+        match &change {
+            Some(why) => log::warn!(egress = &*name, why = &**why; "egress down"),
+            None => log::info!(egress = &*name; "egress up"),
+        }
+        for watcher in &self.watchers {
+            let (watcher, seq, down) = (watcher.clone(), self.seq, change.clone());
+            rt::detach(async move {
+                let _ = watcher.egress_news(egress, down, seq).await;
+            });
+        }
     }
 }
 
@@ -248,21 +352,43 @@ mod tests {
     use super::*;
     use crate::config::SocketOptions;
 
-    #[test]
-    fn an_unknown_egress_is_an_error_not_a_crash() {
-        let egress = [Egress {
-            name: "default".into(),
-            device: None,
+    fn egress(name: &str, device: Option<&str>) -> Egress {
+        Egress {
+            name: name.into(),
+            device: device.map(str::to_string),
             source: None,
             options: SocketOptions::default(),
             via_proxy: None,
-        }];
-        let (dialer, _task) = DialerHandle::spawn(&egress, Vec::new(), 4);
+        }
+    }
+
+    #[test]
+    fn an_unknown_egress_is_an_error_not_a_crash() {
+        let (dialer, _task) = DialerHandle::spawn(&[egress("default", None)], Vec::new(), 4);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
-        let err = rt::block_on(dialer.udp(target, EgressId(7))).unwrap_err();
+        let err = rt::block_on(dialer.udp(target, EgressId(7))).err().unwrap();
         assert_eq!(err.to_string(), "no egress with id 7 (the dialer has 1)");
         // The dialer is still there for good requests.
-        let socket = rt::block_on(dialer.udp(target, EgressId(0))).unwrap();
-        assert_eq!(socket.get_ref().peer_addr().unwrap(), target);
+        let upstream = rt::block_on(dialer.udp(target, EgressId(0))).unwrap();
+        assert_eq!(upstream.socket.get_ref().peer_addr().unwrap(), target);
+    }
+
+    #[test]
+    fn the_kernels_word_takes_an_egress_out_and_cuts_its_dials_short() {
+        let (dialer, _task) = DialerHandle::spawn(&[egress("default", None), egress("up1", None)], Vec::new(), 4);
+        // A UDP dial by up1 holds the signal that fires when up1 goes.
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let live = rt::block_on(dialer.udp(target, EgressId(1))).unwrap();
+        rt::block_on(dialer.kernel(EgressId(1), Some("carrier lost on up1".into()))).unwrap();
+        let cut = rt::block_on(rt::timeout(Duration::from_secs(5), live.lost.wait()));
+        assert!(cut.is_some(), "the live flow hears that its egress went");
+        let refused = rt::block_on(dialer.udp(target, EgressId(1))).err().unwrap();
+        assert!(
+            refused.to_string().contains("carrier lost on up1") && refused.fault() == Some(Fault::Egress),
+            "{refused}"
+        );
+        assert!(rt::block_on(dialer.udp(target, EgressId(0))).is_ok(), "the other egress serves on");
+        rt::block_on(dialer.kernel(EgressId(1), None)).unwrap();
+        assert!(rt::block_on(dialer.udp(target, EgressId(1))).is_ok(), "back once the kernel says so");
     }
 }

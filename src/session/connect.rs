@@ -9,9 +9,8 @@ use std::time::Instant;
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::{SessionEnd, SessionId, SessionReport, Sessions};
-use crate::balancer::Fault;
 use crate::config::ConnectSettings;
-use crate::error::DialError;
+use crate::error::{DialError, Fault};
 use crate::http::{self, HeadError};
 use crate::rt::{self, TcpConn};
 
@@ -137,32 +136,31 @@ impl Sessions {
         })
     }
 
-    /// The first of `addrs` that connects, by the route's egress: 504 if the last failure was
-    /// a timeout, 502 otherwise. An egress at fault is taken out and the address tried again by
-    /// the next one.
+    /// The first of `addrs` that connects, by the route's egresses: 504 if the last failure
+    /// was a timeout, 502 otherwise. The target is the client's choice, so no failure here
+    /// charges anything: an address one egress cannot reach is tried by the next, then the
+    /// next address. (A device or source that cannot be bound is the Dialer's to judge.)
     async fn dial_any(&self, addrs: &[SocketAddr], target: &str) -> Result<(TcpConn, SocketAddr, Arc<str>), Refused> {
         let mut last = refused(502, target, "no address tried");
         for addr in addrs {
-            for _ in 0..=self.egress_names.len() {
-                let egress = match self.balancer.egress().await {
-                    Ok(Some(egress)) => egress,
-                    Ok(None) => return Err(refused(502, target, "no egress is up")),
+            let mut avoid = Vec::new();
+            loop {
+                let egress = match self.balancer.egress(&avoid).await {
+                    Ok(Ok(egress)) => egress,
+                    Ok(Err(why)) if avoid.is_empty() => return Err(refused(502, target, why)),
+                    Ok(Err(_)) => break,
                     Err(e) => return Err(refused(502, target, e.to_string())),
                 };
                 match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
                     Ok(upstream) => return Ok((upstream, *addr, self.egress_names[egress.0].clone())),
-                    Err(e) if e.fault() == Some(Fault::Egress) => {
-                        let _ = self.balancer.egress_failed(egress).await;
-                        last = refused(502, target, e.to_string());
-                    }
                     Err(e) => {
-                        let status = if matches!(e, DialError::Timeout { .. }) {
-                            504
-                        } else {
-                            502
-                        };
+                        let status = if matches!(e, DialError::Timeout { .. }) { 504 } else { 502 };
                         last = refused(status, target, e.to_string());
-                        break;
+                        match e.fault() {
+                            Some(Fault::Egress | Fault::Path) => avoid.push(egress),
+                            Some(Fault::Relay) => return Err(refused(503, target, e.to_string())),
+                            _ => break,
+                        }
                     }
                 }
             }

@@ -17,10 +17,10 @@ use std::time::Duration;
 pub use pump::Direction;
 pub(crate) use udp::{Flow, FlowEnded, MAX_DATAGRAM};
 
-use crate::balancer::{BackendId, BalancerHandle, Fault, Pick};
+use crate::balancer::{BackendId, BalancerHandle, Pick, Tried};
 use crate::config::Route;
 use crate::dialer::DialerHandle;
-use crate::error::DialError;
+use crate::error::{DialError, Fault};
 use crate::shutdown::{DrainGuard, Signal};
 use crate::stats::Stats;
 
@@ -39,8 +39,9 @@ pub enum SessionEnd {
     FinTimeout,
     /// Reading or writing failed (e.g. a reset, or a UDP backend's port unreachable).
     Failed(Direction, std::io::Error),
-    /// No backend could be reached; `tried` of them were attempted.
-    NoBackend { tried: usize },
+    /// No backend could be reached; `tried` of them were attempted, and `why` there was none
+    /// left (`no healthy backend`, `egress up1 down: carrier lost on up1`, ...).
+    NoBackend { tried: usize, why: String },
     /// A CONNECT request was answered with this status and not served (0: the client left
     /// before its request was complete).
     Refused(u16),
@@ -173,48 +174,73 @@ impl Sessions {
         self.egress_names[pick.egress.0].clone()
     }
 
-    /// Tries the balancer's pairs until `dial` succeeds or the route's attempts run out. A
-    /// backend at fault joins `tried`; an egress at fault is taken out by the balancer instead,
-    /// and the same backend may be tried by another egress (at most once per egress there is).
+    /// Tries the balancer's pairs until `dial` succeeds or the route's attempts run out. Each
+    /// failure is charged to its cause: a backend at fault is not offered again (and counts
+    /// as an attempt); an egress or path at fault rules out only that backend by that egress,
+    /// so the same backend is tried by the next egress before the client sees anything.
+    /// `proves`: a dial that succeeds proves the backend (TCP); a UDP socket proves nothing.
     async fn connect<T, F, Fut>(
         &self,
         id: SessionId,
         peer: SocketAddr,
-        tried: &mut Vec<BackendId>,
+        tried: &mut Vec<Tried>,
+        proves: bool,
         dial: F,
     ) -> Result<(Pick, T), SessionEnd>
     where
         F: Fn(Pick) -> Fut,
         Fut: Future<Output = Result<T, DialError>>,
     {
-        let mut egress_faults = 0;
-        while tried.len() < self.route.connect_attempts.get() && egress_faults <= self.egress_names.len() {
+        let mut last: Option<String> = None;
+        let why = loop {
+            let failed = tried.iter().filter(|t| t.egress.is_none()).count();
+            if failed >= self.route.connect_attempts.map_or(usize::MAX, |n| n.get()) {
+                break format!("{failed} connect attempts failed");
+            }
             let pick = match self.balancer.pick(peer.ip(), tried).await {
-                Ok(Some(pick)) => pick,
-                Ok(None) => break,
+                Ok(Ok(pick)) => pick,
+                Ok(Err(why)) => break why,
                 Err(_) => return Err(SessionEnd::RelayStopped),
             };
-            let dialed = dial(pick).await;
-            let fault = dialed.as_ref().err().map(|e| e.fault().unwrap_or(Fault::Backend));
-            if fault.is_some() || pick.news {
-                let _ = self
-                    .balancer
-                    .connected(pick.backend, pick.egress, fault.map_or(Ok(()), Err))
-                    .await;
-            }
-            match dialed {
-                Ok(upstream) => return Ok((pick, upstream)),
+            let e = match dial(pick).await {
+                Ok(upstream) => {
+                    if proves && pick.news {
+                        let _ = self.balancer.connected(pick.backend, Ok(())).await;
+                    }
+                    return Ok((pick, upstream));
+                }
                 Err(DialError::Gone(_)) => return Err(SessionEnd::RelayStopped),
-                Err(e) => log::warn!(route = &*self.route_name, session = id.0, client:% = peer,
-                    backend:% = pick.addr, egress = &*self.egress_name(&pick), err:% = e; "connect failed"),
-            }
+                Err(e) => e,
+            };
+            let fault = e.fault().unwrap_or(Fault::Backend);
+            let _ = self.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
+            log::warn!(route = &*self.route_name, session = id.0, client:% = peer, backend:% = pick.addr,
+                egress = &*self.egress_name(&pick), fault:? = fault, err:% = e; "connect failed");
+            last = Some(e.to_string());
             match fault {
-                Some(Fault::Egress) => egress_faults += 1,
-                _ => tried.push(pick.backend),
+                Fault::Relay => break "the relay is short of resources".to_string(),
+                Fault::Backend => tried.push(Tried {
+                    backend: pick.backend,
+                    egress: None,
+                }),
+                Fault::Egress | Fault::Path => tried.push(Tried {
+                    backend: pick.backend,
+                    egress: Some(pick.egress),
+                }),
             }
-        }
+        };
         self.stats.refused_no_backend();
-        Err(SessionEnd::NoBackend { tried: tried.len() })
+        let mut backends: Vec<BackendId> = tried.iter().map(|t| t.backend).collect();
+        backends.sort_unstable_by_key(|b| b.0);
+        backends.dedup();
+        let why = match last {
+            Some(last) => format!("{why}; the last failure: {last}"),
+            None => why,
+        };
+        Err(SessionEnd::NoBackend {
+            tried: backends.len(),
+            why,
+        })
     }
 }
 

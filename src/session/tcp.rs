@@ -44,7 +44,7 @@ impl Sessions {
             let connect = Box::pin(async {
                 let mut tried = Vec::new();
                 let dial = |pick: Pick| self.dialer.tcp(pick.addr, pick.egress, timeout);
-                self.connect(id, peer, &mut tried, dial).await
+                self.connect(id, peer, &mut tried, true, dial).await
             });
             let connected = self.force.unless(connect).await;
             let mut report = SessionReport::new(id, self.route_name.clone(), peer);

@@ -12,9 +12,11 @@ use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use super::{Direction, SessionEnd, SessionId, SessionReport, Sessions};
-use crate::balancer::{Fault, Pick};
+use crate::balancer::{Pick, Tried};
+use crate::dialer::UdpUpstream;
+use crate::error::Fault;
 use crate::listener::Endpoint;
-use crate::rt::{Async, Deadline, JoinHandle};
+use crate::rt::{Deadline, JoinHandle};
 use crate::shutdown::DrainGuard;
 
 /// The largest UDP payload, plus one so that a truncated read cannot pass unnoticed.
@@ -43,8 +45,18 @@ pub(crate) struct Flow {
     pub ended: flume::Sender<FlowEnded>,
 }
 
+/// How one leg of a flow (one backend by one egress) ended.
+enum Leg {
+    Ended(SessionEnd),
+    /// An ICMP error, a failed send, or no answer in time.
+    BackendFailed(io::Error),
+    /// The egress went down under the live flow.
+    EgressLost,
+}
+
 enum Event {
     Force,
+    EgressLost,
     Stop,
     Client(Option<Vec<u8>>),
     /// A reply was read: forwarded (`Some(len)`) or dropped (`None`).
@@ -64,7 +76,7 @@ impl Sessions {
         let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
         let (mut tried, mut last) = (Vec::new(), first);
         report.end = loop {
-            let connect = Box::pin(self.connect(id, flow.client, &mut tried, |pick| {
+            let connect = Box::pin(self.connect(id, flow.client, &mut tried, false, |pick| {
                 self.dialer.udp(pick.addr, pick.egress)
             }));
             let (pick, upstream) = match self.force.unless(connect).await {
@@ -74,19 +86,34 @@ impl Sessions {
             };
             report.backend = Some(pick.addr);
             report.egress = Some(self.egress_name(&pick));
-            let end = self.relay_udp(&flow, &upstream, &mut last, &mut report).await;
-            // One word ends what the pick counted: a failed connect, or a closed session.
-            let SessionEnd::Failed(_, e) = &end else {
-                let _ = self.balancer.closed(pick.backend).await;
-                break end;
-            };
-            self.backend_failed(&pick, &flow, id, e).await;
-            if report.bytes_down > 0 {
-                break end;
+            match self.relay_udp(&flow, &pick, &upstream, &mut last, &mut report).await {
+                Leg::Ended(end) => {
+                    let _ = self.balancer.closed(pick.backend).await;
+                    break end;
+                }
+                // The same backend by another egress; the client's latest datagram goes again.
+                Leg::EgressLost => {
+                    log::info!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
+                        egress = &*self.egress_name(&pick); "udp flow moves off its egress, which went down");
+                    let _ = self.balancer.closed(pick.backend).await;
+                    tried.push(Tried {
+                        backend: pick.backend,
+                        egress: Some(pick.egress),
+                    });
+                }
+                Leg::BackendFailed(e) => {
+                    self.backend_failed(&pick, &flow, id, &e).await;
+                    if report.bytes_down > 0 {
+                        break SessionEnd::Failed(Direction::Down, e);
+                    }
+                    // The backend never answered: its error is as good as a refused connect.
+                    // The next backend gets the datagram this one could not take.
+                    tried.push(Tried {
+                        backend: pick.backend,
+                        egress: None,
+                    });
+                }
             }
-            tried.push(pick.backend);
-            // The backend never answered: its error is as good as a refused connect. The next
-            // backend gets the datagram this one could not take.
         };
         let _ = flow
             .ended
@@ -99,45 +126,54 @@ impl Sessions {
         report
     }
 
-    /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED) is counted
-    /// as a failed connect (and the flow's session on it is no longer counted); a flow it never
-    /// answered fails over to the next backend.
+    /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED), or not at
+    /// all within the reply timeout, is charged as a failed connect (and the flow's session on
+    /// it is no longer counted).
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
         log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
             egress = &*self.egress_name(pick), err:% = e; "udp backend failed");
-        let _ = self
-            .balancer
-            .connected(pick.backend, pick.egress, Err(Fault::Backend))
-            .await;
+        let why = format!("udp: {e}");
+        let _ = self.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
     }
 
-    /// Relays until the flow ends. `last` is the client's latest datagram: sent first here, and
-    /// kept so that a failover can resend it.
+    /// Relays until the flow ends, its backend fails, or its egress goes. `last` is the
+    /// client's latest datagram: sent first here, and kept so that a failover can resend it.
     async fn relay_udp(
         &self,
         flow: &Flow,
-        upstream: &Async<UdpSocket>,
+        pick: &Pick,
+        upstream: &UdpUpstream,
         last: &mut Vec<u8>,
         report: &mut SessionReport,
-    ) -> SessionEnd {
-        if let Err(e) = upstream.send(last).await {
-            return SessionEnd::Failed(Direction::Up, e);
+    ) -> Leg {
+        let socket = &upstream.socket;
+        if let Err(e) = socket.send(last).await {
+            return Leg::BackendFailed(e);
         }
         report.bytes_up += last.len() as u64;
         let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
         let mut moved = Instant::now();
+        // Until the first answer, the reply timeout (when set) is the nearer deadline.
+        let mut awaiting = (report.bytes_down == 0)
+            .then_some(self.route.health.reply_timeout)
+            .flatten()
+            .and_then(|t| moved.checked_add(t));
         let mut timer = Deadline::after(quiet);
+        if let Some(at) = awaiting {
+            timer.set_at(at.min(moved + quiet));
+        }
         loop {
             match self.next_event(flow, upstream, &mut timer, stopping, client_gone).await {
-                Event::Force => return SessionEnd::Forced,
+                Event::Force => return Leg::Ended(SessionEnd::Forced),
+                Event::EgressLost => return Leg::EgressLost,
                 Event::Stop => {
                     (stopping, quiet) = (true, quiet.min(DRAIN_QUIET));
                     timer.set_at(moved + quiet);
                 }
                 Event::Client(None) => client_gone = true,
                 Event::Client(Some(datagram)) => {
-                    if let Err(e) = upstream.send(&datagram).await {
-                        return SessionEnd::Failed(Direction::Up, e);
+                    if let Err(e) = socket.send(&datagram).await {
+                        return Leg::BackendFailed(e);
                     }
                     report.bytes_up += datagram.len() as u64;
                     *last = datagram;
@@ -148,17 +184,28 @@ impl Sessions {
                         Some(n) => report.bytes_down += n as u64,
                         None => drop(self.stats.dropped()),
                     }
+                    if awaiting.take().is_some() || (pick.news && report.bytes_down > 0) {
+                        // The first answer is what proves a UDP backend.
+                        if pick.news {
+                            let _ = self.balancer.connected(pick.backend, Ok(())).await;
+                        }
+                    }
                     moved = Instant::now();
                 }
-                Event::Backend(Err(e)) => return SessionEnd::Failed(Direction::Down, e),
+                Event::Backend(Err(e)) => return Leg::BackendFailed(e),
+                Event::Tick if awaiting.is_some_and(|at| Instant::now() >= at) => {
+                    let waited = self.route.health.reply_timeout.unwrap_or_default();
+                    let why = format!("no reply within {}", humantime::format_duration(waited));
+                    return Leg::BackendFailed(io::Error::new(io::ErrorKind::TimedOut, why));
+                }
                 Event::Tick if Instant::now() >= moved + quiet => {
-                    return if stopping {
+                    return Leg::Ended(if stopping {
                         SessionEnd::RelayStopped
                     } else {
                         SessionEnd::IdleTimeout
-                    };
+                    });
                 }
-                Event::Tick => timer.set_at(moved + quiet),
+                Event::Tick => timer.set_at(awaiting.map_or(moved + quiet, |at| at.min(moved + quiet))),
             }
         }
     }
@@ -166,18 +213,22 @@ impl Sessions {
     async fn next_event(
         &self,
         flow: &Flow,
-        upstream: &Async<UdpSocket>,
+        upstream: &UdpUpstream,
         timer: &mut Deadline,
         stopping: bool,
         client_gone: bool,
     ) -> Event {
         let mut force = pin!(self.force.wait());
+        let mut lost = pin!(upstream.lost.wait());
         let mut stop = pin!(self.stop.wait());
         let mut client = pin!(flow.queue.recv_async());
-        let mut backend = pin!(upstream.read_with(|socket| forward(socket, flow)));
+        let mut backend = pin!(upstream.socket.read_with(|socket| forward(socket, flow)));
         poll_fn(|cx| {
             if force.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Force);
+            }
+            if lost.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::EgressLost);
             }
             if !stopping && stop.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Stop);
