@@ -174,14 +174,18 @@ impl DialError {
         let path = |e: &io::Error| {
             matches!(
                 errno(e),
-                libc::ENETUNREACH | libc::ENETDOWN | libc::EADDRNOTAVAIL | libc::EAFNOSUPPORT | libc::EPERM | libc::EACCES
+                libc::ENETUNREACH
+                    | libc::ENETDOWN
+                    | libc::EADDRNOTAVAIL
+                    | libc::EAFNOSUPPORT
+                    | libc::EPERM
+                    | libc::EACCES
             )
         };
         match self {
             DialError::Bind { source, .. } | DialError::Connect { source, .. } if short(source) => Some(Fault::Relay),
             DialError::Bind {
-                step: BindStep::Create,
-                ..
+                step: BindStep::Create, ..
             } => Some(Fault::Path),
             DialError::Bind { .. } | DialError::EgressDown { .. } | DialError::UnknownEgress(..) => Some(Fault::Egress),
             DialError::Family { .. } => Some(Fault::Path),

@@ -116,7 +116,8 @@ impl Relay {
             .filter(|(_, e)| e.device.is_some() || e.source.is_some())
             .map(|(i, e)| (EgressId(i), e))
             .collect();
-        let watcher = (!judged.is_empty()).then(|| rt::spawn(egress::watch(judged, dialer.clone(), stop_signal.clone())));
+        let watcher =
+            (!judged.is_empty()).then(|| rt::spawn(egress::watch(judged, dialer.clone(), stop_signal.clone())));
         let common = Common {
             dialer,
             egress_names,

@@ -204,7 +204,9 @@ impl Balancer {
         let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
             return;
         };
-        let change = entry.health.checked(verdict.as_ref().map(drop).map_err(String::as_str), &self.health);
+        let change = entry
+            .health
+            .checked(verdict.as_ref().map(drop).map_err(String::as_str), &self.health);
         self.report(id, change);
     }
 
@@ -257,6 +259,7 @@ mod tests {
                 send: None,
                 expect: None,
             }),
+            reply_timeout: None,
         }
     }
 
@@ -329,6 +332,7 @@ mod tests {
             cooldown_max: Duration::MAX,
             fall: 1,
             check: None,
+            reply_timeout: None,
         };
         let mut b = BackendHealth::new();
         assert!(b.connected(Err("refused"), Instant::now(), &h).is_some());

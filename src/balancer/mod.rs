@@ -7,10 +7,10 @@ mod health;
 mod pick;
 mod tasks;
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 use health::{BackendHealth, EgressHealth};
 use pick::Weighed;
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 pub(crate) use tasks::{check_loop, resolve_loop};
 
 use crate::config::{Backend, BackendAddr, Balance, EgressId, EgressStrategy, Health, Route};
@@ -89,9 +89,7 @@ pub(crate) enum BalancerMsg {
         outcome: Result<(), (Fault, String)>,
     },
     /// A session on `backend` has ended.
-    Closed {
-        backend: BackendId,
-    },
+    Closed { backend: BackendId },
     /// An active check passed, or failed and why.
     Checked {
         backend: BackendId,
@@ -111,14 +109,9 @@ pub(crate) enum BalancerMsg {
         seq: u64,
     },
     /// A name backend (`source`, its index in the route's list) now resolves to `addrs`.
-    Resolved {
-        source: usize,
-        addrs: Vec<SocketAddr>,
-    },
+    Resolved { source: usize, addrs: Vec<SocketAddr> },
     /// What the checker should check now, and by which egress.
-    Targets {
-        reply: flume::Sender<Vec<Pick>>,
-    },
+    Targets { reply: flume::Sender<Vec<Pick>> },
     Snapshot {
         reply: flume::Sender<(Vec<BackendSnapshot>, Vec<EgressSnapshot>)>,
     },

@@ -209,7 +209,10 @@ impl Balancer {
         if healthy.is_empty() {
             return "no healthy backend".into();
         }
-        let lists: Vec<EgressId> = healthy.iter().flat_map(|e| self.egress_list(e).iter().copied()).collect();
+        let lists: Vec<EgressId> = healthy
+            .iter()
+            .flat_map(|e| self.egress_list(e).iter().copied())
+            .collect();
         self.egresses_down(&lists)
     }
 }

@@ -59,7 +59,9 @@ async fn probe(check: &Check, dialer: &DialerHandle, target: Pick) -> Option<Res
                 return Some(Err(format!("sending the check: {e}")));
             }
         }
-        let Some(expect) = &check.expect else { return Some(Ok(())) };
+        let Some(expect) = &check.expect else {
+            return Some(Ok(()));
+        };
         let mut seen = Vec::new();
         let mut buf = [0u8; 512];
         let mut ended = "the backend closed";
@@ -82,7 +84,12 @@ async fn probe(check: &Check, dialer: &DialerHandle, target: Pick) -> Option<Res
             String::from_utf8_lossy(&seen[..seen.len().min(64)])
         )))
     });
-    let timed_out = || Err(format!("no verdict within {}", humantime::format_duration(check.timeout)));
+    let timed_out = || {
+        Err(format!(
+            "no verdict within {}",
+            humantime::format_duration(check.timeout)
+        ))
+    };
     verdict.await.unwrap_or_else(|| Some(timed_out()))
 }
 

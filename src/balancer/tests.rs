@@ -29,17 +29,21 @@ fn failed_connects_take_a_backend_out_and_sessions_only_get_healthy_ones() {
     let mut b = balancer(&format!(r#"{THREE}, health: (fall: 2, cooldown: "1m")"#));
     let second = b.entries[1].id;
     for _ in 0..2 {
-        b.connected(second, EgressId(0), Err(Fault::Backend));
+        b.connected(second, refused());
     }
     assert_eq!(ports(&mut b, 4), [1, 3, 1, 3]);
     assert_eq!(b.snapshot().0[1].state, HealthState::Down);
     assert_eq!(b.stats.health_changes(), 1);
     // All down: the pick fails at once rather than waiting on connects.
     for entry in [b.entries[0].id, b.entries[2].id] {
-        b.connected(entry, EgressId(0), Err(Fault::Backend));
-        b.connected(entry, EgressId(0), Err(Fault::Backend));
+        b.connected(entry, refused());
+        b.connected(entry, refused());
     }
-    assert_eq!(b.pick(CLIENT, &[]), None);
+    assert_eq!(b.pick(CLIENT, &[]), Err("no healthy backend".into()));
+}
+
+fn refused() -> Result<(), (Fault, String)> {
+    Err((Fault::Backend, "connection refused".into()))
 }
 
 #[test]
@@ -52,47 +56,72 @@ fn weight_zero_drains_and_weights_interleave() {
 }
 
 #[test]
-fn a_failed_egress_is_avoided_until_it_recovers() {
+fn an_egress_is_out_on_the_dialers_word_only_and_says_why() {
     let mut b = balancer(&format!(r#"egress: ["a", "b"], egress_strategy: Failover, {THREE}"#));
     let (a, e_b) = (EgressId(1), EgressId(2));
-    assert_eq!(b.pick(CLIENT, &[]).unwrap().egress, a);
-    let id = b.entries[0].id;
-    b.connected(id, a, Err(Fault::Egress));
+    let first = b.pick(CLIENT, &[]).unwrap();
+    assert_eq!(first.egress, a);
+    // An egress or path fault is nobody's health here: the backend keeps its record.
+    b.connected(first.backend, Err((Fault::Path, "network unreachable".into())));
+    b.connected(first.backend, Err((Fault::Egress, "cannot bind".into())));
+    assert_eq!(b.entries[0].connect_failures, 0, "not the backend's fault");
+    assert_eq!(
+        b.pick(CLIENT, &[]).unwrap().egress,
+        a,
+        "nor the egress's, until the Dialer says so"
+    );
+    b.egress_news(a, Some("carrier lost on up1".into()), 1);
     assert_eq!(
         b.pick(CLIENT, &[]).unwrap().egress,
         e_b,
         "traffic leaves by the other egress"
     );
-    assert_eq!(b.entries[0].connect_failures, 0, "an egress fault is not the backend's");
-    assert_eq!(
-        b.snapshot().1,
-        [
-            EgressSnapshot {
-                name: "a".into(),
-                up: false
-            },
-            EgressSnapshot {
-                name: "b".into(),
-                up: true
-            }
-        ]
-    );
-    b.egress_news(a, true, 1);
+    assert!(!b.snapshot().1[0].up && b.snapshot().1[1].up);
+    b.egress_news(a, None, 2);
     assert_eq!(
         b.pick(CLIENT, &[]).unwrap().egress,
         a,
         "failover returns to the first once it is back"
     );
-    b.egress_news(e_b, false, 2);
-    b.egress_news(a, false, 3);
-    assert_eq!(b.pick(CLIENT, &[]), None, "no egress up: fail fast");
+    b.egress_news(e_b, Some("interface up2 is gone".into()), 3);
+    b.egress_news(a, Some("carrier lost on up1".into()), 4);
+    assert_eq!(
+        b.pick(CLIENT, &[]),
+        Err("egress a down: carrier lost on up1".into()),
+        "no egress up: fail fast, and say why"
+    );
+}
+
+#[test]
+fn a_pair_that_failed_is_not_offered_again_but_the_backend_is_by_another_egress() {
+    let mut b = balancer(r#"egress: ["a", "b"], egress_strategy: Failover, backends: [(addr: "127.0.0.1:1")]"#);
+    let first = b.pick(CLIENT, &[]).unwrap();
+    let tried = [Tried {
+        backend: first.backend,
+        egress: Some(first.egress),
+    }];
+    let second = b.pick(CLIENT, &tried).unwrap();
+    assert_eq!((second.backend, second.egress), (first.backend, EgressId(2)));
+    let both = [
+        tried[0],
+        Tried {
+            backend: first.backend,
+            egress: Some(EgressId(2)),
+        },
+    ];
+    assert_eq!(b.pick(CLIENT, &both), Err("every egress tried".into()));
+    let failed = [Tried {
+        backend: first.backend,
+        egress: None,
+    }];
+    assert_eq!(b.pick(CLIENT, &failed), Err("every backend tried".into()));
 }
 
 #[test]
 fn a_vanished_address_retires_and_goes_when_its_sessions_end() {
     let mut b = balancer(r#"backends: [(addr: "127.0.0.1:1")]"#);
     let old = b.pick(CLIENT, &[]).unwrap();
-    b.connected(old.backend, old.egress, Ok(()));
+    b.connected(old.backend, Ok(()));
     let new_addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
     b.resolved(0, vec![new_addr]);
     assert_eq!(
@@ -116,7 +145,7 @@ fn the_actor_serves_its_handle() {
     let (handle, task) = BalancerHandle::spawn(&s.routes[0], names, Arc::default(), 8);
     let (first, snapshot) = rt::block_on(async {
         let first = handle.pick(CLIENT, &[]).await.unwrap().unwrap();
-        handle.connected(first.backend, first.egress, Ok(())).await.unwrap();
+        handle.connected(first.backend, Ok(())).await.unwrap();
         (first, handle.snapshot().await.unwrap())
     });
     assert_eq!(first.addr.port(), 1);
@@ -135,7 +164,7 @@ fn a_pick_counts_its_session_and_a_failed_connect_takes_it_back() {
     );
     // A connect in flight is load: the next pick goes elsewhere.
     assert_ne!(b.pick(CLIENT, &[]).unwrap().backend, first.backend);
-    b.connected(first.backend, first.egress, Err(Fault::Backend));
+    b.connected(first.backend, refused());
     let snap = &b.snapshot().0[0];
     assert_eq!((snap.active, snap.sessions, snap.connect_failures), (0, 0, 1));
     // One failure in a row: the next success to it would reset that, so it is news.

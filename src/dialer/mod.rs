@@ -387,8 +387,14 @@ mod tests {
             refused.to_string().contains("carrier lost on up1") && refused.fault() == Some(Fault::Egress),
             "{refused}"
         );
-        assert!(rt::block_on(dialer.udp(target, EgressId(0))).is_ok(), "the other egress serves on");
+        assert!(
+            rt::block_on(dialer.udp(target, EgressId(0))).is_ok(),
+            "the other egress serves on"
+        );
         rt::block_on(dialer.kernel(EgressId(1), None)).unwrap();
-        assert!(rt::block_on(dialer.udp(target, EgressId(1))).is_ok(), "back once the kernel says so");
+        assert!(
+            rt::block_on(dialer.udp(target, EgressId(1))).is_ok(),
+            "back once the kernel says so"
+        );
     }
 }

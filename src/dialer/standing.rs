@@ -134,7 +134,10 @@ mod tests {
         let lost = s.lost();
         s.failed("cannot bind to device up1".into(), t0);
         assert_eq!(s.change(), Some(Some("cannot bind to device up1".into())));
-        assert!(crate::rt::block_on(lost.unless(std::future::pending::<()>())).is_none(), "fired");
+        assert!(
+            crate::rt::block_on(lost.unless(std::future::pending::<()>())).is_none(),
+            "fired"
+        );
         assert_eq!(s.trial_at(), Some(t0 + TRIAL_FIRST));
         assert!(!s.trial(t0) && s.trial(t0 + TRIAL_FIRST));
         assert_eq!(s.change(), Some(None), "back on trial");
@@ -142,7 +145,11 @@ mod tests {
         assert_eq!(s.trial_at(), Some(t0 + 2 * TRIAL_FIRST), "twice as long");
         s.kernel = Some("carrier lost on up1".into());
         assert!(s.trial(t0 + TRIAL_MAX));
-        assert_eq!(s.down().map(|w| &**w), Some("carrier lost on up1"), "the kernel's word stays");
+        assert_eq!(
+            s.down().map(|w| &**w),
+            Some("carrier lost on up1"),
+            "the kernel's word stays"
+        );
     }
 
     #[test]

@@ -78,12 +78,18 @@ impl Netlink {
                 kernel.links.push(link_of(&link));
             }
         }
-        for message in self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default())).await? {
+        for message in self
+            .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))
+            .await?
+        {
             if let RouteNetlinkMessage::NewAddress(addr) = message {
                 kernel.addrs.extend(addr_of(&addr));
             }
         }
-        for message in self.dump(RouteNetlinkMessage::GetRoute(RouteMessage::default())).await? {
+        for message in self
+            .dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()))
+            .await?
+        {
             if let RouteNetlinkMessage::NewRoute(route) = message {
                 kernel.routes.extend(route_interfaces(&route));
             }

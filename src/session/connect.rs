@@ -154,7 +154,11 @@ impl Sessions {
                 match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
                     Ok(upstream) => return Ok((upstream, *addr, self.egress_names[egress.0].clone())),
                     Err(e) => {
-                        let status = if matches!(e, DialError::Timeout { .. }) { 504 } else { 502 };
+                        let status = if matches!(e, DialError::Timeout { .. }) {
+                            504
+                        } else {
+                            502
+                        };
                         last = refused(status, target, e.to_string());
                         match e.fault() {
                             Some(Fault::Egress | Fault::Path) => avoid.push(egress),
