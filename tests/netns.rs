@@ -1,13 +1,5 @@
-//! Interface and source-address binding for real: two network namespaces joined by two veth
-//! links, like a host with two NICs and two routes of different metric to the same backend.
-//!
-//! ```text
-//!  ns R (relayd, clients)                         ns B (backend 198.18.9.1 on lo)
-//!  up1 198.18.1.1/24 (+198.18.1.3) ───────────── dn1 198.18.1.2/24
-//!  up2 198.18.2.1/24 (+198.18.2.3) ───────────── dn2 198.18.2.2/24
-//!  198.18.9.1 via 198.18.1.2 dev up1 metric 10  (the default way)
-//!  198.18.9.1 via 198.18.2.2 dev up2 metric 20
-//! ```
+//! Interface and source-address binding for real, in the two-namespace topology of
+//! `harness::netns` (a host with two NICs and two routes of different metric to the backend).
 //!
 //! The backend answers every TCP connection and UDP datagram with the source address it saw.
 //! The helper processes are this test binary run again inside a namespace (see `helper`).
@@ -17,143 +9,14 @@ mod harness;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use harness::PATIENCE;
 use harness::daemon::Daemon;
+use harness::netns::{BACKEND, Topology, ip};
 
-const BACKEND: &str = "198.18.9.1";
 const TCP_PORT: u16 = 7000;
 const UDP_PORT: u16 = 7001;
-
-/// Two namespaces, removed (with their veths) when dropped.
-struct Topology {
-    relay: String,
-    backend: String,
-}
-
-fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip").args(args).output().map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-impl Topology {
-    fn build() -> Result<Topology, String> {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{n}", std::process::id());
-        let t = Topology {
-            relay: format!("relayd-r-{id}"),
-            backend: format!("relayd-b-{id}"),
-        };
-        ip(&["netns", "add", &t.relay])?;
-        ip(&["netns", "add", &t.backend])?;
-        let (r, b) = (t.relay.as_str(), t.backend.as_str());
-        for (up, dn, net) in [("up1", "dn1", 1), ("up2", "dn2", 2)] {
-            ip(&[
-                "-n", r, "link", "add", up, "type", "veth", "peer", "name", dn, "netns", b,
-            ])?;
-            ip(&["-n", r, "addr", "add", &format!("198.18.{net}.1/24"), "dev", up])?;
-            ip(&["-n", r, "addr", "add", &format!("198.18.{net}.3/24"), "dev", up])?;
-            ip(&["-n", b, "addr", "add", &format!("198.18.{net}.2/24"), "dev", dn])?;
-            ip(&["-n", r, "link", "set", up, "up"])?;
-            ip(&["-n", b, "link", "set", dn, "up"])?;
-        }
-        for ns in [r, b] {
-            ip(&["-n", ns, "link", "set", "lo", "up"])?;
-        }
-        ip(&["-n", b, "addr", "add", &format!("{BACKEND}/32"), "dev", "lo"])?;
-        let host = format!("{BACKEND}/32");
-        for (via, dev, metric) in [("198.18.1.2", "up1", "10"), ("198.18.2.2", "up2", "20")] {
-            ip(&["-n", r, "route", "add", &host, "via", via, "dev", dev, "metric", metric])?;
-        }
-        Ok(t)
-    }
-
-    /// The topology, or `None` when it cannot be built outside CI (the reason is printed).
-    fn build_or_skip() -> Option<Topology> {
-        match Topology::build() {
-            Ok(t) => Some(t),
-            Err(e) if std::env::var_os("CI").is_none() => {
-                eprintln!("SKIPPED: network namespaces unavailable (needs root and iproute2): {e}");
-                None
-            }
-            Err(e) => panic!("CI=true, yet the namespace topology cannot be built: {e}"),
-        }
-    }
-
-    /// Runs this test binary's helper in `ns` with `role`, and waits for its "ready" line.
-    fn helper(&self, ns: &str, role: &str, env: &[(&str, &str)]) -> Helper {
-        let exe = std::env::current_exe().unwrap();
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(exe).args([
-            "helper",
-            "--exact",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ]);
-        cmd.env("RELAYD_NETNS_ROLE", role).envs(env.iter().copied());
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = harness::daemon::lines(child.stdout.take().unwrap(), "helper");
-        let helper = Helper { child, lines };
-        helper.line("ready");
-        helper
-    }
-}
-
-impl Drop for Topology {
-    fn drop(&mut self) {
-        for ns in [&self.relay, &self.backend] {
-            let _ = ip(&["netns", "del", ns]);
-        }
-    }
-}
-
-/// A helper process; killed when dropped.
-struct Helper {
-    child: Child,
-    lines: flume::Receiver<String>,
-}
-
-impl Helper {
-    /// What follows `@@prefix` on the helper's next such line (bounded wait). The marker finds
-    /// it even where libtest's own "test helper ... " shares the line.
-    fn line(&self, prefix: &str) -> String {
-        let marker = format!("@@{prefix}");
-        loop {
-            let line = self
-                .lines
-                .recv_timeout(PATIENCE)
-                .unwrap_or_else(|e| panic!("helper said no {prefix:?}: {e}"));
-            if let Some((_, rest)) = line.split_once(&marker) {
-                return rest.trim().to_string();
-            }
-        }
-    }
-}
-
-impl Drop for Helper {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 const EGRESS: &str = r#"{
     "dev": (device: "up2"),
@@ -314,13 +177,12 @@ fn when_a_link_goes_down_new_sessions_leave_by_the_other_and_come_back_after() {
     assert!(down.contains(r#""egress":"one""#), "{down}");
 
     ip(&["-n", r, "link", "set", "up1", "up"]).unwrap();
-    let host = format!("{BACKEND}/32");
     ip(&[
         "-n",
         r,
         "route",
         "add",
-        &host,
+        harness::netns::BACKENDS,
         "via",
         "198.18.1.2",
         "dev",

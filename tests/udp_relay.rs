@@ -191,3 +191,55 @@ async fn shutdown_ends_every_flow_without_forcing() {
     let report = h.shutdown().await;
     assert_eq!((report.drained, report.forced), (2, 0));
 }
+
+/// Fresh flows (one new client socket each) through route `u`, every one answered.
+async fn flows(h: &Harness, n: usize) {
+    for i in 0..n {
+        let c = client(h.addr("u")).await;
+        let msg = format!("flow {i}");
+        assert_eq!(round_trip(&c, msg.as_bytes()).await, msg.as_bytes());
+    }
+}
+
+#[async_std::test]
+async fn a_dead_udp_backend_is_ejected_after_fall_failures_and_stays_out() {
+    let echo = UdpBackend::echo().await;
+    let dead = unreachable_addr();
+    let extra = r#"health: (fall: 2, cooldown: "1m")"#;
+    let h = Harness::start(&config(&[udp("u", &[dead, echo.addr], extra)]));
+    // Round robin offers the dead port every other flow until it is out; each of those flows
+    // fails over to the echo backend within the same datagram.
+    flows(&h, 4).await;
+    let state = |s: &[relayd::RouteSnapshot]| s[0].backends[0].clone();
+    let before = state(&h.relay().snapshot().await);
+    assert_eq!(before.state, relayd::HealthState::Down, "{before:?}");
+    assert_eq!(before.connect_failures, 2);
+    // Out for its cool-down: no new flow goes near it, so no datagram waits on it.
+    flows(&h, 6).await;
+    let after = state(&h.relay().snapshot().await);
+    assert_eq!(
+        (after.state, after.connect_failures),
+        (relayd::HealthState::Down, 2),
+        "{after:?}"
+    );
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_silent_udp_backend_counts_as_failed_once_the_reply_timeout_passes() {
+    let (sink, echo) = (UdpBackend::sink().await, UdpBackend::echo().await);
+    let extra = r#"health: (fall: 1, cooldown: "1m", reply_timeout: "200ms")"#;
+    let h = Harness::start(&config(&[udp("u", &[sink.addr, echo.addr], extra)]));
+    let c = client(h.addr("u")).await;
+    // The sink takes the datagram and says nothing; after the reply timeout the flow sends
+    // it on to the next backend, which answers.
+    assert_eq!(round_trip(&c, b"hello?").await, b"hello?");
+    assert_eq!(sink.next().await.1, b"hello?");
+    let snapshot = h.relay().snapshot().await;
+    assert_eq!(snapshot[0].backends[0].state, relayd::HealthState::Down, "{snapshot:?}");
+    // A backend that answers is proven: a success of its own, not a socket's creation.
+    assert_eq!(snapshot[0].backends[1].state, relayd::HealthState::Up);
+    flows(&h, 3).await;
+    assert!(sink.drain().is_empty(), "the ejected backend gets no new flow");
+    assert_eq!(h.shutdown().await.forced, 0);
+}

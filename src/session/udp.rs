@@ -74,7 +74,9 @@ impl Sessions {
     async fn run_udp(self, id: SessionId, flow: Flow, first: Vec<u8>) -> SessionReport {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
+        // `pending`: what the next leg sends first (the datagram a failed backend never took).
         let (mut tried, mut last) = (Vec::new(), first);
+        let mut pending = true;
         report.end = loop {
             let connect = Box::pin(self.connect(id, flow.client, &mut tried, false, |pick| {
                 self.dialer.udp(pick.addr, pick.egress)
@@ -86,13 +88,18 @@ impl Sessions {
             };
             report.backend = Some(pick.addr);
             report.egress = Some(self.egress_name(&pick));
-            match self.relay_udp(&flow, &pick, &upstream, &mut last, &mut report).await {
+            match self
+                .relay_udp(&flow, &pick, &upstream, &mut last, pending, &mut report)
+                .await
+            {
                 Leg::Ended(end) => {
                     let _ = self.balancer.closed(pick.backend).await;
                     break end;
                 }
-                // The same backend by another egress; the client's latest datagram goes again.
+                // The same backend by another egress, with the client's next datagram (the
+                // last one may have been answered already).
                 Leg::EgressLost => {
+                    pending = false;
                     log::info!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
                         egress = &*self.egress_name(&pick); "udp flow moves off its egress, which went down");
                     let _ = self.balancer.closed(pick.backend).await;
@@ -102,6 +109,7 @@ impl Sessions {
                     });
                 }
                 Leg::BackendFailed(e) => {
+                    pending = true;
                     self.backend_failed(&pick, &flow, id, &e).await;
                     if report.bytes_down > 0 {
                         break SessionEnd::Failed(Direction::Down, e);
@@ -137,20 +145,24 @@ impl Sessions {
     }
 
     /// Relays until the flow ends, its backend fails, or its egress goes. `last` is the
-    /// client's latest datagram: sent first here, and kept so that a failover can resend it.
+    /// client's latest datagram: sent first here when `pending`, and kept so that a failover
+    /// can resend it.
     async fn relay_udp(
         &self,
         flow: &Flow,
         pick: &Pick,
         upstream: &UdpUpstream,
         last: &mut Vec<u8>,
+        pending: bool,
         report: &mut SessionReport,
     ) -> Leg {
         let socket = &upstream.socket;
-        if let Err(e) = socket.send(last).await {
-            return Leg::BackendFailed(e);
+        if pending {
+            if let Err(e) = socket.send(last).await {
+                return Leg::BackendFailed(e);
+            }
+            report.bytes_up += last.len() as u64;
         }
-        report.bytes_up += last.len() as u64;
         let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
         let mut moved = Instant::now();
         // Until the first answer, the reply timeout (when set) is the nearer deadline.
@@ -158,6 +170,7 @@ impl Sessions {
             .then_some(self.route.health.reply_timeout)
             .flatten()
             .and_then(|t| moved.checked_add(t));
+        let mut answered = false;
         let mut timer = Deadline::after(quiet);
         if let Some(at) = awaiting {
             timer.set_at(at.min(moved + quiet));
@@ -184,11 +197,10 @@ impl Sessions {
                         Some(n) => report.bytes_down += n as u64,
                         None => drop(self.stats.dropped()),
                     }
-                    if awaiting.take().is_some() || (pick.news && report.bytes_down > 0) {
-                        // The first answer is what proves a UDP backend.
-                        if pick.news {
-                            let _ = self.balancer.connected(pick.backend, Ok(())).await;
-                        }
+                    awaiting = None;
+                    // The first answer is what proves a UDP backend.
+                    if !std::mem::replace(&mut answered, true) && pick.news {
+                        let _ = self.balancer.connected(pick.backend, Ok(())).await;
                     }
                     moved = Instant::now();
                 }

@@ -45,6 +45,8 @@ pub struct Daemon {
     /// Taken by [`Daemon::wait`]; killed on drop if still here.
     child: Option<Child>,
     lines: flume::Receiver<String>,
+    /// Every line received so far, waited for or not.
+    seen: std::cell::RefCell<Vec<String>>,
     _config: TempFile,
 }
 
@@ -69,6 +71,7 @@ impl Daemon {
         Daemon {
             child: Some(child),
             lines,
+            seen: Default::default(),
             _config: config,
         }
     }
@@ -80,7 +83,11 @@ impl Daemon {
     /// The next log line that satisfies `want` (bounded wait); `None` if the log ended first.
     pub fn wait_for(&self, want: impl Fn(&str) -> bool) -> Option<String> {
         loop {
-            match self.lines.recv_timeout(PATIENCE) {
+            let line = self.lines.recv_timeout(PATIENCE);
+            if let Ok(line) = &line {
+                self.seen.borrow_mut().push(line.clone());
+            }
+            match line {
                 Ok(line) if want(&line) => return Some(line),
                 Ok(_) => continue,
                 Err(flume::RecvTimeoutError::Timeout) => panic!("relayd logged nothing wanted within {PATIENCE:?}"),
@@ -95,6 +102,16 @@ impl Daemon {
             .wait_for(|l| field(l, "msg") == Some("listening") && field(l, "route") == Some(route))
             .unwrap_or_else(|| panic!("relayd ended before route {route} listened"));
         field(&line, "addr").unwrap().parse().unwrap()
+    }
+
+    /// Stops relayd with SIGTERM and returns every line it logged, from its start to its
+    /// exit (which must be a clean one).
+    pub fn stop(self) -> Vec<String> {
+        self.signal(libc::SIGTERM);
+        let (lines, mut seen) = (self.lines.clone(), self.seen.take());
+        assert_eq!(self.wait().code(), Some(0), "relayd exits cleanly");
+        seen.extend(lines.try_iter());
+        seen
     }
 
     pub fn signal(&self, signal: libc::c_int) {

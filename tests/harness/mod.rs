@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod daemon;
+pub mod netns;
 pub mod udp;
 
 use std::net::SocketAddr;
