@@ -94,7 +94,10 @@ impl Status {
             let snapshot = route.snapshot().await;
             let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);
             for e in snapshot.egresses {
-                let _ = writeln!(page, "  egress {} {}", e.name, if e.up { "up" } else { "down" });
+                let _ = match &e.why {
+                    None => writeln!(page, "  egress {} up", e.name),
+                    Some(why) => writeln!(page, "  egress {} down ({why})", e.name),
+                };
             }
             for b in snapshot.backends {
                 let _ = writeln!(

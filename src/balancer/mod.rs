@@ -73,6 +73,8 @@ pub struct BackendSnapshot {
 pub struct EgressSnapshot {
     pub name: String,
     pub up: bool,
+    /// Why it is down (`carrier lost on up1`), when it is.
+    pub why: Option<String>,
 }
 
 pub(crate) enum BalancerMsg {
@@ -328,9 +330,13 @@ impl Balancer {
             }
         }
         let egresses = (names.iter())
-            .map(|g| EgressSnapshot {
-                name: self.egress_names.get(g.0).map(|n| n.to_string()).unwrap_or_default(),
-                up: self.egresses.get(g.0).is_some_and(|e| e.down.is_none()),
+            .map(|g| {
+                let down = self.egresses.get(g.0).and_then(|e| e.down.as_deref());
+                EgressSnapshot {
+                    name: self.egress_names.get(g.0).map(|n| n.to_string()).unwrap_or_default(),
+                    up: down.is_none(),
+                    why: down.map(str::to_string),
+                }
             })
             .collect();
         (backends, egresses)

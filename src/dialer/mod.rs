@@ -397,4 +397,34 @@ mod tests {
             "back once the kernel says so"
         );
     }
+
+    #[test]
+    fn timeouts_towards_several_targets_while_another_egress_connects_take_an_egress_out() {
+        let egress = [egress("default", None), egress("up1", None), egress("up2", None)];
+        let mut d = Dialer {
+            factories: egress.iter().cloned().map(Factory::new).collect(),
+            names: egress.iter().map(|e| e.name.as_str().into()).collect(),
+            standing: egress.iter().map(|_| Standing::new()).collect(),
+            seq: 0,
+            watchers: Vec::new(),
+        };
+        let (a, b): (SocketAddr, SocketAddr) = ("198.18.9.1:80".parse().unwrap(), "198.18.9.2:80".parse().unwrap());
+        d.dialed(EgressId(1), a, true);
+        d.dialed(EgressId(1), a, true);
+        assert!(
+            d.standing[1].down().is_none(),
+            "one target timing out is that backend's business"
+        );
+        d.dialed(EgressId(1), b, true);
+        assert!(
+            d.standing[1].down().is_none(),
+            "nobody else connected: maybe the backends are down"
+        );
+        // up2 reaches a target up1 timed out on: the next timeout by up1 tips it.
+        d.dialed(EgressId(2), a, false);
+        d.dialed(EgressId(1), b, true);
+        let why = d.standing[1].down().expect("suspect: out until a trial").to_string();
+        assert_eq!(why, "connects to 2 targets timed out while egress up2 connected");
+        assert!(d.standing[2].down().is_none());
+    }
 }
