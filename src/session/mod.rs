@@ -37,7 +37,11 @@ pub enum SessionEnd {
     IdleTimeout,
     /// One direction had ended and the other stayed silent for the fin timeout.
     FinTimeout,
-    /// Reading or writing failed (e.g. a reset, or a UDP backend's port unreachable).
+    /// The side this direction reads from reset the connection, and the reset was passed on to
+    /// the other side as a reset (for a UDP flow: its backend answered with an ICMP error).
+    Aborted(Direction, std::io::Error),
+    /// Writing this direction's destination failed: it went away while the other side was
+    /// still sending. What the other direction carried was delivered first.
     Failed(Direction, std::io::Error),
     /// No backend could be reached; `tried` of them were attempted, and `why` there was none
     /// left (`no healthy backend`, `egress up1 down: carrier lost on up1`, ...).
@@ -244,8 +248,60 @@ impl Sessions {
     }
 }
 
-/// One summary line per session; a session that reached no backend, or whose backend failed,
-/// is a warning.
+impl SessionEnd {
+    /// A stable word for logs and counters.
+    pub fn word(&self) -> &'static str {
+        match self {
+            SessionEnd::Done => "done",
+            SessionEnd::IdleTimeout => "idle_timeout",
+            SessionEnd::FinTimeout => "fin_timeout",
+            SessionEnd::Aborted(Direction::Up, _) => "reset_by_client",
+            SessionEnd::Aborted(Direction::Down, _) => "reset_by_backend",
+            SessionEnd::Failed(Direction::Up, _) => "backend_went_away",
+            SessionEnd::Failed(Direction::Down, _) => "client_went_away",
+            SessionEnd::NoBackend { .. } => "no_backend",
+            SessionEnd::Refused(_) => "refused",
+            SessionEnd::Forced => "forced",
+            SessionEnd::RelayStopped => "relay_stopped",
+        }
+    }
+
+    /// The details behind the word, where there are any.
+    pub fn detail(&self) -> Option<String> {
+        match self {
+            SessionEnd::Aborted(_, e) | SessionEnd::Failed(_, e) => Some(match errno_name(e) {
+                Some(name) => format!("{name}: {e}"),
+                None => e.to_string(),
+            }),
+            SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
+            SessionEnd::Refused(status) => Some(format!("status {status}")),
+            _ => None,
+        }
+    }
+}
+
+/// The errno's name (`ECONNRESET`), for the errors a session ends by.
+pub(crate) fn errno_name(e: &std::io::Error) -> Option<&'static str> {
+    Some(match e.raw_os_error()? {
+        libc::ECONNRESET => "ECONNRESET",
+        libc::EPIPE => "EPIPE",
+        libc::ECONNREFUSED => "ECONNREFUSED",
+        libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EHOSTUNREACH => "EHOSTUNREACH",
+        libc::ENETUNREACH => "ENETUNREACH",
+        libc::ENETDOWN => "ENETDOWN",
+        libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
+        libc::ECONNABORTED => "ECONNABORTED",
+        libc::EMFILE => "EMFILE",
+        libc::ENFILE => "ENFILE",
+        libc::ENOBUFS => "ENOBUFS",
+        libc::ENOMEM => "ENOMEM",
+        _ => return None,
+    })
+}
+
+/// One summary line per session; a session that reached no backend, or was refused, is a
+/// warning.
 fn log_end(r: &SessionReport) {
     let level = match r.end {
         SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) => log::Level::Warn,
@@ -254,10 +310,11 @@ fn log_end(r: &SessionReport) {
     if !log::log_enabled!(level) {
         return;
     }
-    let end = format!("{:?}", r.end);
+    let detail = r.end.detail();
+    let why = detail.as_deref().unwrap_or("-");
     let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
     let egress = r.egress.as_deref().unwrap_or("-");
     log::log!(level, route = &*r.route, session = r.id.0, client:% = r.peer, backend = backend.as_str(),
         egress = egress, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
-        duration_ms = r.duration.as_millis() as u64, end = end.as_str(); "session closed");
+        duration_ms = r.duration.as_millis() as u64, end = r.end.word(), why = why; "session closed");
 }

@@ -66,8 +66,57 @@ pub enum End {
     Idle,
     /// One direction had ended and the other was silent for the fin timeout.
     Fin,
-    /// Reading or writing failed while moving bytes this way.
+    /// Reading this direction's source failed (a reset): the source aborted, and the abort is
+    /// to be passed on to the other side.
+    Aborted(Direction, io::Error),
+    /// Writing this direction's destination failed (it is gone), after the other direction
+    /// had delivered everything it read and ended.
     Failed(Direction, io::Error),
+}
+
+/// How one direction failed: reading its source, or writing its destination.
+#[derive(Debug)]
+pub(super) enum HalfError {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// The one rule both pair drivers end by. A direction whose destination is gone stops (its
+/// source's bytes have nowhere to go), but the other direction runs on until it has delivered
+/// what it read and ended, so a backend's complete answer reaches the client even when the
+/// backend then resets the upload. A direction whose source aborted ends the pair at once.
+#[derive(Default)]
+pub(super) struct Ending {
+    gone: Option<(Direction, io::Error)>,
+}
+
+impl Ending {
+    /// True while `direction` should still be polled.
+    pub fn runs(&self, direction: Direction) -> bool {
+        self.gone.as_ref().is_none_or(|(d, _)| *d != direction)
+    }
+
+    /// Folds one direction's poll into the ending; `Some` when the pair ends now.
+    pub fn note(&mut self, direction: Direction, polled: Poll<Result<(), HalfError>>) -> Option<End> {
+        match polled {
+            Poll::Ready(Err(HalfError::Read(e))) => Some(End::Aborted(direction, e)),
+            Poll::Ready(Err(HalfError::Write(e))) => {
+                self.gone.get_or_insert((direction, e));
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// `Some` once both directions are over: each ended, or its destination is gone.
+    pub fn over(&mut self, up_done: bool, down_done: bool) -> Option<End> {
+        let up = up_done || !self.runs(Direction::Up);
+        let down = down_done || !self.runs(Direction::Down);
+        (up && down).then(|| match self.gone.take() {
+            Some((direction, e)) => End::Failed(direction, e),
+            None => End::Done,
+        })
+    }
 }
 
 /// One direction by copying: read, write on, and close the writer at end of stream.
@@ -92,18 +141,24 @@ impl Half {
     }
 
     /// Ready(Ok) once `r` has ended and `w` has been closed (the FIN passed on).
-    pub fn poll<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
+    pub fn poll<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), HalfError>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        let write = HalfError::Write;
         for _ in 0..BUDGET {
-            ready!(self.flush_pending(cx, w.as_mut()))?;
+            ready!(self.flush_pending(cx, w.as_mut())).map_err(write)?;
             if self.eof {
                 if self.last {
-                    ready!(w.as_mut().poll_flush(cx))?;
+                    ready!(w.as_mut().poll_flush(cx)).map_err(write)?;
                 } else {
-                    ready!(w.as_mut().poll_close(cx))?;
+                    ready!(w.as_mut().poll_close(cx)).map_err(write)?;
                 }
                 self.done = true;
                 return Poll::Ready(Ok(()));
@@ -112,7 +167,7 @@ impl Half {
                 Poll::Ready(result) => result?,
                 Poll::Pending => {
                     // Nothing to read now: push out anything a buffering writer holds.
-                    ready!(w.as_mut().poll_flush(cx))?;
+                    ready!(w.as_mut().poll_flush(cx)).map_err(write)?;
                     return Poll::Pending;
                 }
             }
@@ -144,7 +199,12 @@ impl Half {
 
     /// One read into the thread's scratch buffer, written straight on as far as the writer
     /// takes it; the rest is kept in a pooled buffer.
-    fn pass_on<R, W>(&mut self, cx: &mut Context<'_>, mut r: Pin<&mut R>, mut w: Pin<&mut W>) -> Poll<io::Result<()>>
+    fn pass_on<R, W>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+        mut w: Pin<&mut W>,
+    ) -> Poll<Result<(), HalfError>>
     where
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
@@ -161,7 +221,7 @@ impl Half {
                     &mut own
                 }
             };
-            let n = ready!(r.as_mut().poll_read(cx, buf))?;
+            let n = ready!(r.as_mut().poll_read(cx, buf)).map_err(HalfError::Read)?;
             if n == 0 {
                 self.eof = true;
                 return Poll::Ready(Ok(()));
@@ -169,8 +229,8 @@ impl Half {
             self.filled |= n == buf.len();
             let mut sent = 0;
             while sent < n {
-                match w.as_mut().poll_write(cx, &buf[sent..n])? {
-                    Poll::Ready(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                match w.as_mut().poll_write(cx, &buf[sent..n]).map_err(HalfError::Write)? {
+                    Poll::Ready(0) => return Poll::Ready(Err(HalfError::Write(io::ErrorKind::WriteZero.into()))),
                     Poll::Ready(m) => sent += m,
                     Poll::Pending => break,
                 }
@@ -239,6 +299,7 @@ pub struct Pump<'a, A: ?Sized, B: ?Sized> {
     backend: &'a mut B,
     up: Half,
     down: Half,
+    ending: Ending,
     idle: Idle,
 }
 
@@ -253,6 +314,7 @@ where
             backend,
             up: Half::default(),
             down: Half::default(),
+            ending: Ending::default(),
             idle: Idle::new(timeouts),
         }
     }
@@ -267,23 +329,19 @@ where
     }
 
     fn poll_halves(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        if !self.up.done {
-            if let Poll::Ready(Err(e)) = self
-                .up
-                .poll(cx, Pin::new(&mut *self.client), Pin::new(&mut *self.backend))
-            {
-                return Some(End::Failed(Direction::Up, e));
+        if !self.up.done && self.ending.runs(Direction::Up) {
+            let polled = (self.up).poll(cx, Pin::new(&mut *self.client), Pin::new(&mut *self.backend));
+            if let Some(end) = self.ending.note(Direction::Up, polled) {
+                return Some(end);
             }
         }
-        if !self.down.done {
-            if let Poll::Ready(Err(e)) = self
-                .down
-                .poll(cx, Pin::new(&mut *self.backend), Pin::new(&mut *self.client))
-            {
-                return Some(End::Failed(Direction::Down, e));
+        if !self.down.done && self.ending.runs(Direction::Down) {
+            let polled = (self.down).poll(cx, Pin::new(&mut *self.backend), Pin::new(&mut *self.client));
+            if let Some(end) = self.ending.note(Direction::Down, polled) {
+                return Some(end);
             }
         }
-        (self.up.done && self.down.done).then_some(End::Done)
+        self.ending.over(self.up.done, self.down.done)
     }
 }
 

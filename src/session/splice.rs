@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use futures::ready;
 
 use super::Path;
-use super::pump::{BUDGET, Direction, End, Half, Idle, Progress};
+use super::pump::{BUDGET, Direction, End, Ending, Half, HalfError, Idle, Progress};
 use crate::config::Timeouts;
 use crate::rt::{self, Async, TcpConn};
 
@@ -116,7 +116,7 @@ impl SpliceHalf {
         self.done || self.copy.done
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>, src: &TcpConn, dst: &TcpConn) -> Poll<io::Result<()>> {
+    fn poll(&mut self, cx: &mut Context<'_>, src: &TcpConn, dst: &TcpConn) -> Poll<Result<(), HalfError>> {
         if !self.splicing {
             let (mut r, mut w) = (src, dst);
             let polled = self.copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
@@ -130,7 +130,7 @@ impl SpliceHalf {
         let (src, dst) = (src.as_async(), dst.as_async());
         for _ in 0..BUDGET {
             if self.in_pipe > 0 {
-                ready!(self.drain(cx, dst))?;
+                ready!(self.drain(cx, dst)).map_err(HalfError::Write)?;
                 continue;
             }
             if self.eof {
@@ -138,7 +138,9 @@ impl SpliceHalf {
                 // when that one has ended too, closing the socket sends it.
                 if !self.copy.last {
                     match dst.get_ref().shutdown(Shutdown::Write) {
-                        Err(e) if e.kind() != io::ErrorKind::NotConnected => return Poll::Ready(Err(e)),
+                        Err(e) if e.kind() != io::ErrorKind::NotConnected => {
+                            return Poll::Ready(Err(HalfError::Write(e)));
+                        }
                         _ => {}
                     }
                 }
@@ -164,7 +166,7 @@ impl SpliceHalf {
                 }
                 Poll::Ready(Err(e)) => {
                     pipe.give_back();
-                    return Poll::Ready(Err(e));
+                    return Poll::Ready(Err(HalfError::Read(e)));
                 }
                 Poll::Pending => {
                     pipe.give_back();
@@ -205,6 +207,7 @@ pub struct SplicePump<'a> {
     backend: &'a TcpConn,
     up: SpliceHalf,
     down: SpliceHalf,
+    ending: Ending,
     idle: Idle,
 }
 
@@ -215,6 +218,7 @@ impl<'a> SplicePump<'a> {
             backend,
             up: SpliceHalf::default(),
             down: SpliceHalf::default(),
+            ending: Ending::default(),
             idle: Idle::new(timeouts),
         }
     }
@@ -248,19 +252,21 @@ impl Future for SplicePump<'_> {
         // A direction that ends after the other one has ends the pair: the sockets are closed
         // next, and the close sends its FIN.
         this.up.copy.last = this.down.done();
-        if !this.up.done() {
-            if let Poll::Ready(Err(e)) = this.up.poll(cx, this.client, this.backend) {
-                return Poll::Ready(End::Failed(Direction::Up, e));
+        if !this.up.done() && this.ending.runs(Direction::Up) {
+            let polled = this.up.poll(cx, this.client, this.backend);
+            if let Some(end) = this.ending.note(Direction::Up, polled) {
+                return Poll::Ready(end);
             }
         }
         this.down.copy.last = this.up.done();
-        if !this.down.done() {
-            if let Poll::Ready(Err(e)) = this.down.poll(cx, this.backend, this.client) {
-                return Poll::Ready(End::Failed(Direction::Down, e));
+        if !this.down.done() && this.ending.runs(Direction::Down) {
+            let polled = this.down.poll(cx, this.backend, this.client);
+            if let Some(end) = this.ending.note(Direction::Down, polled) {
+                return Poll::Ready(end);
             }
         }
-        if this.up.done() && this.down.done() {
-            return Poll::Ready(End::Done);
+        if let Some(end) = this.ending.over(this.up.done(), this.down.done()) {
+            return Poll::Ready(end);
         }
         let after = this.progress();
         this.idle.poll(cx, before, after)

@@ -2,19 +2,27 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use futures::io::{AsyncRead, AsyncWrite};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use std::any::Any;
 
-use super::pump::{End, Pump};
+use super::pump::{Direction, End, Pump};
 use super::splice::SplicePump;
 use super::{Path, SessionEnd, SessionId, SessionReport, Sessions};
 use crate::balancer::Pick;
 use crate::config::Protocol;
-use crate::rt::{JoinHandle, TcpConn};
+use crate::rt::{self, JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
+
+/// A lingering close ends when the peer has been silent this long,
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+/// or after this long in all,
+const LINGER_MAX: Duration = Duration::from_secs(30);
+/// or once this much has been read and dropped.
+const LINGER_BYTES: usize = 64 << 20;
+const LINGER_READ: usize = 16 << 10;
 
 impl Sessions {
     /// Starts a session for `client`; the handle yields its report.
@@ -100,7 +108,49 @@ impl Sessions {
             Some(End::Done) => SessionEnd::Done,
             Some(End::Idle) => SessionEnd::IdleTimeout,
             Some(End::Fin) => SessionEnd::FinTimeout,
-            Some(End::Failed(direction, e)) => SessionEnd::Failed(direction, e),
+            Some(End::Aborted(direction, e)) => {
+                // A reset is passed on as a reset: a truncated stream must not look complete.
+                match direction {
+                    Direction::Up => reset(upstream),
+                    Direction::Down => reset(client),
+                }
+                SessionEnd::Aborted(direction, e)
+            }
+            Some(End::Failed(direction, e)) => {
+                // The backend is gone after its whole answer went out: the client has its FIN,
+                // and reading what it still uploads lets the answer reach it before the close.
+                if direction == Direction::Up {
+                    Box::pin(linger(client)).await;
+                }
+                SessionEnd::Failed(direction, e)
+            }
         }
     }
+}
+
+/// Closing `side` will reset it (SO_LINGER 0) instead of ending it with a FIN. Only a TCP
+/// socket can say so; any other stream just closes.
+fn reset<S: Any>(side: &mut S) {
+    if let Some(conn) = (side as &mut dyn Any).downcast_mut::<TcpConn>() {
+        let _ = socket2::SockRef::from(conn.get_ref()).set_linger(Some(Duration::ZERO));
+    }
+}
+
+/// A lingering close, as HAProxy and nginx do: `side`'s write direction is shut down (its FIN
+/// is out), then what it still sends is read and dropped until it closes too, goes quiet, or
+/// the bounds pass. Closing a socket with unread input resets it, and a reset drops whatever
+/// the peer had not read yet: the end of the answer.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(side: &mut S) {
+    let _ = side.close().await;
+    let mut buf = vec![0u8; LINGER_READ];
+    let drained = rt::timeout(LINGER_MAX, async {
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match rt::timeout(LINGER_QUIET, side.read(&mut buf)).await {
+                Some(Ok(n)) if n > 0 => total += n,
+                _ => break,
+            }
+        }
+    });
+    drained.await;
 }

@@ -112,7 +112,7 @@ impl Sessions {
                     pending = true;
                     self.backend_failed(&pick, &flow, id, &e).await;
                     if report.bytes_down > 0 {
-                        break SessionEnd::Failed(Direction::Down, e);
+                        break SessionEnd::Aborted(Direction::Down, e);
                     }
                     // The backend never answered: its error is as good as a refused connect.
                     // The next backend gets the datagram this one could not take.
