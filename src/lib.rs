@@ -19,6 +19,7 @@
 //! - `status`: the plain-text status page.
 //! - [`rt`]: the only module that names the async runtime.
 //! - [`logging`]: the daemon's log output (pretty or ndjson).
+//! - [`limits`]: the file-descriptor budget and the session cap it sets.
 
 pub mod acl;
 pub mod balancer;
@@ -27,6 +28,7 @@ pub mod dialer;
 mod egress;
 pub mod error;
 pub mod http;
+pub mod limits;
 mod listener;
 pub mod logging;
 pub mod relay;

@@ -1,4 +1,5 @@
-//! The relayd daemon: arguments → config → logger → relay until SIGINT/SIGTERM → exit code.
+//! The relayd daemon: arguments → config → logger → relay until SIGINT/SIGTERM (a second one
+//! forces the close) → exit code.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,7 +7,7 @@ use std::process::ExitCode;
 use async_signal::{Signal, Signals};
 use futures::StreamExt;
 use relayd::logging::{self, Format};
-use relayd::{Config, rt};
+use relayd::{Config, Relay, ShutdownReport, StartError, rt};
 
 const USAGE: &str =
     "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version]
@@ -86,10 +87,14 @@ fn main() -> ExitCode {
     rt::init(settings.workers);
     let level = args.log_level.unwrap_or(settings.log_level);
     let _ = logging::init(level, args.log_format.unwrap_or_else(Format::auto));
+    // As HAProxy and nginx do: the soft descriptor limit is a default, not a choice.
+    if let Err(e) = relayd::limits::raise_nofile() {
+        log::warn!(err:% = e; "cannot raise the descriptor limit");
+    }
     // The handler goes in before anything listens: a signal that came between the "listening"
     // line and the handler would otherwise kill the process without a drain.
-    let signals = Signals::new([Signal::Int, Signal::Term]);
-    match rt::block_on(relayd::run(settings, stop_signal(signals))) {
+    let signals = Signals::new([Signal::Int, Signal::Term, Signal::Hup, Signal::Usr1]);
+    match rt::block_on(serve(settings, signals)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!(err:% = e; "cannot start");
@@ -98,18 +103,36 @@ fn main() -> ExitCode {
     }
 }
 
-/// Completes on the first SIGINT or SIGTERM.
-async fn stop_signal(signals: std::io::Result<Signals>) {
-    match signals {
-        Ok(mut signals) => {
-            if let Some(Ok(signal)) = signals.next().await {
-                log::info!(signal:? = signal; "signal received");
-            }
-        }
+/// Runs the relay until SIGINT or SIGTERM, then drains it; a second one closes live sessions
+/// at once.
+async fn serve(settings: relayd::Settings, signals: std::io::Result<Signals>) -> Result<ShutdownReport, StartError> {
+    let relay = Relay::with_settings(settings)?;
+    let mut signals = match signals {
+        Ok(signals) => signals,
         Err(e) => {
             // Without a handler the default action (exit) still stops the process.
-            log::warn!(err:% = e; "cannot handle SIGINT/SIGTERM, they will end the process at once");
-            futures::future::pending::<()>().await
+            log::warn!(err:% = e; "cannot handle signals: SIGINT and SIGTERM will end the process at once");
+            return futures::future::pending().await;
+        }
+    };
+    asked_to_stop(&mut signals).await;
+    Ok(relay.shutdown_or(asked_to_stop(&mut signals)).await)
+}
+
+/// Completes on the next SIGINT or SIGTERM. SIGHUP (a service manager's reload, a closed
+/// terminal) and SIGUSR1 never stop the daemon.
+async fn asked_to_stop(signals: &mut Signals) {
+    while let Some(signal) = signals.next().await {
+        match signal {
+            Ok(signal @ (Signal::Hup | Signal::Usr1)) => {
+                log::warn!(signal:? = signal; "reload is not supported yet: the running config is unchanged")
+            }
+            Ok(signal) => {
+                log::info!(signal:? = signal; "signal received");
+                return;
+            }
+            Err(e) => log::warn!(err:% = e; "reading signals failed"),
         }
     }
+    futures::future::pending::<()>().await
 }

@@ -6,6 +6,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::pin::pin;
+
+use futures::future::{self, Either};
 use futures::io::{AsyncRead, AsyncWrite};
 
 use crate::balancer::{BackendSnapshot, BalancerHandle, EgressSnapshot, check_loop, resolve_loop};
@@ -13,6 +16,7 @@ use crate::config::{BackendAddr, Config, Egress, EgressId, Protocol, Route, Sett
 use crate::dialer::DialerHandle;
 use crate::egress;
 use crate::error::{InjectError, StartError};
+use crate::limits;
 use crate::listener::{self, Bound, Listener, UdpListener};
 use crate::rt::{self, Async};
 use crate::session::{RouteContext, SessionReport, Sessions};
@@ -27,6 +31,7 @@ struct Common {
     stop: Signal,
     force: Signal,
     splice: bool,
+    budget: Arc<limits::Budget>,
 }
 
 /// How long force-closed sessions get to finish dropping their sockets.
@@ -118,12 +123,17 @@ impl Relay {
             .collect();
         let watcher =
             (!judged.is_empty()).then(|| rt::spawn(egress::watch(judged, dialer.clone(), stop_signal.clone())));
+        // The descriptors there are decide how many sessions can be served at once.
+        let budget = Arc::new(limits::Budget::new());
+        let (soft, hard) = limits::nofile().unwrap_or_default();
+        log::info!(nofile = soft, nofile_hard = hard, max_sessions = budget.cap(); "descriptor budget");
         let common = Common {
             dialer,
             egress_names,
             stop: stop_signal,
             force: force_signal,
             splice: settings.splice,
+            budget,
         };
         let mut relay = Relay {
             routes: Vec::new(),
@@ -158,6 +168,9 @@ impl Relay {
             force: common.force.clone(),
             stats: self.stats.clone(),
             splice: common.splice,
+            budget: common.budget.clone(),
+            refusals: Default::default(),
+            dial_failures: Default::default(),
         });
         let guard = self.drain.guard().expect("a new drain hands out guards");
         let stop = common.stop.clone();
@@ -282,6 +295,12 @@ impl Relay {
     /// Stops accepting, waits up to the drain timeout for live sessions, closes the rest, and
     /// returns once every actor has ended.
     pub async fn shutdown(self) -> ShutdownReport {
+        self.shutdown_or(std::future::pending()).await
+    }
+
+    /// As [`Relay::shutdown`], but the drain ends early, closing live sessions at once, when
+    /// `now` completes first (the daemon passes its second SIGTERM or SIGINT).
+    pub async fn shutdown_or(self, now: impl Future<Output = ()>) -> ShutdownReport {
         let Relay {
             routes,
             stop,
@@ -297,13 +316,24 @@ impl Relay {
         stop.fire();
         // The actors end once the last handle is gone: ours go now, the sessions' as they end.
         drop(routes);
-        if !drain.wait(drain_timeout).await {
-            log::warn!(sessions = stats.active(); "drain deadline passed, closing live sessions");
+        let drained = match future::select(pin!(drain.wait(drain_timeout)), pin!(now)).await {
+            Either::Left((drained, _)) => drained,
+            Either::Right(_) => {
+                log::warn!(sessions = stats.active(); "asked again to stop: closing live sessions now");
+                false
+            }
+        };
+        if !drained {
+            if stats.active() > 0 {
+                log::warn!(sessions = stats.active(); "closing live sessions");
+            }
             force.fire();
             drain.wait(FORCE_GRACE).await;
         }
         for task in tasks {
-            task.await;
+            if rt::timeout(FORCE_GRACE, task).await.is_none() {
+                log::warn!("an actor did not end in time; stopping without it");
+            }
         }
         let forced = stats.forced();
         let report = ShutdownReport {

@@ -175,3 +175,103 @@ async fn the_listener_survives_running_out_of_file_descriptors() {
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait().code(), Some(0));
 }
+
+#[async_std::test]
+async fn sighup_and_sigusr1_never_stop_the_daemon() {
+    let echo = Backend::echo().await;
+    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &[echo.addr], "")));
+    let addr = daemon.listening("web");
+    for signal in [libc::SIGHUP, libc::SIGUSR1] {
+        daemon.signal(signal);
+        let said = daemon
+            .wait_for(|l| l.contains("reload is not supported yet"))
+            .expect("relayd says what it did with the signal");
+        assert!(said.contains(r#""level":"warn""#), "{said}");
+        drop(echo_through(addr));
+    }
+    daemon.signal(libc::SIGTERM);
+    assert_eq!(daemon.wait().code(), Some(0));
+}
+
+#[async_std::test]
+async fn a_second_sigterm_ends_the_drain_at_once() {
+    let sink = Backend::sink().await;
+    let config = format!(r#"(drain_timeout: "1h", routes: [{}])"#, route("web", &[sink.addr], ""));
+    let daemon = Daemon::spawn(&[], &config);
+    let mut client = TcpStream::connect(daemon.listening("web")).unwrap();
+    client.write_all(b"live").unwrap();
+    sink.next_accept().await;
+    daemon.signal(libc::SIGTERM);
+    daemon
+        .wait_for(|l| l.contains(r#""msg":"stopping""#))
+        .expect("the drain begins");
+    daemon.signal(libc::SIGTERM);
+    daemon
+        .wait_for(|l| l.contains("asked again to stop"))
+        .expect("the second signal is heard");
+    let stopped = daemon.wait_for(|l| l.contains(r#""msg":"stopped""#)).unwrap();
+    assert!(stopped.contains(r#""forced":1"#), "{stopped}");
+    assert_eq!(daemon.wait().code(), Some(0));
+}
+
+#[async_std::test]
+async fn at_the_descriptor_limit_clients_wait_in_the_backlog_and_all_are_served() {
+    const CLIENTS: usize = 60;
+    let echo = Backend::echo().await;
+    let config = format!(
+        r#"(status: "127.0.0.1:0", routes: [{}])"#,
+        route("web", &[echo.addr], "")
+    );
+    let daemon = Daemon::spawn(&["prlimit", "--nofile=64:64"], &config);
+    let budget = daemon.wait_for(|l| l.contains("descriptor budget")).unwrap();
+    let cap: usize = harness::daemon::field(&budget, "max_sessions")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(cap < CLIENTS, "{budget}");
+    let addr = daemon.listening("web");
+    let status = daemon.wait_for(|l| l.contains("status page listening")).unwrap();
+    let status: std::net::SocketAddr = harness::daemon::field(&status, "addr").unwrap().parse().unwrap();
+    // Every client holds its session until released; more of them than the cap.
+    let (release_tx, release) = flume::bounded::<()>(0);
+    let (served_tx, served) = flume::unbounded();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            let (release, served_tx) = (release.clone(), served_tx.clone());
+            std::thread::spawn(move || {
+                let mut client = TcpStream::connect(addr).expect("the kernel takes the connection");
+                client.set_read_timeout(Some(harness::PATIENCE)).unwrap();
+                client.write_all(b"ping").unwrap();
+                let mut echoed = [0u8; 4];
+                let ok = client.read_exact(&mut echoed).is_ok() && &echoed == b"ping";
+                served_tx.send(ok).unwrap();
+                let _ = release.recv();
+            })
+        })
+        .collect();
+    let first: Vec<bool> = (0..cap)
+        .map(|_| served.recv_timeout(harness::PATIENCE).unwrap())
+        .collect();
+    assert!(first.iter().all(|ok| *ok), "{first:?}");
+    daemon
+        .wait_for(|l| l.contains("session cap reached"))
+        .expect("relayd stops accepting at its cap");
+    // The reserve keeps the status page up while the sessions are at the cap.
+    let mut page = TcpStream::connect(status).expect("the status page accepts");
+    page.set_read_timeout(Some(harness::PATIENCE)).unwrap();
+    page.write_all(b"GET / HTTP/1.1\r\nHost: relayd\r\n\r\n").unwrap();
+    let mut text = String::new();
+    page.read_to_string(&mut text).expect("the status page answers");
+    assert!(text.contains("route web"), "{text}");
+    drop(release_tx);
+    let rest: Vec<bool> = (cap..CLIENTS)
+        .map(|_| served.recv_timeout(harness::PATIENCE).unwrap())
+        .collect();
+    assert!(rest.iter().all(|ok| *ok), "every waiting client is served: {rest:?}");
+    clients.into_iter().for_each(|c| c.join().unwrap());
+    let log = daemon.stop();
+    assert!(
+        !log.iter().any(|l| l.contains("no_backend")),
+        "nobody was accepted only to be dropped"
+    );
+}

@@ -165,6 +165,15 @@ impl BalancerHandle {
         self.send(BalancerMsg::Closed { backend }).await
     }
 
+    /// What a pick counted for a session on `backend`, released when the guard drops: at the
+    /// session's end, however it ends (a panic included).
+    pub(crate) fn counted(&self, backend: BackendId) -> Counted {
+        Counted {
+            balancer: self.clone(),
+            backend,
+        }
+    }
+
     pub async fn checked(&self, backend: BackendId, verdict: Result<(), String>) -> Result<(), Gone> {
         self.send(BalancerMsg::Checked { backend, verdict }).await
     }
@@ -189,6 +198,25 @@ impl BalancerHandle {
 
     pub async fn snapshot(&self) -> Result<(Vec<BackendSnapshot>, Vec<EgressSnapshot>), Gone> {
         self.ask(|reply| BalancerMsg::Snapshot { reply }).await
+    }
+}
+
+/// Tells the balancer a session on its backend has ended when dropped.
+pub(crate) struct Counted {
+    balancer: BalancerHandle,
+    backend: BackendId,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let msg = BalancerMsg::Closed { backend: self.backend };
+        // A full mailbox is no reason to block a drop: the word goes from a task instead.
+        if let Err(flume::TrySendError::Full(msg)) = self.balancer.tx.try_send(msg) {
+            let tx = self.balancer.tx.clone();
+            rt::detach(async move {
+                let _ = tx.send_async(msg).await;
+            });
+        }
     }
 }
 

@@ -18,6 +18,12 @@ use crate::error::Problem;
 
 /// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
 const IFNAME_MAX: usize = 15;
+/// Every duration lies in this range: shorter is no time at all to a socket, and longer would
+/// push a deadline past what the clock can hold.
+pub const DURATION_MIN: Duration = Duration::from_millis(1);
+pub const DURATION_MAX: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Executor threads: more than this is a typo, not a machine.
+pub const WORKERS_MAX: usize = 256;
 
 /// Collects problems while the walk goes on, so one run reports all of them.
 #[derive(Default)]
@@ -31,11 +37,15 @@ impl Problems {
         });
     }
 
-    /// A positive duration such as "250ms" or "5m", or `default` when absent.
+    /// A duration such as "250ms" or "5m" within [`DURATION_MIN`]..=[`DURATION_MAX`], or
+    /// `default` when absent.
     fn duration(&mut self, path: String, value: &Option<String>, default: Duration) -> Duration {
         let Some(text) = value else { return default };
         match humantime::parse_duration(text) {
             Ok(d) if d.is_zero() => self.add(path, "must be greater than zero"),
+            Ok(d) if !(DURATION_MIN..=DURATION_MAX).contains(&d) => {
+                self.add(path, format!("{text:?} is outside 1ms..=365days"))
+            }
             Ok(d) => return d,
             Err(e) => self.add(
                 path,
@@ -68,15 +78,22 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         .as_ref()
         .and_then(|s| p.parse::<SocketAddr>("status".into(), s, "an IP:port address such as \"127.0.0.1:9901\""));
     let workers = config.workers.map(|n| {
-        NonZeroUsize::new(n).unwrap_or_else(|| {
-            p.add("workers", "must be at least 1 (leave it out for one per core)");
+        let ok = NonZeroUsize::new(n).filter(|n| n.get() <= WORKERS_MAX);
+        ok.unwrap_or_else(|| {
+            p.add(
+                "workers",
+                format!("{n} is outside 1..={WORKERS_MAX} (leave it out for one per core)"),
+            );
             NonZeroUsize::MIN
         })
     });
-    let mailbox = NonZeroUsize::new(config.mailbox.unwrap_or(1024)).unwrap_or_else(|| {
-        p.add("mailbox", "must be greater than zero");
-        NonZeroUsize::MIN
-    });
+    let mailbox = config.mailbox.unwrap_or(1024);
+    let mailbox = NonZeroUsize::new(mailbox)
+        .filter(|n| n.get() <= 1 << 20)
+        .unwrap_or_else(|| {
+            p.add("mailbox", format!("{mailbox} is outside 1..=1048576"));
+            NonZeroUsize::MIN
+        });
     let egress = egresses(config, &mut p);
     let ids: HashMap<&str, EgressId> = egress
         .iter()
@@ -93,6 +110,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         .filter_map(|(i, r)| route(i, r, &ids, &mut p))
         .collect();
     unique_routes(config, &mut p);
+    listeners_apart(config, status, &mut p);
     if p.0.is_empty() {
         Ok(Settings {
             log_level,
@@ -125,6 +143,12 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
     if name.is_empty() {
         p.add("egress", "an egress name is empty");
     }
+    if name.chars().any(char::is_control) {
+        p.add(
+            format!("egress.{name:?}"),
+            "an egress name must be printable, on one line",
+        );
+    }
     if let Some(device) = &e.device {
         if device.is_empty() || device.len() > IFNAME_MAX || device.contains(['/', ' ', '\0']) {
             p.add(
@@ -144,9 +168,15 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
     if let Some(mss) = e.mss.filter(|m| !(88..=65535).contains(m)) {
         p.add(at("mss"), format!("{mss} is outside 88..=65535"));
     }
+    if let Some(idle) = keepalive.filter(|k| *k < Duration::from_secs(1)) {
+        p.add(
+            at("keepalive"),
+            format!("{idle:?} is under a second (TCP counts it in seconds)"),
+        );
+    }
     for (field, size) in [("send_buffer", e.send_buffer), ("recv_buffer", e.recv_buffer)] {
-        if size == Some(0) {
-            p.add(at(field), "must be greater than zero");
+        if let Some(size) = size.filter(|n| !(1..=1 << 30).contains(n)) {
+            p.add(at(field), format!("{size} is outside 1..=1073741824"));
         }
     }
     let via_proxy = e.via_proxy.as_ref().and_then(|addr| {
@@ -212,6 +242,19 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
     if r.name.is_empty() {
         p.add(at("name"), "missing: every route needs a name");
     }
+    if r.name.chars().any(char::is_control) {
+        p.add(at("name"), format!("{:?} must be printable, on one line", r.name));
+    }
+    match r.protocol {
+        Protocol::Udp if r.backlog.is_some() => p.add(at("backlog"), "Udp routes have no listen backlog"),
+        Protocol::Tcp | Protocol::HttpConnect if r.max_flows.is_some() => {
+            p.add(at("max_flows"), "only Udp routes have flows")
+        }
+        _ => {}
+    }
+    if let Some(backlog) = r.backlog.filter(|b| !(1..=65535).contains(b)) {
+        p.add(at("backlog"), format!("{backlog} is outside 1..=65535"));
+    }
     let listen = p.parse::<SocketAddr>(at("listen"), &r.listen, "an IP:port address such as \"127.0.0.1:8080\"");
     let egress = egress_ids(at("egress"), &r.egress, ids, p).unwrap_or_else(|| vec![EgressId(0)]);
     match (r.protocol, r.backends.is_empty()) {
@@ -245,8 +288,9 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         Protocol::Tcp | Protocol::HttpConnect => Duration::from_secs(600),
         Protocol::Udp => Duration::from_secs(60),
     };
-    let max_flows = NonZeroUsize::new(r.max_flows.unwrap_or(1024)).or_else(|| {
-        p.add(at("max_flows"), "must be at least 1");
+    let max_flows = r.max_flows.unwrap_or(1024);
+    let max_flows = NonZeroUsize::new(max_flows).filter(|n| n.get() <= 1 << 20).or_else(|| {
+        p.add(at("max_flows"), format!("{max_flows} is outside 1..=1048576"));
         None
     });
     if r.protocol != Protocol::Udp && r.health.as_ref().is_some_and(|h| h.reply_timeout.is_some()) {
@@ -256,6 +300,22 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         idle: p.duration(at("idle_timeout"), &r.idle_timeout, idle),
         fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
     };
+    // Everything is checked before anything is given up on, so one pass reports it all.
+    let connect_timeout = p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3));
+    let health = health(&at("health"), r.health.as_ref(), p);
+    let resolve_interval = p.duration(at("resolve_interval"), &r.resolve_interval, Duration::from_secs(30));
+    if let Some(listen) = listen {
+        for (j, b) in backends.iter().enumerate() {
+            if let BackendAddr::Ip(addr) = b.addr {
+                if loops_back(listen, addr) {
+                    p.add(
+                        format!("routes[{i}].backends[{j}].addr"),
+                        format!("{addr} is this route's own listen address: every session would come back in"),
+                    );
+                }
+            }
+        }
+    }
     Some(Route {
         name: r.name.clone(),
         listen: listen?,
@@ -264,15 +324,62 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         egress,
         egress_strategy: r.egress_strategy,
         backends,
-        connect_timeout: p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3)),
+        connect_timeout,
         connect_attempts,
         timeouts,
         backlog: r.backlog.unwrap_or(1024),
         max_flows: max_flows?,
         connect,
-        health: health(&at("health"), r.health.as_ref(), p),
-        resolve_interval: p.duration(at("resolve_interval"), &r.resolve_interval, Duration::from_secs(30)),
+        health,
+        resolve_interval,
     })
+}
+
+/// A backend at `addr` is the listener at `listen` itself.
+fn loops_back(listen: SocketAddr, addr: SocketAddr) -> bool {
+    let (listen, addr) = (unmapped(listen), unmapped(addr));
+    listen.port() == addr.port()
+        && (listen.ip() == addr.ip()
+            || (listen.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+}
+
+/// `[::ffff:a.b.c.d]:p` as `a.b.c.d:p`: the same socket to the kernel.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(addr, |v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// Two listeners of one transport (Tcp and HttpConnect routes and the status page share TCP's)
+/// on one port where one address covers the other: the second cannot bind.
+fn listeners_apart(config: &Config, status: Option<SocketAddr>, p: &mut Problems) {
+    let tcp = |protocol: Protocol| protocol != Protocol::Udp;
+    let mut seen: Vec<(String, bool, SocketAddr)> = Vec::new();
+    let routes = (config.routes.iter().enumerate())
+        .filter_map(|(i, r)| Some((format!("routes[{i}].listen"), tcp(r.protocol), r.listen.parse().ok()?)));
+    for (path, is_tcp, addr) in routes.chain(status.map(|a| ("status".to_string(), true, a))) {
+        let addr = unmapped(addr);
+        if addr.port() == 0 {
+            continue;
+        }
+        let covers = |a: IpAddr, b: IpAddr| a == b || a.is_unspecified() && (a.is_ipv6() || b.is_ipv4());
+        let clash = seen.iter().find(|(_, t, other)| {
+            *t == is_tcp
+                && other.port() == addr.port()
+                && (covers(other.ip(), addr.ip()) || covers(addr.ip(), other.ip()))
+        });
+        if let Some((first, _, other)) = clash {
+            let first = first.trim_end_matches(".listen");
+            p.add(
+                path.clone(),
+                format!("{addr} clashes with {first}, which listens on {other}"),
+            );
+        }
+        seen.push((path, is_tcp, addr));
+    }
 }
 
 fn backend(
@@ -445,19 +552,11 @@ fn connect_settings(path: &str, c: Option<&ConnectConfig>, p: &mut Problems) -> 
 /// a TCP and a UDP route may share an address, as DNS does).
 fn unique_routes(config: &Config, p: &mut Problems) {
     let mut names: HashMap<&str, usize> = HashMap::new();
-    let mut listens: HashMap<(Protocol, SocketAddr), usize> = HashMap::new();
     for (i, r) in config.routes.iter().enumerate() {
         if let Some(first) = names.insert(r.name.as_str(), i).filter(|_| !r.name.is_empty()) {
             p.add(
                 format!("routes[{i}].name"),
                 format!("{:?} is also the name of routes[{first}]", r.name),
-            );
-        }
-        let addr = r.listen.parse::<SocketAddr>().ok().filter(|a| a.port() != 0);
-        if let Some(first) = addr.and_then(|a| listens.insert((r.protocol, a), i)) {
-            p.add(
-                format!("routes[{i}].listen"),
-                format!("{} is also the address of routes[{first}]", r.listen),
             );
         }
     }
@@ -523,7 +622,7 @@ mod tests {
             "routes[1].listen: \"localhost\" is not an IP:port",
             "routes[1].backends[0].addr: \"10.0.0.1\" is not IP:port or host:port",
             "routes[1].idle_timeout: must be greater than zero",
-            "routes[2].listen: 127.0.0.1:80 is also the address of routes[0]",
+            "routes[2].listen: 127.0.0.1:80 clashes with routes[0]",
             "routes[2].connect_timeout: \"soon\" is not a duration",
         ] {
             assert!(
@@ -647,5 +746,73 @@ mod tests {
                 .any(|f| f.starts_with("routes[0].connect_attempts: must be at least 1")),
             "{found:?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod edge_tests {
+    use super::*;
+
+    fn problems(text: &str) -> Vec<String> {
+        let config = Config::parse(text, "test").expect("parses");
+        config
+            .validate()
+            .err()
+            .map_or_else(Vec::new, |e| e.problems().iter().map(|p| p.to_string()).collect())
+    }
+
+    fn has(found: &[String], want: &str) -> bool {
+        found.iter().any(|f| f.contains(want))
+    }
+
+    #[test]
+    fn what_start_up_would_trip_on_is_found_in_one_pass() {
+        let found = problems(
+            r#"(status: "127.0.0.1:9000", workers: 2000, drain_timeout: "1000000000years", routes: [
+                (name: "a", listen: "127.0.0.1:9000", backends: [(addr: "127.0.0.1:1")]),
+                (name: "b", listen: "0.0.0.0:9001", backends: [(addr: "127.0.0.1:9001")]),
+                (name: "c", listen: "[::ffff:127.0.0.1]:9002", protocol: HttpConnect),
+                (name: "d", listen: "127.0.0.1:9002", backends: [(addr: "127.0.0.1:1")], max_flows: 5),
+                (name: "e\nforged", listen: "127.0.0.1:9003", protocol: Udp, backlog: 5,
+                    idle_timeout: "1ns", backends: [(addr: "127.0.0.1:1")]),
+                (name: "f", listen: "not an address", connect_timeout: "0s", health: (cooldown: "1000years"),
+                    backends: [(addr: "127.0.0.1:1")]),
+            ])"#,
+        );
+        for want in [
+            "status: 127.0.0.1:9000 clashes with routes[0], which listens on 127.0.0.1:9000",
+            "workers: 2000 is outside 1..=256",
+            "drain_timeout: \"1000000000years\" is outside 1ms..=365days",
+            "routes[1].backends[0].addr: 127.0.0.1:9001 is this route's own listen address",
+            "routes[3].listen: 127.0.0.1:9002 clashes with routes[2], which listens on 127.0.0.1:9002",
+            "routes[3].max_flows: only Udp routes have flows",
+            "routes[4].name: \"e\\nforged\" must be printable, on one line",
+            "routes[4].backlog: Udp routes have no listen backlog",
+            "routes[4].idle_timeout: \"1ns\" is outside 1ms..=365days",
+            "routes[5].listen: \"not an address\" is not",
+            "routes[5].connect_timeout: must be greater than zero",
+            "routes[5].health.cooldown: \"1000years\" is outside",
+        ] {
+            assert!(has(&found, want), "missing {want:?} in {found:#?}");
+        }
+    }
+
+    #[test]
+    fn the_largest_accepted_durations_run_without_overflow() {
+        let text = r#"(drain_timeout: "365days", routes: [(name: "a", listen: "127.0.0.1:0",
+            idle_timeout: "365days", fin_timeout: "365days", connect_timeout: "365days",
+            health: (cooldown: "365days", cooldown_max: "365days"), backends: [(addr: "127.0.0.1:1")])])"#;
+        let settings = Config::parse(text, "test").unwrap().validate().unwrap();
+        let now = std::time::Instant::now();
+        for d in [
+            settings.drain_timeout,
+            settings.routes[0].timeouts.idle,
+            settings.routes[0].health.cooldown,
+        ] {
+            assert!(
+                now.checked_add(d.saturating_mul(1 << 10)).is_some(),
+                "{d:?} and its doublings fit the clock"
+            );
+        }
     }
 }

@@ -70,7 +70,24 @@ impl Listener {
     pub async fn run(self, stop: Signal, guard: DrainGuard) {
         let route = self.sessions.route_name.clone();
         let mut backoff = BACKOFF_MIN;
-        while let Some(accepted) = stop.unless(accept(&self.socket)).await {
+        let mut warned: Option<std::time::Instant> = None;
+        loop {
+            if !self.sessions.has_room() {
+                // At the descriptor budget: what is not accepted waits in the kernel's backlog,
+                // rather than being accepted only to be dropped for want of a socket.
+                if warned.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
+                    warned = Some(std::time::Instant::now());
+                    log::warn!(route = &*route, max_sessions = self.sessions.budget.cap();
+                        "session cap reached, accepting again once sessions end");
+                }
+                let stats = self.sessions.stats.clone();
+                if stop.unless(stats.until(|_| self.sessions.has_room())).await.is_none() {
+                    break;
+                }
+            }
+            let Some(accepted) = stop.unless(accept(&self.socket)).await else {
+                break;
+            };
             match accepted {
                 Ok((stream, peer)) => {
                     backoff = BACKOFF_MIN;
@@ -82,6 +99,9 @@ impl Listener {
                     log::debug!(route = &*route, err:% = e; "accept: connection gone before it was taken");
                 }
                 Err(e) => {
+                    if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
+                        self.sessions.budget.refresh();
+                    }
                     log::warn!(route = &*route, err:% = e, backoff_ms = backoff.as_millis() as u64; "accept failed, backing off");
                     stop.unless(rt::sleep(backoff)).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);

@@ -133,11 +133,12 @@ impl UdpListener {
             }
         }
         let max = self.sessions.route.max_flows.get();
-        if flows.table.len() >= max {
+        if flows.table.len() >= max || !self.sessions.has_room() {
             let dropped = self.sessions.stats.over_limit();
             if flows.over_limit.ready() {
-                log::warn!(route = route, client:% = client, max_flows = max, dropped_total = dropped;
-                    "max_flows reached, datagram dropped");
+                let cap = self.sessions.budget.cap();
+                log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped;
+                    "max_flows (or the relay's session cap) reached, datagram dropped");
             }
             return;
         }

@@ -16,6 +16,9 @@ use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+/// Stands for a deadline beyond what the clock can hold.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// The longest the watcher sleeps at a time; a deadline further out than this never wakes it.
 const NAP: Duration = Duration::from_secs(1);
 
@@ -121,7 +124,9 @@ impl Deadline {
     }
 
     pub fn after(duration: Duration) -> Self {
-        Self::at(Instant::now() + duration)
+        let now = Instant::now();
+        // Past what the clock holds is never, as far as anyone waiting can tell.
+        Self::at(now.checked_add(duration).unwrap_or(now + NEVER))
     }
 
     /// Moves the deadline; it takes effect when it is next polled.

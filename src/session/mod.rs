@@ -53,6 +53,8 @@ pub enum SessionEnd {
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
     RelayStopped,
+    /// The session hit a bug (a panic, with its message) and was closed.
+    Panicked(String),
 }
 
 /// How a session's bytes moved.
@@ -131,9 +133,45 @@ pub(crate) struct RouteContext {
     pub stats: Arc<Stats>,
     /// TCP pairs move bytes by splice(2).
     pub splice: bool,
+    /// Live sessions the relay's descriptors can serve: listeners wait for room before they
+    /// accept more.
+    pub budget: Arc<crate::limits::Budget>,
+    /// Warnings that any client (or one dead backend) can cause in any number: refused
+    /// sessions and failed dials, each at most one line a second for the route.
+    pub refusals: Squelch,
+    pub dial_failures: Squelch,
+}
+
+/// Lets one warning a second through, and counts the ones it held back, so that no client can
+/// drive the log's volume. Shared by a route's sessions.
+#[derive(Default)]
+pub(crate) struct Squelch {
+    /// Milliseconds since `epoch` when a line was last let through (0: never).
+    last: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Squelch {
+    /// `Some(held back since the last line)` when a line may be logged now.
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now - last < 1000 || self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+            self.held.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.held.swap(0, Relaxed))
+    }
 }
 
 impl Sessions {
+    /// True while the relay has room for one more session.
+    pub fn has_room(&self) -> bool {
+        self.stats.active() < self.budget.cap()
+    }
+
     pub fn new(context: RouteContext) -> Self {
         Sessions(Arc::new(context))
     }
@@ -163,11 +201,26 @@ impl Sessions {
             forced: false,
         };
         let session = session(id);
+        let (route, peer) = (self.route_name.clone(), SocketAddr::from(([0, 0, 0, 0], 0)));
+        let context = self.clone();
         let task = crate::rt::spawn(async move {
-            let report = session.await;
+            // A panic is a bug, but it ends this session only: its sockets close as it
+            // unwinds, its counts are released by their guards, and it is logged.
+            let report = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session)).await {
+                Ok(report) => report,
+                Err(panic) => {
+                    let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    log::error!(route = &*route, session = id.0, panic = what.as_str(); "session panicked: a bug");
+                    let mut report = SessionReport::new(id, route, peer);
+                    report.end = SessionEnd::Panicked(what);
+                    report
+                }
+            };
             live.forced = matches!(report.end, SessionEnd::Forced);
             live.stats.relayed_by(report.path);
-            log_end(&report);
+            log_end(&report, &context);
             drop((live, guard));
             report
         });
@@ -218,11 +271,16 @@ impl Sessions {
             };
             let fault = e.fault().unwrap_or(Fault::Backend);
             let _ = self.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
-            log::warn!(route = &*self.route_name, session = id.0, client:% = peer, backend:% = pick.addr,
-                egress = &*self.egress_name(&pick), fault:? = fault, err:% = e; "connect failed");
+            if let Some(held) = self.dial_failures.admit() {
+                log::warn!(route = &*self.route_name, session = id.0, client:% = peer, backend:% = pick.addr,
+                    egress = &*self.egress_name(&pick), fault:? = fault, err:% = e, held_back = held; "connect failed");
+            }
             last = Some(e.to_string());
             match fault {
-                Fault::Relay => break "the relay is short of resources".to_string(),
+                Fault::Relay => {
+                    self.budget.refresh();
+                    break "the relay is short of resources".to_string();
+                }
                 Fault::Backend => tried.push(Tried {
                     backend: pick.backend,
                     egress: None,
@@ -263,6 +321,7 @@ impl SessionEnd {
             SessionEnd::Refused(_) => "refused",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
+            SessionEnd::Panicked(_) => "internal_error",
         }
     }
 
@@ -275,6 +334,7 @@ impl SessionEnd {
             }),
             SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
             SessionEnd::Refused(status) => Some(format!("status {status}")),
+            SessionEnd::Panicked(what) => Some(what.clone()),
             _ => None,
         }
     }
@@ -302,7 +362,7 @@ pub(crate) fn errno_name(e: &std::io::Error) -> Option<&'static str> {
 
 /// One summary line per session; a session that reached no backend, or was refused, is a
 /// warning.
-fn log_end(r: &SessionReport) {
+fn log_end(r: &SessionReport, route: &Sessions) {
     let level = match r.end {
         SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) => log::Level::Warn,
         _ => log::Level::Info,
@@ -310,11 +370,20 @@ fn log_end(r: &SessionReport) {
     if !log::log_enabled!(level) {
         return;
     }
+    // Refusals are what a client (or a dead backend) can cause in any number: one a second.
+    let held = match level {
+        log::Level::Warn => match route.refusals.admit() {
+            Some(held) => held,
+            None => return,
+        },
+        _ => 0,
+    };
     let detail = r.end.detail();
     let why = detail.as_deref().unwrap_or("-");
     let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
     let egress = r.egress.as_deref().unwrap_or("-");
     log::log!(level, route = &*r.route, session = r.id.0, client:% = r.peer, backend = backend.as_str(),
         egress = egress, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
-        duration_ms = r.duration.as_millis() as u64, end = r.end.word(), why = why; "session closed");
+        duration_ms = r.duration.as_millis() as u64, end = r.end.word(), why = why, held_back = held;
+        "session closed");
 }

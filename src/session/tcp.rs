@@ -60,12 +60,13 @@ impl Sessions {
                 None => report.end = SessionEnd::Forced,
                 Some(Err(end)) => report.end = end,
                 Some(Ok((pick, mut upstream))) => {
+                    let counted = self.balancer.counted(pick.backend);
                     report.backend = Some(pick.addr);
                     report.egress = Some(self.egress_name(&pick));
                     report.end = self.relay(&mut client, &mut upstream, &mut report).await;
-                    // Closed now: a pair that ended both ways left its last FIN to the close.
-                    drop((upstream, client));
-                    let _ = self.balancer.closed(pick.backend).await;
+                    // Closed now, then counted out: a pair that ended both ways left its last
+                    // FIN to the close.
+                    drop((upstream, client, counted));
                 }
             }
             report.duration = started.elapsed();
