@@ -8,25 +8,60 @@ use std::net::IpAddr;
 
 use ipnet::IpNet;
 
-/// Ranges no CONNECT route reaches unless its `allow_cidrs` names them.
+/// Ranges no CONNECT route reaches unless its `allow_cidrs` names them: every entry of the
+/// IANA IPv4 and IPv6 special-purpose registries that is not globally reachable. IPv6 forms
+/// that carry an IPv4 address are also judged as that address (see [`embedded_v4`]).
 pub const DEFAULT_DENY: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-    "::/128",
-    "::1/128",
-    "fc00::/7",
-    "fe80::/10",
-    "ff00::/8",
+    // IPv4
+    "0.0.0.0/8",       // this network
+    "10.0.0.0/8",      // private
+    "100.64.0.0/10",   // shared (CGNAT)
+    "127.0.0.0/8",     // loopback
+    "169.254.0.0/16",  // link-local (cloud metadata)
+    "172.16.0.0/12",   // private
+    "192.0.0.0/24",    // IETF protocol assignments
+    "192.0.2.0/24",    // documentation (TEST-NET-1)
+    "192.88.99.0/24",  // 6to4 relay anycast (deprecated)
+    "192.168.0.0/16",  // private
+    "198.18.0.0/15",   // benchmarking
+    "198.51.100.0/24", // documentation (TEST-NET-2)
+    "203.0.113.0/24",  // documentation (TEST-NET-3)
+    "224.0.0.0/4",     // multicast
+    "240.0.0.0/4",     // reserved, and the limited broadcast
+    // IPv6
+    "::/128",         // unspecified
+    "::1/128",        // loopback
+    "64:ff9b:1::/48", // local-use NAT64
+    "100::/64",       // discard-only
+    "2001::/32",      // Teredo (carries an obfuscated IPv4 address)
+    "2001:2::/48",    // benchmarking
+    "2001:10::/28",   // ORCHID (deprecated)
+    "2001:db8::/32",  // documentation
+    "3fff::/20",      // documentation
+    "5f00::/16",      // segment routing SIDs
+    "fc00::/7",       // unique local
+    "fe80::/10",      // link-local
+    "fec0::/10",      // site-local (deprecated)
+    "ff00::/8",       // multicast
 ];
+
+/// The IPv4 address an IPv6 one carries and is delivered to: IPv4-mapped (`::ffff:a.b.c.d`),
+/// IPv4-translated (`::ffff:0:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64's well-known
+/// prefix (`64:ff9b::a.b.c.d`), and 6to4 (`2002:AABB:CCDD::/48`).
+pub fn embedded_v4(ip: std::net::Ipv6Addr) -> Option<std::net::Ipv4Addr> {
+    let o = ip.octets();
+    let last = std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15]);
+    let head = |n: usize| &o[..n];
+    match () {
+        _ if head(10).iter().all(|b| *b == 0) && o[10..12] == [0xff, 0xff] => Some(last),
+        // IPv4-translated (SIIT): ::ffff:0:a.b.c.d
+        _ if head(8).iter().all(|b| *b == 0) && o[8..12] == [0xff, 0xff, 0, 0] => Some(last),
+        _ if head(12).iter().all(|b| *b == 0) => Some(last),
+        _ if o[..4] == [0x00, 0x64, 0xff, 0x9b] && o[4..12].iter().all(|b| *b == 0) => Some(last),
+        _ if o[..2] == [0x20, 0x02] => Some(std::net::Ipv4Addr::new(o[2], o[3], o[4], o[5])),
+        _ => None,
+    }
+}
 
 /// A host name rule: exact (`example.com`) or any subdomain (`*.example.com`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -96,18 +131,20 @@ impl Acl {
         Ok(())
     }
 
-    /// An address is allowed when `allow` names it or no `deny` range holds it. IPv4-mapped
-    /// IPv6 addresses are judged as the IPv4 address they carry.
+    /// An address is allowed when `allow` names it or no `deny` range holds it. An IPv6
+    /// address that carries an IPv4 one ([`embedded_v4`]) is judged as both: denied when either
+    /// is, unless `allow` names either.
     pub fn check_addr(&self, ip: IpAddr) -> Result<(), Denied> {
-        let ip = match ip {
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+        let carried = match ip {
+            IpAddr::V6(v6) => embedded_v4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
         };
-        let within = |nets: &[IpNet]| nets.iter().any(|net| net.contains(&ip));
+        let forms = [Some(ip), carried];
+        let within = |nets: &[IpNet]| forms.iter().flatten().any(|ip| nets.iter().any(|net| net.contains(ip)));
         if within(&self.allow) || !within(&self.deny) {
             Ok(())
         } else {
-            Err(Denied::Address(ip))
+            Err(Denied::Address(carried.unwrap_or(ip)))
         }
     }
 }
@@ -156,6 +193,11 @@ mod tests {
             assert!(a.check_addr(ip.parse().unwrap()).is_err(), "{ip} must be denied");
         }
         assert_eq!(a.check_addr("93.184.216.34".parse().unwrap()), Ok(()));
+        assert_eq!(
+            a.check_addr("2606:2800:220:1::1".parse().unwrap()),
+            Ok(()),
+            "a public IPv6"
+        );
         let opened = acl(&[], &["127.0.0.0/8"]);
         assert_eq!(opened.check_addr("127.0.0.1".parse().unwrap()), Ok(()));
         assert!(opened.check_addr("10.0.0.1".parse().unwrap()).is_err());
@@ -170,5 +212,47 @@ mod tests {
         assert_eq!(HostPattern::parse("*"), None);
         assert_eq!(HostPattern::parse("a*b"), None);
         assert_eq!(HostPattern::parse(""), None);
+    }
+
+    #[test]
+    fn every_special_purpose_range_and_every_ipv4_in_ipv6_form_is_denied() {
+        let a = acl(&[], &[]);
+        for ip in [
+            // IPv4 addresses inside IPv6 ones: compatible, mapped, NAT64, 6to4.
+            "::169.254.169.254",
+            "::ffff:169.254.169.254",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b::a9fe:a9fe",
+            "64:ff9b::10.0.0.1",
+            "2002:a9fe:a9fe::1",
+            "2002:7f00:1::",
+            // Not globally reachable in IPv6.
+            "64:ff9b:1::8.8.8.8",
+            "100::1",
+            "2001::1",
+            "2001:2::1",
+            "2001:db8::1",
+            "3fff::1",
+            "fec0::1",
+            "5f00::1",
+            // Documentation and relay ranges in IPv4.
+            "192.0.2.1",
+            "198.51.100.1",
+            "203.0.113.1",
+            "192.88.99.1",
+            "255.255.255.255",
+        ] {
+            assert!(a.check_addr(ip.parse().unwrap()).is_err(), "{ip} must be denied");
+        }
+        // Public IPv4 addresses in the same forms are public.
+        for ip in ["64:ff9b::93.184.216.34", "2002:5db8:d822::1", "::ffff:93.184.216.34"] {
+            assert_eq!(a.check_addr(ip.parse().unwrap()), Ok(()), "{ip}");
+        }
+        let opened = acl(&[], &["169.254.0.0/16"]);
+        assert_eq!(
+            opened.check_addr("64:ff9b::a9fe:a9fe".parse().unwrap()),
+            Ok(()),
+            "allowing the IPv4 range allows its IPv6 forms"
+        );
     }
 }

@@ -41,7 +41,16 @@ pub async fn read_request_head<S: AsyncRead + Unpin>(
         if n == 0 {
             return Err(HeadError::Closed(None));
         }
+        // Only the new bytes (and the three before them) can complete the head: the head is
+        // parsed once, when its blank line has come, so a head trickled a byte at a time costs
+        // time linear in its size.
+        let from = buf.len().saturating_sub(3);
         buf.extend_from_slice(&chunk[..n]);
+        let tail = &buf[from..];
+        let ended = tail.windows(3).any(|w| w == b"\n\r\n") || tail.windows(2).any(|w| w == b"\n\n");
+        if !ended {
+            continue;
+        }
         let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
         match httparse::Request::new(&mut headers).parse(&buf) {
             Ok(httparse::Status::Complete(len)) => return Ok((buf, len)),
@@ -296,5 +305,44 @@ mod tests {
             }
             assert!(reader.position() as usize <= max, "read past the limit");
         }
+    }
+
+    /// Gives its bytes one at a time, as a client trickling its head would.
+    struct Trickle(std::collections::VecDeque<u8>);
+
+    impl futures::io::AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = usize::from(!buf.is_empty() && !self.0.is_empty());
+            if n == 1 {
+                buf[0] = self.0.pop_front().expect("not empty");
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn a_head_trickled_a_byte_at_a_time_is_read_whole_with_what_follows() {
+        let head = format!(
+            "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\nX-Pad: {}\r\n\r\nearly",
+            "p".repeat(60_000)
+        );
+        let mut client = Trickle(head.bytes().collect());
+        let (buf, len) = crate::rt::block_on(read_request_head(&mut client, 65536)).expect("a whole head");
+        assert_eq!(len, head.len() - "early".len());
+        assert_eq!(
+            &buf[len..],
+            b"",
+            "bytes after the head stay unread by the byte-wise client"
+        );
+        assert_eq!(parse_connect(&buf[..len]).unwrap().host, "example.com");
+        let mut bare = Trickle("CONNECT a.test:443 HTTP/1.1\nHost: a.test\n\n".bytes().collect());
+        assert!(
+            crate::rt::block_on(read_request_head(&mut bare, 1024)).is_ok(),
+            "LF-only heads end too"
+        );
     }
 }

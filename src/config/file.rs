@@ -32,7 +32,8 @@ pub struct Config {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EgressConfig {
-    /// Interface to bind outbound sockets to (SO_BINDTODEVICE; needs root or CAP_NET_RAW).
+    /// Interface to bind outbound sockets to (SO_BINDTODEVICE; unprivileged on Linux 5.7+,
+    /// CAP_NET_RAW before).
     pub device: Option<String>,
     /// Source IP address for outbound sockets.
     pub source: Option<String>,
