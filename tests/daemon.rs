@@ -275,3 +275,34 @@ async fn at_the_descriptor_limit_clients_wait_in_the_backlog_and_all_are_served(
         "nobody was accepted only to be dropped"
     );
 }
+
+#[test]
+fn no_client_can_flood_the_log_with_refusals() {
+    let dead = [harness::backend::refused_addr(), harness::backend::refused_addr()];
+    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &dead, "")));
+    let addr = daemon.listening("web");
+    let started = std::time::Instant::now();
+    for _ in 0..300 {
+        let mut client = TcpStream::connect(addr).unwrap();
+        client.set_read_timeout(Some(harness::PATIENCE)).unwrap();
+        let _ = client.read_to_end(&mut Vec::new());
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let log = daemon.stop();
+    for msg in ["session closed", "connect failed"] {
+        let lines = log.iter().filter(|l| l.contains(&format!(r#""msg":"{msg}""#))).count();
+        assert!(
+            (1..=seconds as usize + 1).contains(&lines),
+            "{lines} {msg:?} lines for 300 refused clients in {seconds}s"
+        );
+    }
+    let last = log
+        .iter()
+        .rev()
+        .find(|l| l.contains(r#""msg":"session closed""#))
+        .unwrap();
+    assert!(
+        last.contains(r#""end":"no_backend""#) && last.contains("held_back"),
+        "{last}"
+    );
+}

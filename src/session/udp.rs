@@ -138,8 +138,10 @@ impl Sessions {
     /// all within the reply timeout, is charged as a failed connect (and the flow's session on
     /// it is no longer counted).
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
-        log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
-            egress = &*self.egress_name(pick), err:% = e; "udp backend failed");
+        if let Some(held) = self.dial_failures.admit() {
+            log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
+                egress = &*self.egress_name(pick), err:% = e, held_back = held; "udp backend failed");
+        }
         let why = format!("udp: {e}");
         let _ = self.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
     }
