@@ -35,6 +35,15 @@ fn main() {
                 arg(4, 64) as usize,
             )
         }
+        Some("udp-pingpong-loop") => {
+            let target = args[1].parse().expect("an address");
+            udp_pingpong_loop(
+                target,
+                arg(2, 16) as usize,
+                Duration::from_secs(arg(3, 5)),
+                arg(4, 64) as usize,
+            )
+        }
         Some("tcp-echo") => tcp_echo(args[1].parse().expect("an address")),
         Some("tcp-pingpong") => {
             let target = args[1].parse().expect("an address");
@@ -88,6 +97,35 @@ fn udp_pingpong(target: SocketAddr, clients: usize, length: Duration, size: usiz
         .map(|_| std::thread::spawn(move || client(target, deadline, size)))
         .collect();
     report(target, clients, size, length, threads);
+}
+
+/// The other client shape: one thread, one event loop (async-io's), driving `sockets` sockets
+/// that each keep one datagram in flight. A lost datagram is counted after a second and sent
+/// again.
+fn udp_pingpong_loop(target: SocketAddr, sockets: usize, length: Duration, size: usize) {
+    let deadline = Instant::now() + length;
+    let one = |_| async move {
+        let socket = async_io::Async::<UdpSocket>::bind(([127, 0, 0, 1], 0)).expect("bind a client socket");
+        socket.get_ref().connect(target).expect("connect the client socket");
+        let (payload, mut buf) = (vec![7u8; size], vec![0u8; 65536]);
+        let (mut rtts, mut lost) = (Vec::new(), 0u64);
+        while Instant::now() < deadline {
+            let sent = Instant::now();
+            socket.send(&payload).await.expect("send");
+            let (recv, timer) = (socket.recv(&mut buf), async_io::Timer::after(Duration::from_secs(1)));
+            match futures::future::select(std::pin::pin!(recv), std::pin::pin!(timer)).await {
+                futures::future::Either::Left((Ok(_), _)) => rtts.push(sent.elapsed()),
+                _ => lost += 1,
+            }
+        }
+        (rtts, lost)
+    };
+    let all = async_io::block_on(futures::future::join_all((0..sockets).map(one)));
+    let threads = all
+        .into_iter()
+        .map(|result| std::thread::spawn(move || result))
+        .collect();
+    report(target, sockets, size, length, threads);
 }
 
 /// Prints round trips per second and p50/p99 from the clients' round-trip times.

@@ -17,7 +17,9 @@ for figure, target, _run, value in csv.reader(open(raw), delimiter="\t"):
     except ValueError:
         pass
 
-targets = ["direct", "relayd", "haproxy", "haproxy-splice", "nginx", "socat"]
+# relayd-b is the other build of an A/B run (AB=... bench/run.sh); targets not run are left out.
+seen = {t for figure in values.values() for t in figure}
+targets = [t for t in ["direct", "relayd", "relayd-b", "haproxy", "haproxy-splice", "nginx", "socat"] if t in seen]
 
 
 def fmt(x):

@@ -7,6 +7,8 @@
 #
 #   bench/run.sh                 # RUNS=3 SECS=5 IDLE=9000 by default
 #   RUNS=5 SECS=10 bench/run.sh
+#   AB=/path/to/other/relayd bench/run.sh   # A/B: that build runs beside this one as "relayd-b"
+#   ONLY="direct relayd relayd-b haproxy nginx" bench/run.sh   # a subset of the targets
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -48,8 +50,10 @@ ulimit -n "$(ulimit -Hn)"
 # --- ports --------------------------------------------------------------------------------
 # Backends: 9300 TCP echo, 9301 UDP echo, 9302 iperf3, 9303 connection holder.
 # Each relay listens on base+0 (echo), +1 (iperf3), +2 (UDP echo), +3 (holder).
-declare -A BASE=([direct]=9300 [relayd]=9310 [haproxy]=9320 [haproxy-splice]=9330 [nginx]=9340 [socat]=9350)
+declare -A BASE=([direct]=9300 [relayd]=9310 [haproxy]=9320 [haproxy-splice]=9330 [nginx]=9340 [socat]=9350 [relayd-b]=9360)
 TARGETS=(direct relayd haproxy haproxy-splice nginx socat)
+[ -n "${AB:-}" ] && TARGETS=(direct relayd relayd-b haproxy haproxy-splice nginx socat)
+[ -n "${ONLY:-}" ] && read -r -a TARGETS <<<"$ONLY"
 
 start() { # name, command...: runs it in the background, remembers its PID
     local name=$1
@@ -73,15 +77,22 @@ start backend-udp "$LOADGEN" udp-echo 127.0.0.1:9301
 start backend-iperf iperf3 -s -p 9302
 start backend-hold "$LOADGEN" tcp-hold 127.0.0.1:9303
 
-cat >"$WORK/relayd.ron" <<EOF
+relayd_cfg() { # base
+    cat <<EOF
 (log_level: "warn", workers: $CORES, routes: [
-    (name: "echo", listen: "127.0.0.1:9310", backends: [(addr: "127.0.0.1:9300")]),
-    (name: "iperf", listen: "127.0.0.1:9311", backends: [(addr: "127.0.0.1:9302")]),
-    (name: "udp", listen: "127.0.0.1:9312", protocol: Udp, backends: [(addr: "127.0.0.1:9301")]),
-    (name: "hold", listen: "127.0.0.1:9313", backends: [(addr: "127.0.0.1:9303")]),
+    (name: "echo", listen: "127.0.0.1:$(($1 + 0))", backends: [(addr: "127.0.0.1:9300")]),
+    (name: "iperf", listen: "127.0.0.1:$(($1 + 1))", backends: [(addr: "127.0.0.1:9302")]),
+    (name: "udp", listen: "127.0.0.1:$(($1 + 2))", protocol: Udp, backends: [(addr: "127.0.0.1:9301")]),
+    (name: "hold", listen: "127.0.0.1:$(($1 + 3))", backends: [(addr: "127.0.0.1:9303")]),
 ])
 EOF
+}
+relayd_cfg 9310 >"$WORK/relayd.ron"
 start relayd "$RELAYD" --config "$WORK/relayd.ron" --log-format json
+if [ -n "${AB:-}" ]; then
+    relayd_cfg 9360 >"$WORK/relayd-b.ron"
+    start relayd-b "$AB" --config "$WORK/relayd-b.ron" --log-format json
+fi
 
 haproxy_cfg() { # base, extra defaults
     cat <<EOF
@@ -134,6 +145,10 @@ start socat-iperf socat TCP-LISTEN:9351,fork,reuseaddr TCP:127.0.0.1:9302
 
 for port in 9300 9302 9303 9310 9311 9313 9320 9321 9330 9331 9340 9341 9343 9350 9351; do wait_port tcp $port; done
 for port in 9301 9312 9342; do wait_port udp $port; done
+if [ -n "${AB:-}" ]; then
+    for port in 9360 9361 9363; do wait_port tcp $port; done
+    wait_port udp 9362
+fi
 
 RESULTS=$WORK/results.tsv
 jiffies() { awk '/^cpu / {print $2+$3+$4+$7+$8 ", " $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; } # busy, all (stolen time counts in all, not as busy)
@@ -166,11 +181,15 @@ for run in $(seq 1 "$RUNS"); do
         record "new connections/s" "$target" "$run" "$(field connections_per_s <<<"$out")"
         record "new connections failed" "$target" "$run" "$(field failed <<<"$out")"
         case $target in
-        direct) udp=9301 ;; relayd) udp=9312 ;; nginx) udp=9342 ;; *) udp= ;;
+        direct) udp=9301 ;; relayd) udp=9312 ;; relayd-b) udp=9362 ;; nginx) udp=9342 ;; *) udp= ;;
         esac
         if [ -n "$udp" ]; then
+            # Two client shapes: 16 blocking threads with a socket each, and one event-loop
+            # thread driving 16 sockets.
             out=$("$LOADGEN" udp-pingpong 127.0.0.1:$udp 16 "$SECS" 64)
             record "UDP round trips/s" "$target" "$run" "$(field round_trips_per_s <<<"$out")"
+            out=$("$LOADGEN" udp-pingpong-loop 127.0.0.1:$udp 16 "$SECS" 64)
+            record "UDP round trips/s, one event loop" "$target" "$run" "$(field round_trips_per_s <<<"$out")"
         fi
     done
 done
@@ -183,7 +202,10 @@ pids_of() { # the relay's processes: nginx is a master and its workers
 }
 rss_kb() { local t=0; for p in "$@"; do t=$((t + $(awk '/VmRSS/ {print $2}' /proc/$p/status))); done; echo $t; }
 fds() { local t=0; for p in "$@"; do t=$((t + $(ls /proc/$p/fd | wc -l))); done; echo $t; }
-for target in relayd haproxy nginx; do
+IDLE_TARGETS=(relayd haproxy nginx)
+[ -n "${AB:-}" ] && IDLE_TARGETS=(relayd relayd-b haproxy nginx)
+for target in "${IDLE_TARGETS[@]}"; do
+    [[ " ${TARGETS[*]} " == *" $target "* ]] || continue
     # A fresh holder each time: it keeps every connection it ever took, and two targets'
     # worth would reach its descriptor limit.
     kill "$(cat "$WORK/backend-hold.pid")" 2>/dev/null || true

@@ -64,6 +64,8 @@ fn list(problems: &[Problem]) -> String {
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error("cannot start the worker threads: {0}")]
+    Runtime(#[source] io::Error),
     #[error("{what}: cannot listen on {addr}: {source}")]
     Listen {
         /// `route NAME` or `status page`.

@@ -12,7 +12,8 @@
 //! - [`config`]: the RON file structs and their validation into typed [`Settings`].
 //! - [`acl`] and [`http`]: what CONNECT routes allow, and the little HTTP they speak.
 //! - [`relay`]: wiring and the stop sequence.
-//! - `listener`, `balancer`, `dialer`, `session`: one module per actor.
+//! - `listener`, `balancer`, `dialer`, `session`: one module per actor; `checker`: the
+//!   active health checks.
 //! - `egress`: the kernel's link, address and route state, as verdicts on each egress.
 //! - [`shutdown`]: stop signals and the session drain.
 //! - [`stats`]: relay-wide counters, with a way to wait on them.
@@ -23,6 +24,7 @@
 
 pub mod acl;
 pub mod balancer;
+mod checker;
 pub mod config;
 pub mod dialer;
 mod egress;
@@ -31,6 +33,7 @@ pub mod http;
 pub mod limits;
 mod listener;
 pub mod logging;
+mod net;
 pub mod relay;
 pub mod rt;
 pub mod session;

@@ -84,7 +84,7 @@ fn main() -> ExitCode {
         println!("{}: ok ({} routes)", args.config.display(), settings.routes.len());
         return ExitCode::SUCCESS;
     }
-    rt::init(settings.workers);
+    limit_malloc_arenas(&settings);
     let level = args.log_level.unwrap_or(settings.log_level);
     let _ = logging::init(level, args.log_format.unwrap_or_else(Format::auto));
     // As HAProxy and nginx do: the soft descriptor limit is a default, not a choice.
@@ -101,6 +101,26 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// glibc gives each thread that contends its own arena (up to 8 per core), and an arena keeps
+/// its partly used pages: with 9,000 idle sessions that was 3.8-4.6 KiB per session against
+/// 3.4-3.8 with one arena per worker. The hot path allocates next to nothing, so there is
+/// little contention to lose. A process-wide choice, so the daemon makes it, not the library.
+fn limit_malloc_arenas(settings: &relayd::Settings) {
+    #[cfg(target_env = "gnu")]
+    {
+        let workers = settings.workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n.get(),
+        );
+        // SAFETY: mallopt only sets a tuning value, before any worker thread exists.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, workers.max(2) as libc::c_int);
+        }
+    }
+    #[cfg(not(target_env = "gnu"))]
+    let _ = settings;
 }
 
 /// Runs the relay until SIGINT or SIGTERM, then drains it; a second one closes live sessions

@@ -11,7 +11,8 @@ use std::pin::pin;
 use futures::future::{self, Either};
 use futures::io::{AsyncRead, AsyncWrite};
 
-use crate::balancer::{BackendSnapshot, BalancerHandle, EgressSnapshot, check_loop, resolve_loop};
+use crate::balancer::{BalancerHandle, resolve_loop};
+use crate::checker;
 use crate::config::{BackendAddr, Config, Egress, EgressId, Protocol, Route, Settings};
 use crate::dialer::DialerHandle;
 use crate::egress;
@@ -22,6 +23,7 @@ use crate::rt::{self, Async};
 use crate::session::{RouteContext, SessionReport, Sessions};
 use crate::shutdown::{self, Drain, Signal, Trigger};
 use crate::stats::Stats;
+pub use crate::status::RouteSnapshot;
 use crate::status::{RouteView, Status};
 
 /// What every route's actors share.
@@ -40,6 +42,8 @@ const FORCE_GRACE: Duration = Duration::from_secs(5);
 /// A running relay. Dropping it stops the listeners and closes live sessions at once, without
 /// waiting for them; [`Relay::shutdown`] drains them first.
 pub struct Relay {
+    /// Taken last, when everything on it has ended (and dropped with the relay).
+    runtime: Option<rt::Runtime>,
     routes: Vec<RouteEntry>,
     stop: Trigger,
     force: Trigger,
@@ -66,15 +70,6 @@ impl RouteEntry {
     }
 }
 
-/// One route as its balancer sees it.
-#[derive(Debug, Clone)]
-pub struct RouteSnapshot {
-    pub name: String,
-    pub listen: SocketAddr,
-    pub backends: Vec<BackendSnapshot>,
-    pub egresses: Vec<EgressSnapshot>,
-}
-
 /// How the stop went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
@@ -92,6 +87,17 @@ impl Relay {
 
     /// Binds every listener (nothing starts unless all bind), then starts the actors.
     pub fn with_settings(settings: Settings) -> Result<Relay, StartError> {
+        // The relay's own runtime, sized by its `workers`: everything it starts runs there.
+        let runtime = rt::Runtime::new(settings.workers).map_err(StartError::Runtime)?;
+        let relay = runtime.enter(|| Relay::start_on(settings));
+        relay.map(|mut relay| {
+            relay.runtime = Some(runtime);
+            relay
+        })
+    }
+
+    fn start_on(settings: Settings) -> Result<Relay, StartError> {
+        // Listeners are registered with the reactor here, on the runtime entered.
         let sockets = (settings.routes.iter())
             .map(listener::bind)
             .collect::<Result<Vec<_>, _>>()?;
@@ -114,8 +120,16 @@ impl Relay {
         let balancers: Vec<_> = (settings.routes.iter())
             .map(|route| BalancerHandle::spawn(route, egress_names.clone(), stats.clone(), mailbox))
             .collect();
-        let watchers = balancers.iter().map(|(handle, _)| handle.clone()).collect();
-        let (dialer, dialer_task) = DialerHandle::spawn(&settings.egress, watchers, mailbox);
+        let (dialer, dialer_task, news) = DialerHandle::spawn(&settings.egress, mailbox);
+        // Every balancer hears the Dialer's word on each egress.
+        let watchers: Vec<BalancerHandle> = balancers.iter().map(|(handle, _)| handle.clone()).collect();
+        let fan_out = rt::spawn(async move {
+            while let Ok(word) = news.recv_async().await {
+                for balancer in &watchers {
+                    let _ = balancer.egress_news(word.egress, word.down.clone(), word.seq).await;
+                }
+            }
+        });
         // The kernel's word on every egress that names a device or a source.
         let judged: Vec<(EgressId, Egress)> = (settings.egress.iter().cloned().enumerate())
             .filter(|(_, e)| e.device.is_some() || e.source.is_some())
@@ -136,12 +150,13 @@ impl Relay {
             budget,
         };
         let mut relay = Relay {
+            runtime: None,
             routes: Vec::new(),
             stop,
             force,
             drain: Drain::new(),
             drain_timeout: settings.drain_timeout,
-            tasks: std::iter::once(dialer_task).chain(watcher).collect(),
+            tasks: [dialer_task, fan_out].into_iter().chain(watcher).collect(),
             stats,
             status: None,
         };
@@ -200,7 +215,7 @@ impl Relay {
     fn start_helpers(&mut self, route: &Route, balancer: &BalancerHandle, common: &Common) {
         let name: Arc<str> = route.name.as_str().into();
         if let Some(check) = route.health.check.clone() {
-            let checks = check_loop(
+            let checks = checker::run(
                 name.clone(),
                 check,
                 balancer.clone(),
@@ -275,7 +290,19 @@ impl Relay {
             return Err(InjectError::NotAStreamRoute(route.to_string()));
         }
         let guard = self.drain.guard().ok_or(InjectError::ShuttingDown)?;
-        Ok(entry.sessions.open(stream, peer, guard))
+        Ok(self.enter(|| entry.sessions.open(stream, peer, guard)))
+    }
+
+    fn enter<T>(&self, f: impl FnOnce() -> T) -> T {
+        match &self.runtime {
+            Some(runtime) => runtime.enter(f),
+            None => f(),
+        }
+    }
+
+    /// Worker threads this relay runs on (`workers`, or one per core).
+    pub fn workers(&self) -> usize {
+        self.runtime.as_ref().map_or(0, rt::Runtime::workers)
     }
 
     /// Relay-wide counters: sessions, UDP drops; [`Stats::until`] waits for a condition.
@@ -302,6 +329,7 @@ impl Relay {
     /// `now` completes first (the daemon passes its second SIGTERM or SIGINT).
     pub async fn shutdown_or(self, now: impl Future<Output = ()>) -> ShutdownReport {
         let Relay {
+            runtime,
             routes,
             stop,
             force,
@@ -341,6 +369,8 @@ impl Relay {
             forced,
         };
         log::info!(drained = report.drained, forced = report.forced; "stopped");
+        // Every actor has ended: the workers can go.
+        drop(runtime);
         report
     }
 }

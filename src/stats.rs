@@ -109,8 +109,7 @@ impl Stats {
         self.bump(&self.active, false);
     }
 
-    pub(crate) fn relayed_by(&self, path: crate::session::Path) {
-        use crate::session::Path;
+    pub(crate) fn relayed_by(&self, path: Path) {
         match path {
             Path::Splice => drop(self.bump(&self.spliced, true)),
             Path::Copy => drop(self.bump(&self.copied, true)),
@@ -134,4 +133,17 @@ impl Stats {
     pub(crate) fn dropped(&self) -> u64 {
         self.bump(&self.udp_dropped, true) + 1
     }
+}
+
+/// How a session's bytes moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// Not relayed (no backend was reached), or a UDP flow.
+    None,
+    /// Through a userspace buffer (injected streams; splice turned off).
+    Copy,
+    /// splice(2) through pipes, never touching userspace.
+    Splice,
+    /// splice(2) until no pipe could be had, then copying.
+    SpliceThenCopy,
 }

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::balancer::BalancerHandle;
-use crate::relay::RouteSnapshot;
+use crate::balancer::{BackendSnapshot, BalancerHandle, EgressSnapshot};
 use crate::rt::{self, Async, TcpConn};
 use crate::shutdown::Signal;
 use crate::stats::Stats;
@@ -17,6 +16,15 @@ use crate::stats::Stats;
 /// A request head larger than this, or slower than [`HEAD_TIMEOUT`], gets no page.
 const HEAD_MAX: usize = 4096;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One route as its balancer sees it.
+#[derive(Debug, Clone)]
+pub struct RouteSnapshot {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub backends: Vec<BackendSnapshot>,
+    pub egresses: Vec<EgressSnapshot>,
+}
 
 /// What the page shows of one route.
 #[derive(Clone)]

@@ -271,7 +271,7 @@ fn udp_dial() {
         r#"(egress: {EGRESS}, routes: [(name: "x", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:9")])])"#
     );
     let settings = relayd::Config::parse(&config, "helper").unwrap().validate().unwrap();
-    let (dialer, _task) = relayd::dialer::DialerHandle::spawn(&settings.egress, Vec::new(), 8);
+    let (dialer, _task, _news) = relayd::dialer::DialerHandle::spawn(&settings.egress, 8);
     let target = format!("{BACKEND}:{UDP_PORT}").parse().unwrap();
     for name in ["default", "dev", "src", "both", "missing"] {
         let id = settings.egress.iter().position(|e| e.name == name).unwrap();

@@ -11,7 +11,7 @@ use health::{BackendHealth, EgressHealth};
 use pick::Weighed;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-pub(crate) use tasks::{check_loop, resolve_loop};
+pub(crate) use tasks::resolve_loop;
 
 use crate::config::{Backend, BackendAddr, Balance, EgressId, EgressStrategy, Health, Route};
 use crate::error::{Fault, Gone};

@@ -4,10 +4,10 @@
 //! up another session's dial.
 //!
 //! It also keeps the relay-wide word on each egress, from what does not depend on any one
-//! target: the kernel's verdict (see [`crate::egress`]), a device or source that cannot be
-//! bound, and dials that time out towards several targets while another egress connects.
-//! Every balancer hears each change; dials in flight by an egress that goes down are cut short,
-//! so their sessions go again by another egress at once.
+//! target: the kernel's verdict (the egress watcher's), a device or source that cannot be
+//! bound, and dials that time out towards several targets while another egress connects. Each
+//! change goes out as [`EgressNews`] (the relay hands it to every balancer); dials in flight by
+//! an egress that goes down are cut short, so their sessions go again by another egress at once.
 
 mod socket;
 mod standing;
@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use socket2::{SockAddr, Socket};
 
-use crate::balancer::BalancerHandle;
 use crate::config::{Egress, EgressId, UpstreamProxy};
 use crate::error::{DialError, Fault, Gone};
 use crate::http;
@@ -70,6 +69,15 @@ pub struct UdpUpstream {
     pub lost: Signal,
 }
 
+/// The Dialer's word on an egress: `down` with the reason, or up; numbered, so that a late
+/// word changes nothing.
+#[derive(Debug, Clone)]
+pub struct EgressNews {
+    pub egress: EgressId,
+    pub down: Option<Arc<str>>,
+    pub seq: u64,
+}
+
 /// Asks the relay's dialer for upstream sockets. Cheap to clone.
 #[derive(Clone)]
 pub struct DialerHandle {
@@ -78,18 +86,19 @@ pub struct DialerHandle {
 
 impl DialerHandle {
     /// Starts a dialer with one factory per egress ([`crate::Settings::egress`]; an
-    /// [`EgressId`] is an index into it). `watchers` hear when an egress goes down or comes
+    /// [`EgressId`] is an index into it). The receiver hears when an egress goes down or comes
     /// back. The dialer ends when the last handle is dropped.
-    pub fn spawn(egress: &[Egress], watchers: Vec<BalancerHandle>, mailbox: usize) -> (Self, rt::JoinHandle<()>) {
+    pub fn spawn(egress: &[Egress], mailbox: usize) -> (Self, rt::JoinHandle<()>, flume::Receiver<EgressNews>) {
         let (tx, rx) = flume::bounded(mailbox);
+        let (news, heard) = flume::bounded(mailbox);
         let dialer = Dialer {
             factories: egress.iter().cloned().map(Factory::new).collect(),
             names: egress.iter().map(|e| e.name.as_str().into()).collect(),
             standing: egress.iter().map(|_| Standing::new()).collect(),
             seq: 0,
-            watchers,
+            news,
         };
-        (DialerHandle { tx }, rt::spawn(dialer.run(rx)))
+        (DialerHandle { tx }, rt::spawn(dialer.run(rx)), heard)
     }
 
     async fn ask<T>(&self, msg: DialerMsg, answer: flume::Receiver<Result<T, DialError>>) -> Result<T, DialError> {
@@ -154,7 +163,7 @@ struct Dialer {
     standing: Vec<Standing>,
     /// Numbers the news, so that a balancer can tell old from new.
     seq: u64,
-    watchers: Vec<BalancerHandle>,
+    news: flume::Sender<EgressNews>,
 }
 
 impl Dialer {
@@ -226,12 +235,16 @@ impl Dialer {
     }
 
     fn udp(&mut self, target: SocketAddr, egress: EgressId) -> Result<UdpUpstream, DialError> {
-        let socket = self
-            .factory(egress, target)
-            .and_then(|f| f.udp(target).map(Async::new_nonblocking));
+        let socket = self.factory(egress, target).and_then(|f| f.udp(target));
         self.learn(egress, socket.as_ref().err());
+        let socket = socket?;
+        let socket = Async::new_nonblocking(socket).map_err(|source| DialError::Connect {
+            egress: self.names[egress.0].to_string(),
+            target,
+            source,
+        })?;
         Ok(UdpUpstream {
-            socket: socket?,
+            socket,
             lost: self.standing[egress.0].lost(),
         })
     }
@@ -294,10 +307,16 @@ impl Dialer {
             Some(why) => log::warn!(egress = &*name, why = &**why; "egress down"),
             None => log::info!(egress = &*name; "egress up"),
         }
-        for watcher in &self.watchers {
-            let (watcher, seq, down) = (watcher.clone(), self.seq, change.clone());
+        let news = EgressNews {
+            egress,
+            down: change,
+            seq: self.seq,
+        };
+        // Never wait in the actor's loop: a full queue hands the word to a task.
+        if let Err(flume::TrySendError::Full(news)) = self.news.try_send(news) {
+            let tx = self.news.clone();
             rt::detach(async move {
-                let _ = watcher.egress_news(egress, down, seq).await;
+                let _ = tx.send_async(news).await;
             });
         }
     }
@@ -339,7 +358,7 @@ async fn connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<Tcp
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(failed(e)),
     }
-    let stream = Async::new_nonblocking(TcpStream::from(socket));
+    let stream = Async::new_nonblocking(TcpStream::from(socket)).map_err(failed)?;
     stream.writable().await.map_err(failed)?;
     if let Some(e) = stream.get_ref().take_error().map_err(failed)? {
         return Err(failed(e));
@@ -364,7 +383,7 @@ mod tests {
 
     #[test]
     fn an_unknown_egress_is_an_error_not_a_crash() {
-        let (dialer, _task) = DialerHandle::spawn(&[egress("default", None)], Vec::new(), 4);
+        let (dialer, _task, _news) = DialerHandle::spawn(&[egress("default", None)], 4);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let err = rt::block_on(dialer.udp(target, EgressId(7))).err().unwrap();
         assert_eq!(err.to_string(), "no egress with id 7 (the dialer has 1)");
@@ -375,7 +394,7 @@ mod tests {
 
     #[test]
     fn the_kernels_word_takes_an_egress_out_and_cuts_its_dials_short() {
-        let (dialer, _task) = DialerHandle::spawn(&[egress("default", None), egress("up1", None)], Vec::new(), 4);
+        let (dialer, _task, _news) = DialerHandle::spawn(&[egress("default", None), egress("up1", None)], 4);
         // A UDP dial by up1 holds the signal that fires when up1 goes.
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
         let live = rt::block_on(dialer.udp(target, EgressId(1))).unwrap();
@@ -406,7 +425,7 @@ mod tests {
             names: egress.iter().map(|e| e.name.as_str().into()).collect(),
             standing: egress.iter().map(|_| Standing::new()).collect(),
             seq: 0,
-            watchers: Vec::new(),
+            news: flume::bounded(8).0,
         };
         let (a, b): (SocketAddr, SocketAddr) = ("198.18.9.1:80".parse().unwrap(), "198.18.9.2:80".parse().unwrap());
         d.dialed(EgressId(1), a, true);

@@ -3,10 +3,8 @@
 //! Running out of file descriptors or memory is logged and backed off, never fatal, and never a
 //! busy loop.
 
-mod endpoint;
 mod udp;
 
-pub(crate) use endpoint::Endpoint;
 pub(crate) use udp::UdpListener;
 
 use std::io;
@@ -20,6 +18,7 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{Protocol, Route};
 use crate::error::StartError;
+use crate::net::Endpoint;
 use crate::rt::{self, Async, TcpConn};
 use crate::session::Sessions;
 use crate::shutdown::{DrainGuard, Signal};
@@ -136,7 +135,7 @@ pub(crate) async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn
     let peer = peer
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
-    Ok((TcpConn::from_async(Async::new_nonblocking(stream)), peer))
+    Ok((TcpConn::new_nonblocking(stream)?, peer))
 }
 
 /// The client gave up between SYN and accept: nothing is wrong with the listener.

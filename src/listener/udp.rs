@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::Endpoint;
+use crate::net::Endpoint;
 use crate::rt;
 use crate::session::{Flow, FlowEnded, SessionId, Sessions};
 use crate::shutdown::{DrainGuard, Signal};

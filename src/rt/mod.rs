@@ -1,76 +1,136 @@
-//! The one place that names the async runtime.
+//! The one place that names the async runtime: the parts async-std is made of, now kept by the
+//! smol project. Sockets and timers are async-io's (`Async`, `Timer`, one reactor per process);
+//! tasks run on async-executor, one executor per worker thread, so a session stays on the
+//! thread it started on; `block_on` is async-io's. Blocking work (name lookups) goes to the
+//! `blocking` pool. Everything else in the crate goes through these few items, so a change of
+//! runtime touches this module only.
 //!
-//! Tasks run on async-executor (the executor under async-std), one per worker thread; each
-//! worker waits for its own sockets in an epoll of its own ([`Async`], in `reactor`); rarely
-//! firing timeouts use [`Deadline`]. `block_on` (main, tests) is async-io's.
-//! Everything else in the crate goes through these few items, so a change of runtime touches
-//! this module only.
+//! A [`Runtime`] belongs to whoever starts it (each [`crate::Relay`] has its own, sized by its
+//! `workers`). [`spawn`] puts a task on the runtime of the thread it is called from: a
+//! runtime's worker, or a thread inside [`Runtime::enter`]. Called from anywhere else (unit
+//! tests, an embedder using an actor alone), it uses a default runtime started on first use.
 
+use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::io::{AsyncRead, AsyncWrite};
 
-mod deadline;
-mod reactor;
+pub use async_io::{Async, Timer};
 
-pub use deadline::Deadline;
-pub use reactor::Async;
-
-/// One executor per worker thread: a task runs on the thread it was given for its whole life,
-/// so its sockets, buffers and state stay in that core's cache. New tasks go to the workers in
-/// turn. (A work-stealing pool moved every woken task to whichever thread was free; on two
-/// cores this pool gave about 12% more new connections per second and 8% more ping-pong
-/// round trips.)
+/// Executor threads, each running its own executor: a task runs on the thread it was given
+/// for its whole life, so its sockets, buffers and state stay in that core's cache. New tasks
+/// go to the workers in turn.
 struct Pool {
-    executors: &'static [async_executor::Executor<'static>],
-    next: std::sync::atomic::AtomicUsize,
+    executors: Vec<Arc<async_executor::Executor<'static>>>,
+    next: AtomicUsize,
 }
 
-static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
-
-fn pool() -> &'static Pool {
-    POOL.get_or_init(|| start_workers(None))
+/// A set of worker threads and the tasks on them. Dropping it stops the workers (tasks still
+/// on them are dropped with their executors) and waits for them, unless it is dropped on one
+/// of them.
+pub struct Runtime {
+    pool: Arc<Pool>,
+    /// Dropped to let the workers go: each waits for the channel to close.
+    stop: Option<flume::Sender<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
 }
 
-/// Sets the executor's thread count (default: one per core) and starts the workers. Only the
-/// first call counts, and only before the first task is spawned (which starts the default).
-pub fn init(workers: Option<std::num::NonZeroUsize>) {
-    POOL.get_or_init(|| start_workers(workers));
+thread_local! {
+    /// The runtime whose worker this thread is, or that it has entered.
+    static CURRENT: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
 }
 
-fn start_workers(workers: Option<std::num::NonZeroUsize>) -> Pool {
-    let threads = workers.map_or_else(
-        || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        |n| n.get(),
-    );
-    // glibc gives each thread that contends its own arena (up to 8 per core), and an arena
-    // keeps its partly used pages: with 9,000 idle sessions that was 3.8-4.6 KiB per
-    // session against 3.4-3.8 with one arena per worker. The hot path allocates next to
-    // nothing, so there is little contention to lose.
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only sets a tuning value; it is called before the workers start.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, threads.max(2) as libc::c_int);
+impl Runtime {
+    /// Starts `workers` threads (default: one per core).
+    pub fn new(workers: Option<std::num::NonZeroUsize>) -> io::Result<Runtime> {
+        let count = workers.map_or_else(
+            || std::thread::available_parallelism().map_or(1, |n| n.get()),
+            |n| n.get(),
+        );
+        let (stop, stopped) = flume::bounded::<()>(1);
+        let pool = Arc::new(Pool {
+            executors: (0..count).map(|_| Arc::new(async_executor::Executor::new())).collect(),
+            next: AtomicUsize::new(0),
+        });
+        let mut runtime = Runtime {
+            pool: pool.clone(),
+            stop: Some(stop),
+            threads: Vec::with_capacity(count),
+        };
+        for executor in pool.executors.clone() {
+            let (pool, stopped) = (pool.clone(), stopped.clone());
+            let thread = std::thread::Builder::new()
+                .name("relayd-worker".into())
+                .spawn(move || {
+                    CURRENT.set(Some(pool));
+                    // An idle worker waits in async-io's reactor (or for the thread that does).
+                    let _closed = async_io::block_on(executor.run(stopped.recv_async()));
+                    CURRENT.set(None);
+                })?;
+            runtime.threads.push(thread);
+        }
+        Ok(runtime)
     }
-    let executors: &'static [async_executor::Executor<'static>] =
-        Box::leak((0..threads).map(|_| async_executor::Executor::new()).collect());
-    for executor in executors {
-        std::thread::Builder::new()
-            .name("relayd-worker".into())
-            // An idle worker waits in its own reactor.
-            .spawn(move || reactor::run_worker(executor.run(std::future::pending::<()>())))
-            .expect("cannot start a worker thread");
+
+    /// Runs `f` with this runtime current on this thread: what it spawns goes to the runtime.
+    pub fn enter<T>(&self, f: impl FnOnce() -> T) -> T {
+        let previous = CURRENT.replace(Some(self.pool.clone()));
+        let out = f();
+        CURRENT.set(previous);
+        out
     }
-    Pool {
-        executors,
-        next: std::sync::atomic::AtomicUsize::new(0),
+
+    /// Worker threads.
+    pub fn workers(&self) -> usize {
+        self.pool.executors.len()
     }
+
+    /// Runs `future` as a task on this runtime.
+    pub fn spawn<F>(&self, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.pool.spawn(future)
+    }
+}
+
+impl Pool {
+    fn spawn<F>(&self, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.executors.len();
+        JoinHandle(Some(self.executors[i].spawn(future)))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        let me = std::thread::current().id();
+        for thread in self.threads.drain(..) {
+            if thread.thread().id() != me {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The default runtime, for spawns outside any runtime.
+fn fallback() -> Arc<Pool> {
+    static DEFAULT: std::sync::OnceLock<Runtime> = std::sync::OnceLock::new();
+    let runtime = DEFAULT.get_or_init(|| Runtime::new(None).expect("cannot start the default runtime's threads"));
+    runtime.pool.clone()
 }
 
 /// A handle to a spawned task; awaiting it yields the task's output. Dropping it lets the
@@ -79,9 +139,7 @@ pub struct JoinHandle<T>(Option<async_executor::Task<T>>);
 
 impl<T> std::fmt::Debug for JoinHandle<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JoinHandle")
-            .field("finished", &self.0.as_ref().map(|t| t.is_finished()))
-            .finish()
+        f.write_str("JoinHandle")
     }
 }
 
@@ -89,7 +147,7 @@ impl<T> Future for JoinHandle<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        Pin::new(self.0.as_mut().expect("a task's output is taken once")).poll(cx)
+        Pin::new(self.0.as_mut().expect("polled after completion")).poll(cx)
     }
 }
 
@@ -110,22 +168,14 @@ pub(crate) fn check<T: Default + PartialOrd>(result: T) -> io::Result<T> {
     }
 }
 
-/// Locks `mutex`. rt's locks guard tables that no panic leaves half-changed, so a poisoned
-/// one still holds sound data.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// Runs `future` as a task of its own, on the next worker in turn.
+/// Runs `future` as a task of its own, on the current runtime (see the module's docs).
 pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    use std::sync::atomic::Ordering;
-    let pool = pool();
-    let i = pool.next.fetch_add(1, Ordering::Relaxed) % pool.executors.len();
-    JoinHandle(Some(pool.executors[i].spawn(future)))
+    let current = CURRENT.with_borrow(|c| c.clone());
+    current.unwrap_or_else(fallback).spawn(future)
 }
 
 /// Runs `future` as a task nobody waits for (it answers through a channel of its own).
@@ -138,51 +188,28 @@ where
 
 /// Runs `future` to completion on the current thread (for `main`, examples and tests).
 pub fn block_on<F: Future>(future: F) -> F::Output {
-    // async-io's own: async-std's would also start async-std's executor threads, idle here.
     async_io::block_on(future)
 }
 
 /// Waits `duration`. For back-off only: code never sleeps to wait for an event.
 pub async fn sleep(duration: Duration) {
-    Deadline::after(duration).await;
+    Timer::after(duration).await;
 }
 
 /// `future`'s output, or `None` when `limit` passed first.
-///
-/// A future of its own rather than an `async fn`: an `async fn` holds its argument twice (as
-/// given and as awaited), and every dial wraps its whole connect in this.
-pub fn timeout<F: Future>(limit: Duration, future: F) -> Timeout<F> {
-    Timeout {
-        future,
-        deadline: Deadline::after(limit),
-    }
+pub async fn timeout<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
+    race(async { Some(future.await) }, async {
+        Timer::after(limit).await;
+        None
+    })
+    .await
 }
 
-pin_project_lite::pin_project! {
-    /// See [`timeout`].
-    pub struct Timeout<F> {
-        #[pin]
-        future: F,
-        deadline: Deadline,
-    }
-}
-
-impl<F: Future> Future for Timeout<F> {
-    type Output = Option<F::Output>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        if let Poll::Ready(output) = this.future.poll(cx) {
-            return Poll::Ready(Some(output));
-        }
-        Pin::new(this.deadline).poll(cx).map(|()| None)
-    }
-}
-
-/// The addresses `host` resolves to (the system resolver, off the executor's threads).
-pub async fn resolve(host: &str, port: u16) -> std::io::Result<Vec<std::net::SocketAddr>> {
-    use async_std::net::ToSocketAddrs;
-    Ok((host, port).to_socket_addrs().await?.collect())
+/// The addresses `host` resolves to, by the system resolver on the blocking pool.
+pub async fn resolve(host: &str, port: u16) -> io::Result<Vec<SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let host = host.to_string();
+    blocking::unblock(move || Ok((host.as_str(), port).to_socket_addrs()?.collect())).await
 }
 
 /// The output of whichever of `a` and `b` finishes first (`a` when both are ready); the other is
@@ -192,6 +219,37 @@ pub async fn race<T>(a: impl Future<Output = T>, b: impl Future<Output = T>) -> 
         .await
         .factor_first()
         .0
+}
+
+/// `op` on `socket` once it is readable, for system calls of the caller's own (splice, accept4,
+/// recvmsg): Pending, with a wake-up when readable, while `op` would block.
+pub fn poll_read_with<T, R>(
+    socket: &Async<T>,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut(&T) -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    loop {
+        match op(socket.get_ref()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
+        }
+        futures::ready!(socket.poll_readable(cx))?;
+    }
+}
+
+/// As [`poll_read_with`], for writing.
+pub fn poll_write_with<T, R>(
+    socket: &Async<T>,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut(&T) -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    loop {
+        match op(socket.get_ref()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
+        }
+        futures::ready!(socket.poll_writable(cx))?;
+    }
 }
 
 /// A socket whose write side can be shut down on its own (TCP FIN, or its Unix equivalent).
@@ -215,7 +273,8 @@ impl HalfClose for UnixStream {
 /// An async stream socket whose `poll_close` half-closes (shutdown(Write)) instead of only
 /// flushing, so a relayed FIN reaches the peer while the other direction keeps flowing.
 ///
-/// async-io's and async-std's own stream types only flush on close; a session needs the FIN.
+/// async-io's `Async` only flushes on close; a session needs the FIN. (async-std's own
+/// `TcpStream` and `UnixStream` do shut down on close, so they can be injected as they are.)
 pub struct Conn<S>(Async<S>);
 
 impl<S: std::os::fd::AsFd> Conn<S> {
@@ -224,8 +283,9 @@ impl<S: std::os::fd::AsFd> Conn<S> {
         Async::new(socket).map(Conn)
     }
 
-    pub(crate) fn from_async(socket: Async<S>) -> Self {
-        Conn(socket)
+    /// Registers a socket that is non-blocking already.
+    pub(crate) fn new_nonblocking(socket: S) -> io::Result<Self> {
+        Async::new_nonblocking(socket).map(Conn)
     }
 
     /// The underlying socket.
@@ -236,6 +296,12 @@ impl<S: std::os::fd::AsFd> Conn<S> {
     /// The socket as the reactor knows it, for readiness-driven system calls (splice).
     pub(crate) fn as_async(&self) -> &Async<S> {
         &self.0
+    }
+}
+
+impl<S> Conn<S> {
+    pub(crate) fn from_async(socket: Async<S>) -> Self {
+        Conn(socket)
     }
 }
 
@@ -250,7 +316,6 @@ impl Conn<UnixStream> {
 
 impl<S> AsyncRead for Conn<S>
 where
-    S: Unpin,
     for<'a> &'a S: Read,
 {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
@@ -260,7 +325,7 @@ where
 
 impl<S> AsyncWrite for Conn<S>
 where
-    S: HalfClose + Unpin,
+    S: HalfClose,
     for<'a> &'a S: Write,
 {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
@@ -278,7 +343,6 @@ where
 
 impl<S> AsyncRead for &Conn<S>
 where
-    S: Unpin,
     for<'a> &'a S: Read,
 {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
@@ -288,7 +352,7 @@ where
 
 impl<S> AsyncWrite for &Conn<S>
 where
-    S: HalfClose + Unpin,
+    S: HalfClose,
     for<'a> &'a S: Write,
 {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
@@ -329,24 +393,28 @@ mod tests {
     }
 
     #[test]
-    fn a_task_runs_on_a_worker_and_stays_on_it() {
-        // Each task notes its thread before and after a wait in the reactor.
-        let tasks: Vec<_> = (0..16)
+    fn a_runtime_runs_its_tasks_on_its_own_threads_and_they_stay_there() {
+        let runtime = Runtime::new(std::num::NonZeroUsize::new(1)).unwrap();
+        assert_eq!(runtime.workers(), 1);
+        let tasks: Vec<_> = (0..8)
             .map(|_| {
-                spawn(async {
-                    let before = std::thread::current();
-                    Deadline::after(Duration::from_millis(1)).await;
-                    (
-                        before.id(),
-                        before.name().map(str::to_string),
-                        std::thread::current().id(),
-                    )
+                runtime.enter(|| {
+                    spawn(async {
+                        let before = std::thread::current().id();
+                        Timer::after(Duration::from_millis(1)).await;
+                        // What a task spawns goes to its own runtime too.
+                        let inner = spawn(async { std::thread::current().id() }).await;
+                        (before, std::thread::current().id(), inner)
+                    })
                 })
             })
             .collect();
-        for (before, name, after) in block_on(futures::future::join_all(tasks)) {
-            assert_eq!(name.as_deref(), Some("relayd-worker"));
+        let seen = block_on(futures::future::join_all(tasks));
+        let (first, ..) = seen[0];
+        for (before, after, inner) in seen {
             assert_eq!(before, after, "a task moved to another thread");
+            assert_eq!((before, inner), (first, first), "one worker: one thread for everything");
         }
+        drop(runtime);
     }
 }

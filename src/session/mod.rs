@@ -22,6 +22,7 @@ use crate::config::Route;
 use crate::dialer::DialerHandle;
 use crate::error::{DialError, Fault};
 use crate::shutdown::{DrainGuard, Signal};
+pub use crate::stats::Path;
 use crate::stats::Stats;
 
 /// Relay-wide number of a session, as it appears in logs.
@@ -55,19 +56,6 @@ pub enum SessionEnd {
     RelayStopped,
     /// The session hit a bug (a panic, with its message) and was closed.
     Panicked(String),
-}
-
-/// How a session's bytes moved.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Not relayed (no backend was reached), or a UDP flow.
-    None,
-    /// Through a userspace buffer (injected streams; splice turned off).
-    Copy,
-    /// splice(2) through pipes, never touching userspace.
-    Splice,
-    /// splice(2) until no pipe could be had, then copying.
-    SpliceThenCopy,
 }
 
 /// Everything worth knowing about a finished session.

@@ -16,7 +16,7 @@ use futures::io::{AsyncRead, AsyncWrite};
 use futures::ready;
 
 use crate::config::Timeouts;
-use crate::rt::Deadline;
+use crate::rt::Timer;
 
 /// Bytes one read may take.
 pub(super) const SCRATCH: usize = 64 * 1024;
@@ -250,7 +250,7 @@ pub(super) type Progress = (u64, bool, bool);
 /// The idle and fin timeouts of a relayed pair.
 pub(super) struct Idle {
     timeouts: Timeouts,
-    timer: Deadline,
+    timer: Timer,
     last: Instant,
 }
 
@@ -258,7 +258,7 @@ impl Idle {
     pub fn new(timeouts: Timeouts) -> Self {
         Idle {
             timeouts,
-            timer: Deadline::after(timeouts.idle),
+            timer: Timer::after(timeouts.idle),
             last: Instant::now(),
         }
     }

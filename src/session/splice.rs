@@ -155,7 +155,9 @@ impl SpliceHalf {
                 cx.waker().wake_by_ref();
                 return Poll::Pending;
             };
-            match src.poll_read_with(cx, |src| splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)) {
+            match rt::poll_read_with(src, cx, |src| {
+                splice(src.as_raw_fd(), pipe.write.as_raw_fd(), PIPE_SIZE)
+            }) {
                 Poll::Ready(Ok(0)) => {
                     self.eof = true;
                     pipe.give_back();
@@ -182,7 +184,7 @@ impl SpliceHalf {
     fn drain(&mut self, cx: &mut Context<'_>, dst: &Async<TcpStream>) -> Poll<io::Result<()>> {
         let pipe = self.pipe.as_ref().expect("bytes in the pipe mean a pipe");
         let (from, len) = (pipe.read.as_raw_fd(), self.in_pipe);
-        let n = ready!(dst.poll_write_with(cx, |dst| splice(from, dst.as_raw_fd(), len)))?;
+        let n = ready!(rt::poll_write_with(dst, cx, |dst| splice(from, dst.as_raw_fd(), len)))?;
         self.in_pipe -= n;
         self.spliced += n as u64;
         if self.in_pipe == 0 {

@@ -15,8 +15,8 @@ use super::{Direction, SessionEnd, SessionId, SessionReport, Sessions};
 use crate::balancer::{Pick, Tried};
 use crate::dialer::UdpUpstream;
 use crate::error::Fault;
-use crate::listener::Endpoint;
-use crate::rt::{Deadline, JoinHandle};
+use crate::net::Endpoint;
+use crate::rt::{JoinHandle, Timer};
 use crate::shutdown::DrainGuard;
 
 /// The largest UDP payload, plus one so that a truncated read cannot pass unnoticed.
@@ -173,7 +173,7 @@ impl Sessions {
             .flatten()
             .and_then(|t| moved.checked_add(t));
         let mut answered = false;
-        let mut timer = Deadline::after(quiet);
+        let mut timer = Timer::after(quiet);
         if let Some(at) = awaiting {
             timer.set_at(at.min(moved + quiet));
         }
@@ -228,7 +228,7 @@ impl Sessions {
         &self,
         flow: &Flow,
         upstream: &UdpUpstream,
-        timer: &mut Deadline,
+        timer: &mut Timer,
         stopping: bool,
         client_gone: bool,
     ) -> Event {
