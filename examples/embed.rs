@@ -1,14 +1,16 @@
-//! Embedding relayd: build a config in code, start two backends and the relay, send a few
-//! connections through it (round robin shows in who answers), inject one synthetic session,
-//! relay a UDP datagram, then shut down cleanly.
+//! Embedding relayd in an async-std program: build a config in code, start two backends and the
+//! relay (on one worker thread of its own), send a few connections through it (round robin shows
+//! in who answers), inject one synthetic session on an async-std Unix socket pair, relay a UDP
+//! datagram, then shut down cleanly.
 //!
 //!     cargo run --example embed
 
 use std::net::SocketAddr;
 
 use async_std::net::{TcpListener, TcpStream, UdpSocket};
+use async_std::os::unix::net::UnixStream;
 use async_std::prelude::*;
-use relayd::{Config, Conn, Relay, RouteConfig};
+use relayd::{Config, Relay, RouteConfig};
 
 /// A backend that answers every connection with its name.
 async fn backend(name: &'static str) -> anyhow::Result<SocketAddr> {
@@ -36,13 +38,15 @@ async fn udp_backend(name: &'static str) -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-fn main() -> anyhow::Result<()> {
+#[async_std::main]
+async fn main() -> anyhow::Result<()> {
     relayd::logging::init(log::LevelFilter::Warn, relayd::logging::Format::auto())?;
-    relayd::rt::block_on(async {
+    {
         let (a, b) = (backend("a").await?, backend("b").await?);
         let udp = udp_backend("udp-a").await?;
         let config = Config {
             drain_timeout: Some("5s".into()),
+            workers: Some(1),
             routes: vec![
                 RouteConfig {
                     connect_timeout: Some("1s".into()),
@@ -54,7 +58,10 @@ fn main() -> anyhow::Result<()> {
         };
         let relay = Relay::start(&config)?;
         let addr = relay.local_addr("web").expect("the route exists");
-        println!("relay listening on {addr}; backends a={a} b={b}");
+        println!(
+            "relay listening on {addr} with {} worker; backends a={a} b={b}",
+            relay.workers()
+        );
 
         for i in 1..=4 {
             let mut client = TcpStream::connect(addr).await?;
@@ -63,8 +70,9 @@ fn main() -> anyhow::Result<()> {
             println!("connection {i}: {answer}");
         }
 
-        // A synthetic session: no socket on the listener, one end of a Unix pair instead.
-        let (mut client, relay_side) = Conn::pair()?;
+        // A synthetic session: no socket on the listener, one end of an async-std Unix pair
+        // instead (its close sends the FIN a relayed session needs).
+        let (mut client, relay_side) = UnixStream::pair()?;
         let session = relay.inject("web", relay_side, "192.0.2.1:5000".parse()?)?;
         let mut answer = Vec::new();
         client.read_to_end(&mut answer).await?;
@@ -89,5 +97,5 @@ fn main() -> anyhow::Result<()> {
         let stop = relay.shutdown().await;
         println!("shut down: {} drained, {} forced", stop.drained, stop.forced);
         Ok(())
-    })
+    }
 }

@@ -272,8 +272,9 @@ impl Relay {
     }
 
     /// Runs a session on `stream` exactly as if the route's listener had accepted it from
-    /// `peer`. `stream`'s `poll_close` must end its write direction (as [`crate::Conn`]'s does),
-    /// or a relayed FIN is never seen by the client.
+    /// `peer`. async-std's `TcpStream` and `UnixStream` work as they are; any other stream's
+    /// `poll_close` must end its write direction (as [`crate::Conn`]'s does), or a relayed FIN
+    /// is never seen by the client.
     pub fn inject<S>(
         &self,
         route: &str,
@@ -290,7 +291,7 @@ impl Relay {
             return Err(InjectError::NotAStreamRoute(route.to_string()));
         }
         let guard = self.drain.guard().ok_or(InjectError::ShuttingDown)?;
-        Ok(self.enter(|| entry.sessions.open(stream, peer, guard)))
+        Ok(self.enter(|| entry.sessions.open(rt::Injected(stream), peer, guard)))
     }
 
     fn enter<T>(&self, f: impl FnOnce() -> T) -> T {

@@ -222,8 +222,10 @@ async fn at_the_descriptor_limit_clients_wait_in_the_backlog_and_all_are_served(
         r#"(status: "127.0.0.1:0", routes: [{}])"#,
         route("web", &[echo.addr], "")
     );
-    let daemon = Daemon::spawn(&["prlimit", "--nofile=64:64"], &config);
+    // A soft limit below the hard one: the daemon raises it to the hard limit first.
+    let daemon = Daemon::spawn(&["prlimit", "--nofile=40:64"], &config);
     let budget = daemon.wait_for(|l| l.contains("descriptor budget")).unwrap();
+    assert_eq!(harness::daemon::field(&budget, "nofile"), Some("64"), "{budget}");
     let cap: usize = harness::daemon::field(&budget, "max_sessions")
         .unwrap()
         .parse()

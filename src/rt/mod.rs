@@ -226,29 +226,32 @@ pub async fn race<T>(a: impl Future<Output = T>, b: impl Future<Output = T>) -> 
 pub fn poll_read_with<T, R>(
     socket: &Async<T>,
     cx: &mut Context<'_>,
-    mut op: impl FnMut(&T) -> io::Result<R>,
+    op: impl FnMut(&T) -> io::Result<R>,
 ) -> Poll<io::Result<R>> {
-    loop {
-        match op(socket.get_ref()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            result => return Poll::Ready(result),
-        }
-        futures::ready!(socket.poll_readable(cx))?;
-    }
+    poll_with(socket, cx, op, Async::poll_readable)
 }
 
 /// As [`poll_read_with`], for writing.
 pub fn poll_write_with<T, R>(
     socket: &Async<T>,
     cx: &mut Context<'_>,
+    op: impl FnMut(&T) -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    poll_with(socket, cx, op, Async::poll_writable)
+}
+
+fn poll_with<T, R>(
+    socket: &Async<T>,
+    cx: &mut Context<'_>,
     mut op: impl FnMut(&T) -> io::Result<R>,
+    ready: fn(&Async<T>, &mut Context<'_>) -> Poll<io::Result<()>>,
 ) -> Poll<io::Result<R>> {
     loop {
         match op(socket.get_ref()) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             result => return Poll::Ready(result),
         }
-        futures::ready!(socket.poll_writable(cx))?;
+        futures::ready!(ready(socket, cx))?;
     }
 }
 
@@ -375,6 +378,49 @@ where
 
 /// A relayed TCP connection, accepted or dialed.
 pub type TcpConn = Conn<TcpStream>;
+
+/// An injected stream, whose `poll_close` also ends its write direction when it is one of
+/// async-std's sockets: theirs only flush on close, and a relayed FIN must reach the peer.
+/// Other streams close as they close.
+pub struct Injected<S>(pub S);
+
+impl<S: std::any::Any> Injected<S> {
+    fn shutdown_write(&self) -> io::Result<()> {
+        let any = &self.0 as &dyn std::any::Any;
+        let ended = if let Some(tcp) = any.downcast_ref::<async_std::net::TcpStream>() {
+            tcp.shutdown(Shutdown::Write)
+        } else if let Some(unix) = any.downcast_ref::<async_std::os::unix::net::UnixStream>() {
+            unix.shutdown(Shutdown::Write)
+        } else {
+            Ok(())
+        };
+        match ended {
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Injected<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin + std::any::Any> AsyncWrite for Injected<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        futures::ready!(Pin::new(&mut self.0).poll_close(cx))?;
+        Poll::Ready(self.shutdown_write())
+    }
+}
 
 #[cfg(test)]
 mod tests {
