@@ -46,5 +46,5 @@ pub use config::{BackendConfig, Config, EgressConfig, RouteConfig, Settings};
 pub use error::{ConfigError, DialError, Fault, InjectError, StartError};
 pub use relay::{Relay, RouteSnapshot, ShutdownReport, run};
 pub use rt::Conn;
-pub use session::{Path, SessionEnd, SessionReport};
+pub use session::{SessionEnd, SessionReport, Transfer};
 pub use stats::Stats;

@@ -20,7 +20,7 @@ use crate::error::{InjectError, StartError};
 use crate::limits;
 use crate::listener::{self, Bound, Listener, UdpListener};
 use crate::rt::{self, Async};
-use crate::session::{RouteContext, SessionReport, Sessions};
+use crate::session::{RouteContext, RouteParts, SessionReport};
 use crate::shutdown::{self, Drain, Signal, Trigger};
 use crate::stats::Stats;
 pub use crate::status::RouteSnapshot;
@@ -56,7 +56,7 @@ pub struct Relay {
 
 struct RouteEntry {
     listen: SocketAddr,
-    sessions: Sessions,
+    sessions: RouteContext,
 }
 
 impl RouteEntry {
@@ -73,9 +73,9 @@ impl RouteEntry {
 /// How the stop went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Sessions live when the stop began that ended by themselves before the drain deadline.
+    /// RouteContext live when the stop began that ended by themselves before the drain deadline.
     pub drained: u64,
-    /// Sessions still live at the deadline, closed by the relay.
+    /// RouteContext still live at the deadline, closed by the relay.
     pub forced: u64,
 }
 
@@ -173,7 +173,7 @@ impl Relay {
     /// The Listener of `route` (whose Balancer runs already), and its checker and resolver.
     fn start_route(&mut self, route: Route, socket: Bound, balancer: BalancerHandle, common: &Common) {
         self.start_helpers(&route, &balancer, common);
-        let sessions = Sessions::new(RouteContext {
+        let sessions = RouteContext::new(RouteParts {
             route_name: route.name.as_str().into(),
             route: Arc::new(route),
             egress_names: common.egress_names.clone(),

@@ -21,17 +21,17 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Sessions (TCP connections and UDP flows) opened so far; also the next session's id.
+    /// RouteContext (TCP connections and UDP flows) opened so far; also the next session's id.
     pub fn total(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// Sessions live now.
+    /// RouteContext live now.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Sessions closed by the relay because they outlived the drain deadline.
+    /// RouteContext closed by the relay because they outlived the drain deadline.
     pub fn forced(&self) -> u64 {
         self.forced.load(Ordering::Relaxed)
     }
@@ -46,7 +46,7 @@ impl Stats {
         self.udp_dropped.load(Ordering::Relaxed)
     }
 
-    /// Sessions closed at once because no backend (or no egress) was up or reachable.
+    /// RouteContext closed at once because no backend (or no egress) was up or reachable.
     pub fn no_backend(&self) -> u64 {
         self.no_backend.load(Ordering::Relaxed)
     }
@@ -56,17 +56,17 @@ impl Stats {
         self.health_changes.load(Ordering::Relaxed)
     }
 
-    /// Sessions whose bytes moved by splice(2) only.
+    /// RouteContext whose bytes moved by splice(2) only.
     pub fn spliced(&self) -> u64 {
         self.spliced.load(Ordering::Relaxed)
     }
 
-    /// Sessions whose bytes moved through userspace buffers.
+    /// RouteContext whose bytes moved through userspace buffers.
     pub fn copied(&self) -> u64 {
         self.copied.load(Ordering::Relaxed)
     }
 
-    /// Sessions that started by splice and had to copy for want of a pipe.
+    /// RouteContext that started by splice and had to copy for want of a pipe.
     pub fn splice_fallbacks(&self) -> u64 {
         self.splice_fallbacks.load(Ordering::Relaxed)
     }
@@ -109,12 +109,12 @@ impl Stats {
         self.bump(&self.active, false);
     }
 
-    pub(crate) fn relayed_by(&self, path: Path) {
+    pub(crate) fn relayed_by(&self, path: Transfer) {
         match path {
-            Path::Splice => drop(self.bump(&self.spliced, true)),
-            Path::Copy => drop(self.bump(&self.copied, true)),
-            Path::SpliceThenCopy => drop(self.bump(&self.splice_fallbacks, true)),
-            Path::None => {}
+            Transfer::Splice => drop(self.bump(&self.spliced, true)),
+            Transfer::Copy => drop(self.bump(&self.copied, true)),
+            Transfer::SpliceThenCopy => drop(self.bump(&self.splice_fallbacks, true)),
+            Transfer::NotRelayed | Transfer::Datagrams => {}
         }
     }
 
@@ -137,9 +137,11 @@ impl Stats {
 
 /// How a session's bytes moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Path {
-    /// Not relayed (no backend was reached), or a UDP flow.
-    None,
+pub enum Transfer {
+    /// Not relayed: no backend was reached.
+    NotRelayed,
+    /// A UDP flow: datagram by datagram.
+    Datagrams,
     /// Through a userspace buffer (injected streams; splice turned off).
     Copy,
     /// splice(2) through pipes, never touching userspace.

@@ -54,15 +54,17 @@ pub(crate) struct Status {
 
 impl Status {
     pub async fn run(self, stop: Signal) {
+        let mut backoff = crate::listener::Backoff::default();
         while let Some(accepted) = stop.unless(crate::listener::accept(&self.socket)).await {
             match accepted {
                 Ok((stream, _)) => {
+                    backoff.reset();
                     let page = self.render().await;
                     rt::detach(serve(stream, page));
                 }
                 Err(e) => {
                     log::warn!(err:% = e; "status page: accept failed, backing off");
-                    stop.unless(rt::sleep(Duration::from_millis(100))).await;
+                    backoff.wait(&stop).await;
                 }
             }
         }

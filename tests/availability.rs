@@ -59,7 +59,7 @@ async fn a_killed_backend_is_taken_out_without_failing_clients_and_comes_back_af
         "every client failed over within its own connection: {answered:?}"
     );
     assert_eq!(answered.get("b"), None);
-    // Sessions and checks both notice; either way b is out after `fall` failures at most.
+    // RouteContext and checks both notice; either way b is out after `fall` failures at most.
     within(stats.until(|s| s.health_changes() > changes)).await;
     assert_eq!(state_of(&h, addrs[1]).await, HealthState::Down);
     let b_failures = h.relay().snapshot().await[0].backends[1].connect_failures;
@@ -238,7 +238,7 @@ async fn a_check_with_send_and_expect_takes_out_a_backend_that_answers_wrongly()
     within(h.relay().stats().until(|s| s.health_changes() >= 1)).await;
     assert_eq!(state_of(&h, wrong.addr).await, HealthState::Down);
     assert_eq!(state_of(&h, echo.addr).await, HealthState::Up);
-    // Sessions now only go to the backend that passes.
+    // RouteContext now only go to the backend that passes.
     for _ in 0..4 {
         let s = h.inject("r");
         drop(s.client);

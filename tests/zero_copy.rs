@@ -7,7 +7,7 @@ use async_std::prelude::*;
 use harness::backend::Backend;
 use harness::{Harness, close_write, config, read_all, route, within};
 use rand::{RngCore, SeedableRng};
-use relayd::Path;
+use relayd::Transfer;
 
 fn random(len: usize, seed: u64) -> Vec<u8> {
     let mut bytes = vec![0u8; len];
@@ -49,7 +49,7 @@ async fn an_injected_stream_is_copied_and_splice_can_be_turned_off() {
     s.client.write_all(b"through userspace").await.unwrap();
     close_write(&mut s.client).await;
     assert_eq!(read_all(&mut s.client).await, b"through userspace");
-    assert_eq!(within(s.session).await.path, Path::Copy);
+    assert_eq!(within(s.session).await.path, Transfer::Copy);
     assert_eq!(h.shutdown().await.forced, 0);
 
     let off = Harness::start(&format!("(splice: false, routes: [{}])", route("r", &[echo.addr], "")));

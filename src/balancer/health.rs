@@ -145,7 +145,7 @@ pub(super) struct EgressHealth {
 
 impl EgressHealth {
     /// The Dialer's word on this egress, numbered; true when it changed something.
-    pub fn told(&mut self, down: Option<Arc<str>>, seq: u64) -> bool {
+    pub fn heard(&mut self, down: Option<Arc<str>>, seq: u64) -> bool {
         if seq <= self.seq {
             return false;
         }
@@ -228,7 +228,7 @@ impl Balancer {
 
     pub(super) fn egress_news(&mut self, egress: EgressId, down: Option<Arc<str>>, seq: u64) {
         let up = down.is_none();
-        let changed = self.egresses.get_mut(egress.0).is_some_and(|e| e.told(down, seq));
+        let changed = self.egresses.get_mut(egress.0).is_some_and(|e| e.heard(down, seq));
         self.egress_report(egress, changed, up);
     }
 
@@ -318,10 +318,10 @@ mod tests {
     #[test]
     fn an_egress_follows_the_newest_word_only() {
         let mut e = EgressHealth::default();
-        assert!(e.told(Some("carrier lost on up1".into()), 2));
+        assert!(e.heard(Some("carrier lost on up1".into()), 2));
         assert!(e.down.is_some());
-        assert!(!e.told(None, 1), "older news changes nothing");
-        assert!(e.told(None, 3));
+        assert!(!e.heard(None, 1), "older news changes nothing");
+        assert!(e.heard(None, 3));
         assert!(e.down.is_none());
     }
 

@@ -1,6 +1,6 @@
 //! Balancer actor, one per route: picks a (backend, egress) pair for each new session and owns
 //! every piece of balancing state: cursors, counts, backend health, and its view of egress
-//! health. Sessions ask with [`BalancerHandle::pick`] and report how their connects and
+//! health. RouteContext ask with [`BalancerHandle::pick`] and report how their connects and
 //! sessions ended; the health checker, the resolver and the Dialer send it what they learn.
 
 mod health;
@@ -32,7 +32,7 @@ pub struct Pick {
     /// A success would change the backend's health (failures to forget, a trial to pass), so
     /// the session reports it. Otherwise only failures are reported: the pick itself counted
     /// the session.
-    pub news: bool,
+    pub report_success: bool,
 }
 
 /// What a session has tried and must not be offered again: a backend by one egress (that way
@@ -85,7 +85,7 @@ pub(crate) enum BalancerMsg {
         reply: flume::Sender<Result<Pick, String>>,
     },
     /// A session's dial (or a UDP flow's first answer) failed, with whose fault and why, or
-    /// succeeded where that is news ([`Pick::news`]).
+    /// succeeded where that is news ([`Pick::report_success`]).
     Connected {
         backend: BackendId,
         outcome: Result<(), (Fault, String)>,

@@ -189,7 +189,7 @@ impl Balancer {
             backend: entry.id,
             addr: entry.addr,
             egress,
-            news: entry.health.success_is_news(),
+            report_success: entry.health.success_is_news(),
         })
     }
 

@@ -111,7 +111,7 @@ impl Balancer {
                     backend: e.id,
                     addr: e.addr,
                     egress,
-                    news: false,
+                    report_success: false,
                 })
             })
             .collect()

@@ -159,7 +159,7 @@ fn a_pick_counts_its_session_and_a_failed_connect_takes_it_back() {
     let mut b = balancer(&format!(r#"balance: LeastConnections, {THREE}, health: (fall: 3)"#));
     let first = b.pick(CLIENT, &[]).unwrap();
     assert!(
-        !first.news,
+        !first.report_success,
         "a healthy pair's success changes nothing: no need to report it"
     );
     // A connect in flight is load: the next pick goes elsewhere.
@@ -171,5 +171,5 @@ fn a_pick_counts_its_session_and_a_failed_connect_takes_it_back() {
     let again = (0..3)
         .map(|_| b.pick(CLIENT, &[]).unwrap())
         .find(|p| p.backend == first.backend);
-    assert!(again.expect("still usable after one failure").news);
+    assert!(again.expect("still usable after one failure").report_success);
 }

@@ -330,9 +330,9 @@ async fn open(
     egress: &str,
 ) -> Result<TcpConn, DialError> {
     let Some(proxy) = proxy else {
-        return connect(socket, target, egress).await;
+        return complete_connect(socket, target, egress).await;
     };
-    let mut conn = connect(socket, proxy.addr, egress).await?;
+    let mut conn = complete_connect(socket, proxy.addr, egress).await?;
     let failed = |why: String| DialError::Proxy {
         egress: egress.to_string(),
         proxy: proxy.addr,
@@ -347,7 +347,7 @@ async fn open(
 }
 
 /// Completes a non-blocking connect (the caller bounds it in time).
-async fn connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<TcpConn, DialError> {
+async fn complete_connect(socket: Socket, target: SocketAddr, egress: &str) -> Result<TcpConn, DialError> {
     let failed = |source: io::Error| DialError::Connect {
         egress: egress.to_string(),
         target,

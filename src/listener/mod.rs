@@ -20,7 +20,7 @@ use crate::config::{Protocol, Route};
 use crate::error::StartError;
 use crate::net::Endpoint;
 use crate::rt::{self, Async, TcpConn};
-use crate::session::Sessions;
+use crate::session::RouteContext;
 use crate::shutdown::{DrainGuard, Signal};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -55,9 +55,34 @@ pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<Async<TcpLi
     Async::new(TcpListener::from(socket))
 }
 
+/// The one back-off of every receive loop (TCP routes, UDP routes, the status page): after a
+/// failed accept or receive, a wait that doubles from 10 ms to 1 s, and starts again at the
+/// next success. A loop that cannot take in more never spins the CPU, and never stops.
+pub(crate) struct Backoff {
+    pub next: std::time::Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: BACKOFF_MIN }
+    }
+}
+
+impl Backoff {
+    pub fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+
+    /// Waits out the back-off (or until `stop`), and doubles it for next time.
+    pub async fn wait(&mut self, stop: &Signal) {
+        stop.unless(rt::sleep(self.next)).await;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+    }
+}
+
 pub(crate) struct Listener {
     pub socket: Async<TcpListener>,
-    pub sessions: Sessions,
+    pub sessions: RouteContext,
 }
 
 impl Listener {
@@ -68,7 +93,7 @@ impl Listener {
     /// Accepts until `stop` fires; each session gets a clone of `guard`.
     pub async fn run(self, stop: Signal, guard: DrainGuard) {
         let route = self.sessions.route_name.clone();
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = Backoff::default();
         let mut warned: Option<std::time::Instant> = None;
         loop {
             if !self.sessions.has_room() {
@@ -89,7 +114,7 @@ impl Listener {
             };
             match accepted {
                 Ok((stream, peer)) => {
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                     // Small writes (prompts, handshakes) go out at once, as they came in.
                     let _ = stream.get_ref().set_nodelay(true);
                     drop(self.sessions.open(stream, peer, guard.clone()));
@@ -101,9 +126,8 @@ impl Listener {
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
                         self.sessions.budget.refresh();
                     }
-                    log::warn!(route = &*route, err:% = e, backoff_ms = backoff.as_millis() as u64; "accept failed, backing off");
-                    stop.unless(rt::sleep(backoff)).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    log::warn!(route = &*route, err:% = e, backoff_ms = backoff.next.as_millis() as u64; "accept failed, backing off");
+                    backoff.wait(&stop).await;
                 }
             }
         }

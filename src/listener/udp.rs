@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::net::Endpoint;
 use crate::rt;
-use crate::session::{Flow, FlowEnded, SessionId, Sessions};
+use crate::session::{Flow, FlowEnded, RouteContext, SessionId};
 use crate::shutdown::{DrainGuard, Signal};
 
 /// Datagrams a flow may have waiting before more are dropped.
@@ -22,7 +22,7 @@ const WARN_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct UdpListener {
     pub endpoint: Arc<Endpoint>,
-    pub sessions: Sessions,
+    pub sessions: RouteContext,
 }
 
 struct Entry {
@@ -81,6 +81,7 @@ impl UdpListener {
             full: Throttle::default(),
         };
         let mut buf = vec![0u8; crate::session::MAX_DATAGRAM];
+        let mut backoff = super::Backoff::default();
         loop {
             match self.next(&mut buf, &ended, &stop).await {
                 Event::Stop => break,
@@ -89,10 +90,14 @@ impl UdpListener {
                         flows.table.remove(&end.client);
                     }
                 }
-                Event::Datagram(Ok((n, client, local))) => self.deliver(&mut flows, &buf[..n], client, local),
+                Event::Datagram(Ok((n, client, local))) => {
+                    backoff.reset();
+                    self.deliver(&mut flows, &buf[..n], client, local)
+                }
                 Event::Datagram(Err(e)) => {
-                    log::warn!(route = &*self.sessions.route_name, err:% = e; "udp receive failed");
-                    stop.unless(rt::sleep(Duration::from_millis(10))).await;
+                    log::warn!(route = &*self.sessions.route_name, err:% = e, backoff_ms = backoff.next.as_millis() as u64;
+                        "udp receive failed, backing off");
+                    backoff.wait(&stop).await;
                 }
             }
         }

@@ -35,7 +35,7 @@ impl Endpoint {
                 SocketAddr::V4(_) => (libc::IPPROTO_IP, libc::IP_PKTINFO),
                 SocketAddr::V6(_) => (libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO),
             };
-            set_flag(&socket, level, name)?;
+            super::set_flag(&socket, level, name)?;
         }
         socket.bind(&addr.into())?;
         Ok(Endpoint {
@@ -71,21 +71,6 @@ impl Endpoint {
             Err(e) => Err(e),
         }
     }
-}
-
-fn set_flag(socket: &Socket, level: libc::c_int, name: libc::c_int) -> io::Result<()> {
-    let on: libc::c_int = 1;
-    // SAFETY: a valid fd, a c_int option value and its exact size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            level,
-            name,
-            (&on as *const libc::c_int).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    rt::check(rc).map(drop)
 }
 
 fn recv_pktinfo(socket: &UdpSocket, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {

@@ -3,10 +3,10 @@
 //! ended. Nobody sends a session messages; the relay's stop and force signals are its inputs,
 //! and a UDP flow's datagrams arrive on its own bounded queue (see `udp`).
 
-mod connect;
 mod pump;
 mod splice;
 mod tcp;
+mod tunnel;
 mod udp;
 
 use std::future::Future;
@@ -22,8 +22,8 @@ use crate::config::Route;
 use crate::dialer::DialerHandle;
 use crate::error::{DialError, Fault};
 use crate::shutdown::{DrainGuard, Signal};
-pub use crate::stats::Path;
 use crate::stats::Stats;
+pub use crate::stats::Transfer;
 
 /// Relay-wide number of a session, as it appears in logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,7 +72,7 @@ pub struct SessionReport {
     pub bytes_down: u64,
     pub duration: Duration,
     pub end: SessionEnd,
-    pub path: Path,
+    pub path: Transfer,
 }
 
 impl SessionReport {
@@ -87,7 +87,7 @@ impl SessionReport {
             bytes_down: 0,
             duration: Duration::ZERO,
             end: SessionEnd::Forced,
-            path: Path::None,
+            path: Transfer::NotRelayed,
         }
     }
 }
@@ -107,10 +107,10 @@ impl Drop for Live {
 /// What a route's sessions share; the Listeners and [`crate::Relay::inject`] open sessions here.
 /// Every session holds a clone, so it is one reference count, not one per field.
 #[derive(Clone)]
-pub(crate) struct Sessions(Arc<RouteContext>);
+pub(crate) struct RouteContext(Arc<RouteParts>);
 
 /// The route's settings and the handles of the actors its sessions talk to.
-pub(crate) struct RouteContext {
+pub(crate) struct RouteParts {
     pub route: Arc<Route>,
     pub route_name: Arc<str>,
     pub egress_names: Arc<[Arc<str>]>,
@@ -154,26 +154,26 @@ impl Squelch {
     }
 }
 
-impl Sessions {
+impl RouteContext {
     /// True while the relay has room for one more session.
     pub fn has_room(&self) -> bool {
         self.stats.active() < self.budget.cap()
     }
 
-    pub fn new(context: RouteContext) -> Self {
-        Sessions(Arc::new(context))
+    pub fn new(context: RouteParts) -> Self {
+        RouteContext(Arc::new(context))
     }
 }
 
-impl std::ops::Deref for Sessions {
-    type Target = RouteContext;
+impl std::ops::Deref for RouteContext {
+    type Target = RouteParts;
 
-    fn deref(&self) -> &RouteContext {
+    fn deref(&self) -> &RouteParts {
         &self.0
     }
 }
 
-impl Sessions {
+impl RouteContext {
     /// Runs `session` as a task counted live until it ends; the handle yields its report.
     fn spawn<F>(
         &self,
@@ -224,7 +224,7 @@ impl Sessions {
     /// as an attempt); an egress or path at fault rules out only that backend by that egress,
     /// so the same backend is tried by the next egress before the client sees anything.
     /// `proves`: a dial that succeeds proves the backend (TCP); a UDP socket proves nothing.
-    async fn connect<T, F, Fut>(
+    async fn reach_backend<T, F, Fut>(
         &self,
         id: SessionId,
         peer: SocketAddr,
@@ -249,7 +249,7 @@ impl Sessions {
             };
             let e = match dial(pick).await {
                 Ok(upstream) => {
-                    if proves && pick.news {
+                    if proves && pick.report_success {
                         let _ = self.balancer.connected(pick.backend, Ok(())).await;
                     }
                     return Ok((pick, upstream));
@@ -350,7 +350,7 @@ pub(crate) fn errno_name(e: &std::io::Error) -> Option<&'static str> {
 
 /// One summary line per session; a session that reached no backend, or was refused, is a
 /// warning.
-fn log_end(r: &SessionReport, route: &Sessions) {
+fn log_end(r: &SessionReport, route: &RouteContext) {
     let level = match r.end {
         SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) => log::Level::Warn,
         _ => log::Level::Info,

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 
 use futures::ready;
 
-use super::Path;
+use super::Transfer;
 use super::pump::{BUDGET, Direction, End, Ending, Half, HalfError, Idle, Progress};
 use crate::config::Timeouts;
 use crate::rt::{self, Async, TcpConn};
@@ -231,12 +231,12 @@ impl<'a> SplicePump<'a> {
     }
 
     /// How the bytes moved: by splice at all, and with a fallback for want of a pipe.
-    pub fn path(&self) -> Path {
+    pub fn path(&self) -> Transfer {
         let spliced = self.up.spliced + self.down.spliced > 0;
         match (spliced, self.up.fell_back || self.down.fell_back) {
-            (_, true) => Path::SpliceThenCopy,
-            (true, false) => Path::Splice,
-            (false, false) => Path::Copy,
+            (_, true) => Transfer::SpliceThenCopy,
+            (true, false) => Transfer::Splice,
+            (false, false) => Transfer::Copy,
         }
     }
 

@@ -10,7 +10,7 @@ use std::any::Any;
 
 use super::pump::{Direction, End, Pump};
 use super::splice::SplicePump;
-use super::{Path, SessionEnd, SessionId, SessionReport, Sessions};
+use super::{RouteContext, SessionEnd, SessionId, SessionReport, Transfer};
 use crate::balancer::Pick;
 use crate::config::Protocol;
 use crate::rt::{self, JoinHandle, TcpConn};
@@ -24,7 +24,7 @@ const LINGER_MAX: Duration = Duration::from_secs(30);
 const LINGER_BYTES: usize = 64 << 20;
 const LINGER_READ: usize = 16 << 10;
 
-impl Sessions {
+impl RouteContext {
     /// Starts a session for `client`; the handle yields its report.
     pub fn open<S>(&self, client: S, peer: SocketAddr, guard: DrainGuard) -> JoinHandle<SessionReport>
     where
@@ -32,7 +32,7 @@ impl Sessions {
     {
         let ctx = self.clone();
         match self.route.protocol {
-            Protocol::HttpConnect => self.spawn(guard, move |id| ctx.run_connect(id, client, peer)).1,
+            Protocol::HttpConnect => self.spawn(guard, move |id| ctx.run_tunnel(id, client, peer)).1,
             Protocol::Tcp | Protocol::Udp => self.spawn(guard, move |id| ctx.run_tcp(id, client, peer)).1,
         }
     }
@@ -52,7 +52,7 @@ impl Sessions {
             let connect = Box::pin(async {
                 let mut tried = Vec::new();
                 let dial = |pick: Pick| self.dialer.tcp(pick.addr, pick.egress, timeout);
-                self.connect(id, peer, &mut tried, true, dial).await
+                self.reach_backend(id, peer, &mut tried, true, dial).await
             });
             let connected = self.force.unless(connect).await;
             let mut report = SessionReport::new(id, self.route_name.clone(), peer);
@@ -101,7 +101,7 @@ impl Sessions {
             let mut pump = Pump::new(client, upstream, timeouts);
             let end = self.force.unless(&mut pump).await;
             (report.bytes_up, report.bytes_down) = pump.bytes();
-            report.path = Path::Copy;
+            report.path = Transfer::Copy;
             end
         };
         match end {

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::{Direction, SessionEnd, SessionId, SessionReport, Sessions};
+use super::{Direction, RouteContext, SessionEnd, SessionId, SessionReport, Transfer};
 use crate::balancer::{Pick, Tried};
 use crate::dialer::UdpUpstream;
 use crate::error::Fault;
@@ -64,7 +64,7 @@ enum Event {
     Tick,
 }
 
-impl Sessions {
+impl RouteContext {
     /// Starts a flow whose first datagram is `first`.
     pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
         let ctx = self.clone();
@@ -78,7 +78,7 @@ impl Sessions {
         let (mut tried, mut last) = (Vec::new(), first);
         let mut pending = true;
         report.end = loop {
-            let connect = Box::pin(self.connect(id, flow.client, &mut tried, false, |pick| {
+            let connect = Box::pin(self.reach_backend(id, flow.client, &mut tried, false, |pick| {
                 self.dialer.udp(pick.addr, pick.egress)
             }));
             let (pick, upstream) = match self.force.unless(connect).await {
@@ -88,6 +88,7 @@ impl Sessions {
             };
             report.backend = Some(pick.addr);
             report.egress = Some(self.egress_name(&pick));
+            report.path = Transfer::Datagrams;
             match self
                 .relay_udp(&flow, &pick, &upstream, &mut last, pending, &mut report)
                 .await
@@ -201,7 +202,7 @@ impl Sessions {
                     }
                     awaiting = None;
                     // The first answer is what proves a UDP backend.
-                    if !std::mem::replace(&mut answered, true) && pick.news {
+                    if !std::mem::replace(&mut answered, true) && pick.report_success {
                         let _ = self.balancer.connected(pick.backend, Ok(())).await;
                     }
                     moved = Instant::now();

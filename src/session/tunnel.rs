@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{SessionEnd, SessionId, SessionReport, Sessions};
+use super::{RouteContext, SessionEnd, SessionId, SessionReport};
 use crate::config::ConnectSettings;
 use crate::error::{DialError, Fault};
 use crate::http::{self, HeadError};
@@ -37,8 +37,8 @@ struct Tunnel {
     early: Vec<u8>,
 }
 
-impl Sessions {
-    pub(super) async fn run_connect<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
+impl RouteContext {
+    pub(super) async fn run_tunnel<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
