@@ -9,7 +9,7 @@ mod tasks;
 
 use health::{BackendHealth, EgressHealth};
 use pick::Weighed;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 pub(crate) use tasks::resolve_loop;
 
@@ -266,7 +266,13 @@ struct Balancer {
     egress_names: Arc<[Arc<str>]>,
     rng: fastrand::Rng,
     stats: Arc<Stats>,
+    /// Name backends the resolver has not answered for yet, and the picks waiting for it.
+    unresolved: Vec<usize>,
+    held: Vec<(IpAddr, Vec<Tried>, flume::Sender<Result<Pick, String>>)>,
 }
+
+/// Picks held at most while names are first resolved; past it, they are answered at once.
+const HELD_MAX: usize = 1024;
 
 impl Balancer {
     fn new(route: &Route, egress_names: Arc<[Arc<str>]>, stats: Arc<Stats>) -> Self {
@@ -285,34 +291,29 @@ impl Balancer {
             egress_names,
             rng: fastrand::Rng::new(),
             stats,
+            unresolved: Vec::new(),
+            held: Vec::new(),
         };
+        // Addresses now; names once the resolver has looked them up (its first pass runs at
+        // once): picks that come before it are held until then.
         for source in 0..balancer.sources.len() {
-            let addrs = balancer.first_addresses(source);
-            balancer.resolved(source, addrs);
+            match &balancer.sources[source].addr {
+                BackendAddr::Ip(addr) => balancer.add(source, *addr),
+                BackendAddr::Name { .. } => balancer.unresolved.push(source),
+            }
         }
         balancer
-    }
-
-    /// A name is resolved once at start (blocking: before any session exists); a failure is
-    /// logged and the resolver keeps trying.
-    fn first_addresses(&self, source: usize) -> Vec<SocketAddr> {
-        match &self.sources[source].addr {
-            BackendAddr::Ip(addr) => vec![*addr],
-            BackendAddr::Name { host, port } => match (host.as_str(), *port).to_socket_addrs() {
-                Ok(addrs) => addrs.collect(),
-                Err(e) => {
-                    log::warn!(route = &*self.route, backend = host.as_str(), err:% = e; "cannot resolve backend yet");
-                    Vec::new()
-                }
-            },
-        }
     }
 
     async fn run(mut self, rx: flume::Receiver<BalancerMsg>) {
         while let Ok(msg) = rx.recv_async().await {
             match msg {
                 BalancerMsg::Pick { client, tried, reply } => {
-                    let _ = reply.send(self.pick(client, &tried));
+                    if self.unresolved.is_empty() || self.held.len() >= HELD_MAX {
+                        let _ = reply.send(self.pick(client, &tried));
+                    } else {
+                        self.held.push((client, tried, reply));
+                    }
                 }
                 BalancerMsg::Connected { backend, outcome } => self.connected(backend, outcome),
                 BalancerMsg::Closed { backend } => self.closed(backend),
@@ -321,7 +322,14 @@ impl Balancer {
                     let _ = reply.send(self.client_egress(&avoid));
                 }
                 BalancerMsg::EgressNews { egress, down, seq } => self.egress_news(egress, down, seq),
-                BalancerMsg::Resolved { source, addrs } => self.resolved(source, addrs),
+                BalancerMsg::Resolved { source, addrs } => {
+                    self.resolved(source, addrs);
+                    if self.unresolved.is_empty() {
+                        for (client, tried, reply) in std::mem::take(&mut self.held) {
+                            let _ = reply.send(self.pick(client, &tried));
+                        }
+                    }
+                }
                 BalancerMsg::Targets { reply } => {
                     let _ = reply.send(self.targets());
                 }

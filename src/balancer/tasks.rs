@@ -12,8 +12,10 @@ use crate::config::{Backend, BackendAddr};
 use crate::rt;
 use crate::shutdown::Signal;
 
-/// Resolves the route's name backends every `interval` until `stop`; a failed lookup keeps the
-/// addresses the backend had.
+/// Resolves the route's name backends at once, then every `interval` until `stop`, on the
+/// blocking pool (never on the caller's thread); a failed lookup keeps the addresses the
+/// backend had. The first pass answers for every name, resolved or not: sessions that came
+/// before it wait for it.
 pub(crate) async fn resolve_loop(
     route: Arc<str>,
     sources: Vec<Backend>,
@@ -27,22 +29,31 @@ pub(crate) async fn resolve_loop(
             BackendAddr::Ip(_) => None,
         })
         .collect();
-    while stop.unless(rt::sleep(interval)).await.is_some() {
+    let mut first = true;
+    loop {
         for (source, host, port) in &names {
-            match rt::resolve(host, *port).await {
-                Ok(addrs) if !addrs.is_empty() => {
-                    let addrs: Vec<SocketAddr> = addrs;
-                    if balancer.resolved(*source, addrs).await.is_err() {
-                        return;
-                    }
+            let addrs = match stop.unless(rt::resolve(host, *port)).await {
+                None => return,
+                Some(Ok(addrs)) if !addrs.is_empty() => Some(addrs),
+                Some(Ok(_)) => {
+                    log::warn!(route = &*route, backend = host.as_str(); "backend name resolves to nothing, keeping its addresses");
+                    None
                 }
-                Ok(_) => {
-                    log::warn!(route = &*route, backend = host.as_str(); "backend name resolves to nothing, keeping its addresses")
+                Some(Err(e)) => {
+                    log::warn!(route = &*route, backend = host.as_str(), err:% = e; "cannot resolve backend, keeping its addresses");
+                    None
                 }
-                Err(e) => {
-                    log::warn!(route = &*route, backend = host.as_str(), err:% = e; "cannot resolve backend, keeping its addresses")
+            };
+            // The first answer for a name, even "nothing yet", releases the sessions waiting.
+            if let Some(addrs) = addrs.or_else(|| first.then(Vec::new)) {
+                if balancer.resolved(*source, addrs).await.is_err() {
+                    return;
                 }
             }
+        }
+        first = false;
+        if stop.unless(rt::sleep(interval)).await.is_none() {
+            return;
         }
     }
 }
@@ -52,6 +63,7 @@ impl Balancer {
     /// Brings a name backend's addresses up to date: new ones join, vanished ones retire
     /// (their live sessions go on; the entry goes when the last one ends).
     pub(super) fn resolved(&mut self, source: usize, mut addrs: Vec<SocketAddr>) {
+        self.unresolved.retain(|s| *s != source);
         addrs.sort_unstable();
         addrs.dedup();
         let (mut added, mut retired) = (Vec::new(), Vec::new());

@@ -173,3 +173,22 @@ fn a_pick_counts_its_session_and_a_failed_connect_takes_it_back() {
         .find(|p| p.backend == first.backend);
     assert!(again.expect("still usable after one failure").report_success);
 }
+
+#[test]
+fn picks_before_a_names_first_lookup_wait_for_it() {
+    let s = settings(r#"backends: [(addr: "app.test:80")]"#);
+    let names: Arc<[Arc<str>]> = s.egress.iter().map(|e| e.name.as_str().into()).collect();
+    let (handle, task) = BalancerHandle::spawn(&s.routes[0], names, Arc::default(), 8);
+    let waiting = {
+        let handle = handle.clone();
+        rt::spawn(async move { handle.pick(CLIENT, &[]).await })
+    };
+    let addr: SocketAddr = "127.0.0.9:80".parse().unwrap();
+    // The snapshot is answered while the pick still waits: the actor is not blocked.
+    assert!(rt::block_on(handle.snapshot()).unwrap().0.is_empty());
+    rt::block_on(handle.resolved(0, vec![addr])).unwrap();
+    let picked = rt::block_on(waiting).unwrap().unwrap();
+    assert_eq!(picked.addr, addr, "answered with the first addresses");
+    drop(handle);
+    rt::block_on(task);
+}

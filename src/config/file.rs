@@ -229,7 +229,7 @@ pub struct RouteConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
-    /// `IP:port`, or `host:port` (resolved at start and every `resolve_interval`; each address
+    /// `IP:port`, or `host:port` (resolved at once and every `resolve_interval`; each address
     /// is a backend of its own).
     pub addr: String,
     /// Egress (or list) for this backend only, overriding the route's.
