@@ -268,8 +268,12 @@ struct Balancer {
     stats: Arc<Stats>,
     /// Name backends the resolver has not answered for yet, and the picks waiting for it.
     unresolved: Vec<usize>,
-    held: Vec<(IpAddr, Vec<Tried>, flume::Sender<Result<Pick, String>>)>,
+    held: Vec<HeldPick>,
 }
+
+/// A pick waiting for the first lookup of the route's names: who asked, what they tried, and
+/// where the answer goes.
+type HeldPick = (IpAddr, Vec<Tried>, flume::Sender<Result<Pick, String>>);
 
 /// Picks held at most while names are first resolved; past it, they are answered at once.
 const HELD_MAX: usize = 1024;
