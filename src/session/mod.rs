@@ -189,19 +189,23 @@ impl RouteContext {
             forced: false,
         };
         let session = session(id);
-        let (route, peer) = (self.route_name.clone(), SocketAddr::from(([0, 0, 0, 0], 0)));
         let context = self.clone();
-        let task = crate::rt::spawn(async move {
-            // A panic is a bug, but it ends this session only: its sockets close as it
-            // unwinds, its counts are released by their guards, and it is logged.
-            let report = match futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session)).await {
+        // A combinator, not an async block: a block would hold the session future twice, once
+        // as it was captured and once as it is awaited, for the session's whole life.
+        //
+        // A panic is a bug, but it ends this session only: its sockets close as it unwinds,
+        // its counts are released by their guards, and it is logged.
+        let finished = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session));
+        let finished = futures::FutureExt::map(finished, move |ended| {
+            let report = match ended {
                 Ok(report) => report,
                 Err(panic) => {
                     let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_else(|| "a panic".into());
+                    let route = context.route_name.clone();
                     log::error!(route = &*route, session = id.0, panic = what.as_str(); "session panicked: a bug");
-                    let mut report = SessionReport::new(id, route, peer);
+                    let mut report = SessionReport::new(id, route, SocketAddr::from(([0, 0, 0, 0], 0)));
                     report.end = SessionEnd::Panicked(what);
                     report
                 }
@@ -212,6 +216,7 @@ impl RouteContext {
             drop((live, guard));
             report
         });
+        let task = crate::rt::spawn(finished);
         (id, task)
     }
 
