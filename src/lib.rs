@@ -17,7 +17,7 @@
 //! - `egress`: the kernel's link, address and route state, as verdicts on each egress.
 //! - [`shutdown`]: stop signals and the session drain.
 //! - [`stats`]: relay-wide counters, with a way to wait on them.
-//! - `status`: the plain-text status page.
+//! - `status`: the status listener: a page for people, and `/metrics` (`metrics`) for Prometheus.
 //! - [`rt`]: the only module that names the async runtime.
 //! - [`logging`]: the daemon's log output (pretty or ndjson).
 //! - [`limits`]: the file-descriptor budget and the session cap it sets.
@@ -33,6 +33,7 @@ pub mod http;
 pub mod limits;
 mod listener;
 pub mod logging;
+mod metrics;
 mod net;
 pub mod relay;
 pub mod rt;

@@ -11,6 +11,7 @@ use std::pin::pin;
 use futures::future::{self, Either};
 use futures::io::{AsyncRead, AsyncWrite};
 
+pub use crate::balancer::RouteSnapshot;
 use crate::balancer::{BalancerHandle, resolve_loop};
 use crate::checker;
 use crate::config::{BackendAddr, Config, Egress, EgressId, Protocol, Route, Settings};
@@ -19,12 +20,12 @@ use crate::egress;
 use crate::error::{InjectError, StartError};
 use crate::limits;
 use crate::listener::{self, Bound, Listener, UdpListener};
+use crate::metrics::Metrics;
 use crate::rt::{self, Async};
 use crate::session::{RouteContext, RouteParts, SessionReport};
 use crate::shutdown::{self, Drain, Signal, Trigger};
 use crate::stats::Stats;
-pub use crate::status::RouteSnapshot;
-use crate::status::{RouteView, Status};
+use crate::status::{Pages, RouteView, Status};
 
 /// What every route's actors share.
 struct Common {
@@ -34,6 +35,7 @@ struct Common {
     force: Signal,
     splice: bool,
     budget: Arc<limits::Budget>,
+    metrics: Arc<Metrics>,
 }
 
 /// How long force-closed sessions get to finish dropping their sockets.
@@ -148,6 +150,7 @@ impl Relay {
             force: force_signal,
             splice: settings.splice,
             budget,
+            metrics: Arc::new(Metrics::new()),
         };
         let mut relay = Relay {
             runtime: None,
@@ -184,6 +187,7 @@ impl Relay {
             stats: self.stats.clone(),
             splice: common.splice,
             budget: common.budget.clone(),
+            metrics: common.metrics.clone(),
             refusals: Default::default(),
             dial_failures: Default::default(),
         });
@@ -244,8 +248,11 @@ impl Relay {
     fn start_status(&mut self, socket: Async<TcpListener>, common: &Common) {
         let status = Status {
             socket,
-            routes: self.routes.iter().map(|r| r.view()).collect(),
-            stats: self.stats.clone(),
+            pages: Arc::new(Pages {
+                routes: self.routes.iter().map(|r| r.view()).collect(),
+                stats: self.stats.clone(),
+                metrics: common.metrics.clone(),
+            }),
         };
         let addr = status
             .socket

@@ -1,5 +1,7 @@
-//! Status page: a read-only, plain-text HTTP view of every route's backends and the session
-//! counters, taken from the Balancers' own snapshots. `curl http://ADDR/` reads it.
+//! The status listener: a read-only HTTP view of every route's backends and the session
+//! counters, taken from the Balancers' own snapshots. `GET /` is a page for people
+//! (`curl http://ADDR/`), `GET /metrics` the same and more for Prometheus (OpenMetrics text).
+//! Anything but GET gets 405.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
@@ -8,7 +10,8 @@ use std::time::Duration;
 
 use futures::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::balancer::{BackendSnapshot, BalancerHandle, EgressSnapshot};
+use crate::balancer::{BalancerHandle, RouteSnapshot};
+use crate::metrics::Metrics;
 use crate::rt::{self, Async, TcpConn};
 use crate::shutdown::Signal;
 use crate::stats::Stats;
@@ -16,15 +19,6 @@ use crate::stats::Stats;
 /// A request head larger than this, or slower than [`HEAD_TIMEOUT`], gets no page.
 const HEAD_MAX: usize = 4096;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// One route as its balancer sees it.
-#[derive(Debug, Clone)]
-pub struct RouteSnapshot {
-    pub name: String,
-    pub listen: SocketAddr,
-    pub backends: Vec<BackendSnapshot>,
-    pub egresses: Vec<EgressSnapshot>,
-}
 
 /// What the page shows of one route.
 #[derive(Clone)]
@@ -48,8 +42,14 @@ impl RouteView {
 
 pub(crate) struct Status {
     pub socket: Async<TcpListener>,
+    pub pages: Arc<Pages>,
+}
+
+/// What the pages are made of.
+pub(crate) struct Pages {
     pub routes: Vec<RouteView>,
     pub stats: Arc<Stats>,
+    pub metrics: Arc<Metrics>,
 }
 
 impl Status {
@@ -59,8 +59,7 @@ impl Status {
             match accepted {
                 Ok((stream, _)) => {
                     backoff.reset();
-                    let page = self.render().await;
-                    rt::detach(serve(stream, page));
+                    rt::detach(serve(stream, self.pages.clone()));
                 }
                 Err(e) => {
                     log::warn!(err:% = e; "status page: accept failed, backing off");
@@ -69,6 +68,16 @@ impl Status {
             }
         }
         log::debug!("status page stopped");
+    }
+}
+
+impl Pages {
+    async fn snapshots(&self) -> Vec<RouteSnapshot> {
+        let mut out = Vec::with_capacity(self.routes.len());
+        for route in &self.routes {
+            out.push(route.snapshot().await);
+        }
+        out
     }
 
     async fn render(&self) -> String {
@@ -100,8 +109,7 @@ impl Status {
             s.copied(),
             s.splice_fallbacks()
         );
-        for route in &self.routes {
-            let snapshot = route.snapshot().await;
+        for snapshot in self.snapshots().await {
             let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);
             for e in snapshot.egresses {
                 let _ = match &e.why {
@@ -122,7 +130,7 @@ impl Status {
 }
 
 /// Reads the request head (bounded in size and time), then answers and closes.
-async fn serve(mut stream: TcpConn, page: String) {
+async fn serve(mut stream: TcpConn, pages: Arc<Pages>) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     let complete = rt::timeout(HEAD_TIMEOUT, async {
@@ -142,7 +150,15 @@ async fn serve(mut stream: TcpConn, page: String) {
     if complete.await != Some(true) {
         return;
     }
-    let response = if head.starts_with(b"GET ") {
+    let response = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
+        let page = pages.metrics.render(&pages.snapshots().await);
+        let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        )
+    } else if head.starts_with(b"GET ") {
+        let page = pages.render().await;
         format!(
             "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
             page.len()

@@ -51,3 +51,84 @@ async fn the_status_page_shows_routes_backends_and_counters() {
     assert!(post.starts_with("HTTP/1.0 405"), "{post}");
     assert_eq!(h.shutdown().await.forced, 0);
 }
+
+/// The value of the sample `name{labels}` in a metrics page (labels as printed, in order).
+fn sample(page: &str, name_and_labels: &str) -> Option<f64> {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[async_std::test]
+async fn metrics_count_sessions_bytes_failovers_and_backend_state() {
+    let live = Backend::echo().await;
+    let dead = refused_addr();
+    let h = Harness::start(&format!(
+        r#"(status: "127.0.0.1:0", routes: [(name: "web", listen: "127.0.0.1:0", health: (fall: 1, cooldown: "1m"),
+            backends: [(addr: "{dead}"), (addr: "{}")])])"#,
+        live.addr
+    ));
+    // Three sessions of 5 bytes each way; the first also fails over from the dead backend.
+    for _ in 0..3 {
+        let mut client = h.connect("web").await;
+        client.write_all(b"hello").await.unwrap();
+        let mut echoed = [0u8; 5];
+        client.read_exact(&mut echoed).await.unwrap();
+        drop(client);
+    }
+    h.relay().stats().until(|s| s.active() == 0).await;
+    let status = h.relay().status_addr().unwrap();
+    let page = fetch(status, b"GET /metrics HTTP/1.1\r\nHost: relayd\r\n\r\n").await;
+    assert!(page.contains("Content-Type: application/openmetrics-text"), "{page}");
+    let (web, backend_dead, backend_live) = (
+        r#"{route="web"}"#,
+        format!(r#"{{route="web",backend="{dead}"}}"#),
+        format!(r#"{{route="web",backend="{}"}}"#, live.addr),
+    );
+    let want = [
+        (format!("relayd_sessions_opened_total{web}"), 3.0),
+        (format!("relayd_sessions_active{web}"), 0.0),
+        (
+            r#"relayd_sessions_ended_total{route="web",reason="done"}"#.to_string(),
+            3.0,
+        ),
+        (
+            r#"relayd_relayed_bytes_total{route="web",direction="up"}"#.to_string(),
+            15.0,
+        ),
+        (
+            r#"relayd_relayed_bytes_total{route="web",direction="down"}"#.to_string(),
+            15.0,
+        ),
+        (
+            format!(
+                r#"relayd_connect_failures_total{{route="web",backend="{dead}",egress="default",fault="backend"}}"#
+            ),
+            1.0,
+        ),
+        (format!("relayd_connect_duration_seconds_count{backend_live}"), 3.0),
+        (
+            format!(r#"relayd_backend_state{{route="web",backend="{dead}",state="down"}}"#),
+            1.0,
+        ),
+        (
+            format!(
+                r#"relayd_backend_state{{route="web",backend="{}",state="up"}}"#,
+                live.addr
+            ),
+            1.0,
+        ),
+        (format!("relayd_backend_connect_failures{backend_dead}"), 1.0),
+        (r#"relayd_egress_up{route="web",egress="default"}"#.to_string(), 1.0),
+        (format!("relayd_session_duration_seconds_count{web}"), 3.0),
+    ];
+    for (name, value) in want {
+        assert_eq!(sample(&page, &name), Some(value), "{name} in\n{page}");
+    }
+    assert!(sample(&page, "relayd_open_fds").is_some_and(|n| n > 0.0), "{page}");
+    assert!(
+        page.trim_end().ends_with("# EOF"),
+        "an OpenMetrics page ends with # EOF"
+    );
+    assert_eq!(h.shutdown().await.forced, 0);
+}

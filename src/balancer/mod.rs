@@ -68,6 +68,15 @@ pub struct BackendSnapshot {
     pub failing: u32,
 }
 
+/// One route as its balancer sees it.
+#[derive(Debug, Clone)]
+pub struct RouteSnapshot {
+    pub name: String,
+    pub listen: SocketAddr,
+    pub backends: Vec<BackendSnapshot>,
+    pub egresses: Vec<EgressSnapshot>,
+}
+
 /// One of the route's egresses as the balancer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EgressSnapshot {

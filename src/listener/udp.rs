@@ -128,6 +128,7 @@ impl UdpListener {
                 Ok(()) => return,
                 Err(flume::TrySendError::Full(_)) => {
                     let dropped = self.sessions.stats.dropped();
+                    self.sessions.metrics.udp_dropped(route, "flow_queue_full");
                     if flows.full.ready() {
                         log::warn!(route = route, client:% = client, dropped_total = dropped; "flow queue full, datagram dropped");
                     }
@@ -140,6 +141,7 @@ impl UdpListener {
         let max = self.sessions.route.max_flows.get();
         if flows.table.len() >= max || !self.sessions.has_room() {
             let dropped = self.sessions.stats.over_limit();
+            self.sessions.metrics.udp_dropped(route, "over_max_flows");
             if flows.over_limit.ready() {
                 let cap = self.sessions.budget.cap();
                 log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped;

@@ -128,6 +128,8 @@ pub(crate) struct RouteParts {
     /// sessions and failed dials, each at most one line a second for the route.
     pub refusals: Squelch,
     pub dial_failures: Squelch,
+    /// The relay's Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Lets one warning a second through, and counts the ones it held back, so that no client can
@@ -189,6 +191,7 @@ impl RouteContext {
             forced: false,
         };
         let session = session(id);
+        self.metrics.session_opened(&self.route_name);
         let context = self.clone();
         // A combinator, not an async block: a block would hold the session future twice, once
         // as it was captured and once as it is awaited, for the session's whole life.
@@ -212,6 +215,8 @@ impl RouteContext {
             };
             live.forced = matches!(report.end, SessionEnd::Forced);
             live.stats.relayed_by(report.path);
+            let bytes = (report.bytes_up, report.bytes_down);
+            (context.metrics).session_ended(&report.route, report.end.word(), bytes, report.duration);
             log_end(&report, &context);
             drop((live, guard));
             report
@@ -252,8 +257,10 @@ impl RouteContext {
                 Ok(Err(why)) => break why,
                 Err(_) => return Err(SessionEnd::RelayStopped),
             };
+            let started = std::time::Instant::now();
             let e = match dial(pick).await {
                 Ok(upstream) => {
+                    self.metrics.connected(&self.route_name, pick.addr, started.elapsed());
                     if proves && pick.report_success {
                         let _ = self.balancer.connected(pick.backend, Ok(())).await;
                     }
@@ -263,6 +270,8 @@ impl RouteContext {
                 Err(e) => e,
             };
             let fault = e.fault().unwrap_or(Fault::Backend);
+            self.metrics
+                .dial_failed(&self.route_name, pick.addr, &self.egress_name(&pick), fault);
             let _ = self.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
             if let Some(held) = self.dial_failures.admit() {
                 log::warn!(route = &*self.route_name, session = id.0, client:% = peer, backend:% = pick.addr,

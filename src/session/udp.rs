@@ -198,7 +198,10 @@ impl RouteContext {
                 Event::Backend(Ok(forwarded)) => {
                     match forwarded {
                         Some(n) => report.bytes_down += n as u64,
-                        None => drop(self.stats.dropped()),
+                        None => {
+                            self.stats.dropped();
+                            self.metrics.udp_dropped(&self.route_name, "client_unreachable");
+                        }
                     }
                     awaiting = None;
                     // The first answer is what proves a UDP backend.
