@@ -149,6 +149,25 @@ impl Acl {
     }
 }
 
+/// Who may use a route: client ranges allowed (empty: anyone) and refused (refused wins).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientAcl {
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
+}
+
+impl ClientAcl {
+    /// True when `client` may use the route. An IPv4-mapped IPv6 address is judged as IPv4.
+    pub fn admits(&self, client: IpAddr) -> bool {
+        let ip = match client {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(client, IpAddr::V4),
+            v4 => v4,
+        };
+        let within = |nets: &[IpNet]| nets.iter().any(|n| n.contains(&ip));
+        !within(&self.deny) && (self.allow.is_empty() || within(&self.allow))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,5 +273,25 @@ mod tests {
             Ok(()),
             "allowing the IPv4 range allows its IPv6 forms"
         );
+    }
+
+    #[test]
+    fn client_lists_allow_deny_and_judge_mapped_addresses_as_ipv4() {
+        let nets = |l: &[&str]| l.iter().map(|n| n.parse().unwrap()).collect();
+        let open = ClientAcl::default();
+        assert!(open.admits("203.0.113.9".parse().unwrap()), "no lists: anyone");
+        let acl = ClientAcl {
+            allow: nets(&["10.0.0.0/8", "2001:db8::/32"]),
+            deny: nets(&["10.9.0.0/16"]),
+        };
+        assert!(acl.admits("10.1.2.3".parse().unwrap()));
+        assert!(
+            acl.admits("::ffff:10.1.2.3".parse().unwrap()),
+            "mapped is judged as IPv4"
+        );
+        assert!(!acl.admits("10.9.0.1".parse().unwrap()), "deny wins inside allow");
+        assert!(!acl.admits("::ffff:10.9.0.1".parse().unwrap()));
+        assert!(!acl.admits("192.0.2.1".parse().unwrap()), "outside allow");
+        assert!(acl.admits("2001:db8::7".parse().unwrap()));
     }
 }

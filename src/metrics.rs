@@ -98,6 +98,7 @@ pub struct Metrics {
     backend_failures: Family<BackendLabels, Gauge>,
     egress_up: Family<EgressLabels, Gauge>,
     udp_dropped: Family<EndLabels, Counter>,
+    clients_refused: Family<RouteLabels, Counter>,
     open_fds: Gauge,
     resident_bytes: Gauge,
 }
@@ -126,6 +127,7 @@ impl Metrics {
             backend_failures: Family::default(),
             egress_up: Family::default(),
             udp_dropped: Family::default(),
+            clients_refused: Family::default(),
             open_fds: Gauge::default(),
             resident_bytes: Gauge::default(),
         };
@@ -194,6 +196,11 @@ impl Metrics {
             "UDP datagrams dropped, by reason",
             m.udp_dropped.clone(),
         );
+        r.register(
+            "clients_refused",
+            "Clients (connections, UDP datagrams) refused by the route's allow/deny lists",
+            m.clients_refused.clone(),
+        );
         r.register("open_fds", "Open file descriptors of the process", m.open_fds.clone());
         r.register_with_unit(
             "resident_memory",
@@ -259,6 +266,12 @@ impl Metrics {
         self.session_seconds
             .get_or_create(&labels)
             .observe(lasted.as_secs_f64());
+    }
+
+    pub(crate) fn client_refused(&self, route: &str) {
+        self.clients_refused
+            .get_or_create(&RouteLabels { route: route.into() })
+            .inc();
     }
 
     pub(crate) fn connected(&self, route: &str, backend: std::net::SocketAddr, took: Duration) {

@@ -219,6 +219,11 @@ pub struct RouteConfig {
     pub max_flows: Option<usize>,
     /// HttpConnect only: the access rules and request limits.
     pub connect: Option<ConnectConfig>,
+    /// Client ranges allowed to use the route (default: any). Checked at accept, before any
+    /// work; an IPv4-mapped IPv6 client is judged as IPv4.
+    pub allow_clients: Vec<String>,
+    /// Client ranges refused, even inside `allow_clients`.
+    pub deny_clients: Vec<String>,
     /// Passive and active health of the backends.
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).

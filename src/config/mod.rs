@@ -13,7 +13,7 @@ pub use file::{
     HealthConfig, OneOrMany, Protocol, RouteConfig,
 };
 
-use crate::acl::Acl;
+use crate::acl::{Acl, ClientAcl};
 use crate::error::ConfigError;
 
 /// Name of the egress used by routes and backends that name none.
@@ -129,6 +129,8 @@ pub struct Route {
     pub connect: Option<ConnectSettings>,
     pub health: Health,
     pub resolve_interval: Duration,
+    /// Who may use the route.
+    pub clients: ClientAcl,
 }
 
 /// How a route judges its backends.

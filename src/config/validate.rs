@@ -13,7 +13,7 @@ use super::{
     Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig, Settings,
     SocketOptions, Timeouts, UpstreamProxy,
 };
-use crate::acl::{Acl, DEFAULT_DENY, HostPattern};
+use crate::acl::{Acl, ClientAcl, DEFAULT_DENY, HostPattern};
 use crate::error::Problem;
 
 /// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
@@ -300,6 +300,10 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         idle: p.duration(at("idle_timeout"), &r.idle_timeout, idle),
         fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
     };
+    let clients = ClientAcl {
+        allow: cidrs(&at("allow_clients"), &r.allow_clients, p),
+        deny: cidrs(&at("deny_clients"), &r.deny_clients, p),
+    };
     // Everything is checked before anything is given up on, so one pass reports it all.
     let connect_timeout = p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3));
     let health = health(&at("health"), r.health.as_ref(), p);
@@ -332,7 +336,15 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         connect,
         health,
         resolve_interval,
+        clients,
     })
+}
+
+/// A list of CIDR ranges, each problem by its index.
+fn cidrs(path: &str, list: &[String], p: &mut Problems) -> Vec<IpNet> {
+    (list.iter().enumerate())
+        .filter_map(|(i, n)| p.parse::<IpNet>(format!("{path}[{i}]"), n, "a CIDR range such as \"10.0.0.0/8\""))
+        .collect()
 }
 
 /// A backend at `addr` is the listener at `listen` itself.
@@ -515,14 +527,8 @@ fn connect_settings(path: &str, c: Option<&ConnectConfig>, p: &mut Problems) -> 
             pattern
         })
         .collect();
-    let mut nets = |field: &str, list: &[String]| -> Vec<IpNet> {
-        let path = at(field);
-        (list.iter().enumerate())
-            .filter_map(|(i, n)| p.parse::<IpNet>(format!("{path}[{i}]"), n, "a CIDR range such as \"10.0.0.0/8\""))
-            .collect()
-    };
-    let allow = nets("allow_cidrs", &c.allow_cidrs);
-    let mut deny = nets("deny_cidrs", &c.deny_cidrs);
+    let allow = cidrs(&at("allow_cidrs"), &c.allow_cidrs, p);
+    let mut deny = cidrs(&at("deny_cidrs"), &c.deny_cidrs, p);
     deny.extend(
         DEFAULT_DENY
             .iter()

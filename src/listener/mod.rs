@@ -115,6 +115,11 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff.reset();
+                    if !self.sessions.admits(peer) {
+                        // Closed before any work: no session, no dial.
+                        drop(stream);
+                        continue;
+                    }
                     // Small writes (prompts, handshakes) go out at once, as they came in.
                     let _ = stream.get_ref().set_nodelay(true);
                     drop(self.sessions.open(stream, peer, guard.clone()));

@@ -138,6 +138,9 @@ impl UdpListener {
                 Err(flume::TrySendError::Disconnected(_)) => drop(flows.table.remove(&client)),
             }
         }
+        if !self.sessions.admits(client) {
+            return;
+        }
         let max = self.sessions.route.max_flows.get();
         if flows.table.len() >= max || !self.sessions.has_room() {
             let dropped = self.sessions.stats.over_limit();

@@ -157,6 +157,20 @@ impl Squelch {
 }
 
 impl RouteContext {
+    /// True when the route's allow/deny lists let `client` in. A refusal is counted, and
+    /// logged at most once a second for the route.
+    pub fn admits(&self, client: SocketAddr) -> bool {
+        if self.route.clients.admits(client.ip()) {
+            return true;
+        }
+        self.metrics.client_refused(&self.route_name);
+        if let Some(held) = self.refusals.admit() {
+            log::warn!(route = &*self.route_name, client:% = client, held_back = held;
+                "client refused by the route's allow/deny lists");
+        }
+        false
+    }
+
     /// True while the relay has room for one more session.
     pub fn has_room(&self) -> bool {
         self.stats.active() < self.budget.cap()
