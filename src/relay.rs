@@ -105,7 +105,7 @@ impl Relay {
             .collect::<Result<Vec<_>, _>>()?;
         let status_socket = (settings.status)
             .map(|addr| {
-                let bound = listener::bind_tcp(addr, 64);
+                let bound = listener::bind_tcp(addr, 64, None);
                 bound.map_err(|source| StartError::Listen {
                     what: "status page".into(),
                     addr,

@@ -405,3 +405,47 @@ fn connect(target: &str, tunnel: &str, count: usize) {
         println!("@@summary {}", summary.join(","));
     }
 }
+
+#[test]
+fn a_listener_bound_to_a_device_and_a_marked_egress_follow_the_interfaces() {
+    let Some(t) = Topology::build_or_skip() else { return };
+    let _backend = t.helper(&t.backend, "backend", &[]);
+    // Policy routing: marked traffic to the backends leaves by up2.
+    t.ip(&t.relay, &["rule", "add", "fwmark", "0x1", "lookup", "100"]);
+    t.ip(
+        &t.relay,
+        &[
+            "route",
+            "add",
+            BACKENDS,
+            "via",
+            "198.18.2.2",
+            "dev",
+            "up2",
+            "table",
+            "100",
+        ],
+    );
+    let config = format!(
+        r#"(egress: {{"marked": (mark: 0x1)}}, routes: [
+            (name: "up1-only", listen: "0.0.0.0:7100", listen_device: "up1", backends: [(addr: "{BACKEND}:{TCP_PORT}")]),
+            (name: "marked", listen: "127.0.0.1:0", egress: "marked", backends: [(addr: "{BACKEND}:{TCP_PORT}")]),
+            (name: "plain", listen: "127.0.0.1:0", backends: [(addr: "{BACKEND}:{TCP_PORT}")]),
+        ])"#
+    );
+    let daemon = start(&t, &config);
+    let (marked, plain) = (
+        daemon.listening("marked").to_string(),
+        daemon.listening("plain").to_string(),
+    );
+    assert_eq!(source(&t, &plain), "198.18.1.1", "unmarked: the main table's way");
+    assert_eq!(source(&t, &marked), "198.18.2.1", "marked: the rule's table, by up2");
+    // From the far side: the listener answers on up1's address, and nothing on up2's.
+    let by = |addr: &str| {
+        let c = t.helper(&t.backend, "client", &[("RELAYD_NETNS_TARGET", addr)]);
+        c.line("got")
+    };
+    assert_eq!(ip_of(&by("198.18.1.1:7100")), "198.18.1.1", "arrived on up1: served");
+    assert_eq!(by("198.18.2.1:7100"), "", "arrived on up2: no listener there");
+    daemon.stop();
+}

@@ -52,6 +52,9 @@ pub struct EgressConfig {
     pub via_proxy: Option<String>,
     /// Basic credentials for `via_proxy`.
     pub via_proxy_auth: Option<Credentials>,
+    /// SO_MARK on every outbound socket (needs CAP_NET_ADMIN), so that policy routing
+    /// (`ip rule add fwmark 0x1 lookup 100`) can steer this egress's traffic.
+    pub mark: Option<u32>,
 }
 
 /// A user name and password (Basic auth). `Debug` masks the password.
@@ -224,6 +227,8 @@ pub struct RouteConfig {
     pub allow_clients: Vec<String>,
     /// Client ranges refused, even inside `allow_clients`.
     pub deny_clients: Vec<String>,
+    /// Listen on this interface only (SO_BINDTODEVICE on the listening socket).
+    pub listen_device: Option<String>,
     /// Passive and active health of the backends.
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).

@@ -94,6 +94,8 @@ pub struct SocketOptions {
     pub mss: Option<u32>,
     pub send_buffer: Option<usize>,
     pub recv_buffer: Option<usize>,
+    /// SO_MARK.
+    pub mark: Option<u32>,
 }
 
 impl Default for SocketOptions {
@@ -104,6 +106,7 @@ impl Default for SocketOptions {
             mss: None,
             send_buffer: None,
             recv_buffer: None,
+            mark: None,
         }
     }
 }
@@ -131,6 +134,8 @@ pub struct Route {
     pub resolve_interval: Duration,
     /// Who may use the route.
     pub clients: ClientAcl,
+    /// The interface the route listens on only.
+    pub listen_device: Option<String>,
 }
 
 /// How a route judges its backends.

@@ -149,14 +149,7 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
             "an egress name must be printable, on one line",
         );
     }
-    if let Some(device) = &e.device {
-        if device.is_empty() || device.len() > IFNAME_MAX || device.contains(['/', ' ', '\0']) {
-            p.add(
-                at("device"),
-                format!("{device:?} is not an interface name (1 to {IFNAME_MAX} bytes)"),
-            );
-        }
-    }
+    interface_name(at("device"), e.device.as_deref(), p);
     let source = e
         .source
         .as_ref()
@@ -201,6 +194,7 @@ fn egress(name: &str, e: &EgressConfig, p: &mut Problems) -> Egress {
             mss: e.mss,
             send_buffer: e.send_buffer,
             recv_buffer: e.recv_buffer,
+            mark: e.mark,
         },
     }
 }
@@ -300,6 +294,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         idle: p.duration(at("idle_timeout"), &r.idle_timeout, idle),
         fin: p.duration(at("fin_timeout"), &r.fin_timeout, Duration::from_secs(30)),
     };
+    interface_name(at("listen_device"), r.listen_device.as_deref(), p);
     let clients = ClientAcl {
         allow: cidrs(&at("allow_clients"), &r.allow_clients, p),
         deny: cidrs(&at("deny_clients"), &r.deny_clients, p),
@@ -337,7 +332,20 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         health,
         resolve_interval,
         clients,
+        listen_device: r.listen_device.clone(),
     })
+}
+
+/// An interface name as Linux takes it, if given.
+fn interface_name(path: String, device: Option<&str>, p: &mut Problems) {
+    if let Some(device) = device {
+        if device.is_empty() || device.len() > IFNAME_MAX || device.contains(['/', ' ', '\0']) {
+            p.add(
+                path,
+                format!("{device:?} is not an interface name (1 to {IFNAME_MAX} bytes)"),
+            );
+        }
+    }
 }
 
 /// A list of CIDR ranges, each problem by its index.

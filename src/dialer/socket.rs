@@ -41,19 +41,7 @@ impl Factory {
     /// A UDP socket, bound as the egress says and connected to `target`.
     pub fn udp(&self, target: SocketAddr) -> Result<UdpSocket, DialError> {
         let socket = self.socket(target, Type::DGRAM, Protocol::UDP)?;
-        let buffers = [
-            (
-                "SO_SNDBUF",
-                self.egress.options.send_buffer.map(|n| socket.set_send_buffer_size(n)),
-            ),
-            (
-                "SO_RCVBUF",
-                self.egress.options.recv_buffer.map(|n| socket.set_recv_buffer_size(n)),
-            ),
-        ];
-        for (name, result) in buffers {
-            self.check(result, BindStep::Option(name), target)?;
-        }
+        self.shared_options(&socket, target)?;
         self.bind(&socket, target, false)?;
         socket
             .connect(&SockAddr::from(target))
@@ -87,8 +75,20 @@ impl Factory {
             ("TCP_NODELAY", Some(socket.set_tcp_nodelay(o.nodelay))),
             ("SO_KEEPALIVE", keepalive),
             ("TCP_MAXSEG", o.mss.map(|mss| socket.set_tcp_mss(mss))),
+        ];
+        for (name, result) in steps {
+            self.check(result, BindStep::Option(name), target)?;
+        }
+        self.shared_options(socket, target)
+    }
+
+    /// The options TCP and UDP sockets share: buffer sizes and the firewall mark.
+    fn shared_options(&self, socket: &Socket, target: SocketAddr) -> Result<(), DialError> {
+        let o = &self.egress.options;
+        let steps = [
             ("SO_SNDBUF", o.send_buffer.map(|n| socket.set_send_buffer_size(n))),
             ("SO_RCVBUF", o.recv_buffer.map(|n| socket.set_recv_buffer_size(n))),
+            ("SO_MARK", o.mark.map(|mark| socket.set_mark(mark))),
         ];
         for (name, result) in steps {
             self.check(result, BindStep::Option(name), target)?;

@@ -35,8 +35,10 @@ pub(crate) enum Bound {
 /// Binds a route's listening socket, as its protocol needs.
 pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
     let bound = match route.protocol {
-        Protocol::Tcp | Protocol::HttpConnect => bind_tcp(route.listen, route.backlog).map(Bound::Tcp),
-        Protocol::Udp => Endpoint::bind(route.listen).map(Bound::Udp),
+        Protocol::Tcp | Protocol::HttpConnect => {
+            bind_tcp(route.listen, route.backlog, route.listen_device.as_deref()).map(Bound::Tcp)
+        }
+        Protocol::Udp => Endpoint::bind(route.listen, route.listen_device.as_deref()).map(Bound::Udp),
     };
     bound.map_err(|source| StartError::Listen {
         what: format!("route {}", route.name),
@@ -47,9 +49,12 @@ pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
 
 /// A listening TCP socket with SO_REUSEADDR (a restart need not wait out TIME_WAIT) and a real
 /// backlog.
-pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<Async<TcpListener>> {
+pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32, device: Option<&str>) -> io::Result<Async<TcpListener>> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if let Some(device) = device {
+        socket.bind_device(Some(device.as_bytes()))?;
+    }
     socket.bind(&addr.into())?;
     socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
     Async::new(TcpListener::from(socket))

@@ -27,8 +27,11 @@ pub(crate) struct Endpoint {
 struct Control([u8; CONTROL]);
 
 impl Endpoint {
-    pub fn bind(addr: SocketAddr) -> io::Result<Endpoint> {
+    pub fn bind(addr: SocketAddr, device: Option<&str>) -> io::Result<Endpoint> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+        if let Some(device) = device {
+            socket.bind_device(Some(device.as_bytes()))?;
+        }
         let pktinfo = addr.ip().is_unspecified();
         if pktinfo {
             let (level, name) = match addr {
@@ -206,7 +209,7 @@ mod tests {
 
     #[test]
     fn a_wildcard_endpoint_answers_from_the_address_the_client_wrote_to() {
-        let endpoint = Endpoint::bind("0.0.0.0:0".parse().unwrap()).unwrap();
+        let endpoint = Endpoint::bind("0.0.0.0:0".parse().unwrap(), None).unwrap();
         let port = endpoint.local_addr().unwrap().port();
         // 127.0.0.2 is ours too, but the kernel would answer a wildcard socket from 127.0.0.1.
         let to = SocketAddr::new("127.0.0.2".parse().unwrap(), port);
@@ -216,7 +219,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_wildcard_endpoint_answers_v6_and_v4_clients_from_their_destination() {
-        let endpoint = match Endpoint::bind("[::]:0".parse().unwrap()) {
+        let endpoint = match Endpoint::bind("[::]:0".parse().unwrap(), None) {
             Ok(endpoint) => endpoint,
             Err(e) => return eprintln!("SKIPPED: no IPv6 on this host: {e}"),
         };
@@ -233,7 +236,7 @@ mod tests {
 
     #[test]
     fn a_specific_endpoint_needs_no_pktinfo() {
-        let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let (_, local) = exchange(&endpoint, "127.0.0.1:0", endpoint.local_addr().unwrap());
         assert_eq!(local, None);
     }
