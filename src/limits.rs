@@ -90,3 +90,94 @@ mod tests {
         assert_eq!(session_cap(u64::MAX), (u64::MAX - 64) / 2);
     }
 }
+
+/// A cap on live sessions (a route's `max_connections`, or the relay's), with a bounded wait
+/// for room: HAProxy's maxconn and `timeout queue`. At most `max` sessions hold a pass; up to
+/// `max` more may wait for one, each for at most its wait, and the rest are turned away.
+#[derive(Debug)]
+pub struct Gate {
+    max: u64,
+    live: std::sync::atomic::AtomicU64,
+    waiting: std::sync::atomic::AtomicU64,
+    freed: event_listener::Event,
+}
+
+/// Held by a session while it counts against a [`Gate`]; dropping it makes room.
+#[derive(Debug)]
+pub struct Pass(std::sync::Arc<Gate>);
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        self.0.live.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.freed.notify(1);
+    }
+}
+
+impl Gate {
+    pub fn new(max: u64) -> std::sync::Arc<Gate> {
+        std::sync::Arc::new(Gate {
+            max,
+            live: Default::default(),
+            waiting: Default::default(),
+            freed: event_listener::Event::new(),
+        })
+    }
+
+    /// A pass now, if there is room.
+    pub fn try_enter(self: &std::sync::Arc<Self>) -> Option<Pass> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let taken = self
+            .live
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            });
+        taken.ok().map(|_| Pass(self.clone()))
+    }
+
+    /// A pass, waiting up to `wait` for room; `None` when the wait ran out or the queue was
+    /// full.
+    pub async fn enter(self: &std::sync::Arc<Self>, wait: std::time::Duration) -> Option<Pass> {
+        use std::sync::atomic::Ordering::AcqRel;
+        if let Some(pass) = self.try_enter() {
+            return Some(pass);
+        }
+        if self.waiting.fetch_add(1, AcqRel) >= self.max {
+            self.waiting.fetch_sub(1, AcqRel);
+            return None;
+        }
+        let pass = crate::rt::timeout(wait, async {
+            loop {
+                event_listener::listener!(self.freed => freed);
+                if let Some(pass) = self.try_enter() {
+                    return pass;
+                }
+                freed.await;
+            }
+        })
+        .await;
+        self.waiting.fetch_sub(1, AcqRel);
+        pass
+    }
+}
+
+#[cfg(test)]
+mod gate_tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_gate_lets_max_in_queues_max_more_and_wakes_a_waiter_when_a_pass_goes() {
+        let gate = Gate::new(2);
+        let (a, b) = (gate.try_enter().unwrap(), gate.try_enter().unwrap());
+        assert!(gate.try_enter().is_none(), "full");
+        let timed_out = crate::rt::block_on(gate.enter(Duration::from_millis(20)));
+        assert!(timed_out.is_none(), "no room within the wait");
+        let waiter = {
+            let gate = gate.clone();
+            crate::rt::spawn(async move { gate.enter(Duration::from_secs(20)).await.is_some() })
+        };
+        drop(a);
+        assert!(crate::rt::block_on(waiter), "a freed pass goes to the waiter");
+        drop(b);
+    }
+}

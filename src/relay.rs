@@ -36,6 +36,8 @@ struct Common {
     splice: bool,
     budget: Arc<limits::Budget>,
     metrics: Arc<Metrics>,
+    /// The relay-wide `max_connections`.
+    gate: Option<Arc<limits::Gate>>,
 }
 
 /// How long force-closed sessions get to finish dropping their sockets.
@@ -151,6 +153,7 @@ impl Relay {
             splice: settings.splice,
             budget,
             metrics: Arc::new(Metrics::new()),
+            gate: settings.max_connections.map(|n| limits::Gate::new(n.get() as u64)),
         };
         let mut relay = Relay {
             runtime: None,
@@ -175,6 +178,12 @@ impl Relay {
 
     /// The Listener of `route` (whose Balancer runs already), and its checker and resolver.
     fn start_route(&mut self, route: Route, socket: Bound, balancer: BalancerHandle, common: &Common) {
+        let gates = (route
+            .max_connections
+            .map(|n| limits::Gate::new(n.get() as u64))
+            .into_iter())
+        .chain(common.gate.clone())
+        .collect();
         self.start_helpers(&route, &balancer, common);
         let sessions = RouteContext::new(RouteParts {
             route_name: route.name.as_str().into(),
@@ -188,6 +197,7 @@ impl Relay {
             splice: common.splice,
             budget: common.budget.clone(),
             metrics: common.metrics.clone(),
+            gates,
             refusals: Default::default(),
             dial_failures: Default::default(),
         });

@@ -66,3 +66,58 @@ async fn a_denied_client_is_closed_before_any_dial_and_an_allowed_one_is_served(
     );
     assert_eq!(within(async { h.shutdown().await }).await.forced, 0);
 }
+
+#[async_std::test]
+async fn past_max_connections_a_client_waits_in_line_then_is_served_or_closed() {
+    let sink = Backend::sink().await;
+    let h = Harness::start(&format!(
+        r#"(routes: [(name: "t", listen: "127.0.0.1:0", max_connections: 2, queue_timeout: "300ms", backends: [(addr: "{}")])])"#,
+        sink.addr
+    ));
+    let addr = h.addr("t");
+    let held: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    for _ in 0..2 {
+        sink.next_accept().await;
+    }
+    // The third waits its queue_timeout without a dial, then is closed.
+    let started = std::time::Instant::now();
+    let mut third = TcpStream::connect(addr).unwrap();
+    third.set_read_timeout(Some(PATIENCE)).unwrap();
+    assert_eq!(third.read(&mut [0u8; 8]).unwrap_or(0), 0, "closed after the wait");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(300),
+        "it waited its queue_timeout"
+    );
+    assert_eq!(sink.accepted(), 2, "no dial for the one that waited in vain");
+    // A fourth waits while a place frees up, and gets it.
+    let fourth = TcpStream::connect(addr).unwrap();
+    drop(held);
+    within(sink.next_accept()).await;
+    assert_eq!(sink.accepted(), 3);
+    drop(fourth);
+    assert_eq!(within(async { h.shutdown().await }).await.forced, 0);
+}
+
+#[async_std::test]
+async fn the_relay_wide_cap_counts_udp_flows() {
+    let echo = UdpBackend::echo().await;
+    let h = Harness::start(&format!(
+        r#"(max_connections: 1, routes: [(name: "u", listen: "127.0.0.1:0", protocol: Udp, backends: [(addr: "{}")])])"#,
+        echo.addr
+    ));
+    let u = h.addr("u");
+    let first = UdpSocket::bind("127.0.0.1:0").unwrap();
+    first.set_read_timeout(Some(PATIENCE)).unwrap();
+    first.send_to(b"one", u).unwrap();
+    let mut buf = [0u8; 16];
+    assert_eq!(first.recv(&mut buf).unwrap(), 3, "the first flow is served");
+    let second = UdpSocket::bind("127.0.0.1:0").unwrap();
+    second.send_to(b"two", u).unwrap();
+    within(h.relay().stats().until(|s| s.udp_over_limit() == 1)).await;
+    assert_eq!(
+        h.relay().stats().total(),
+        1,
+        "no second flow while the first holds the place"
+    );
+    assert_eq!(within(async { h.shutdown().await }).await.forced, 0);
+}

@@ -19,6 +19,9 @@ pub struct Config {
     pub status: Option<String>,
     /// Executor threads (default: one per core).
     pub workers: Option<usize>,
+    /// Live sessions (TCP connections and UDP flows) the whole relay serves at once; past it,
+    /// new connections wait up to their route's `queue_timeout` (default: no cap).
+    pub max_connections: Option<usize>,
     /// Move TCP-to-TCP bytes with splice(2), never through userspace (default true).
     pub splice: Option<bool>,
     /// Capacity of each actor's mailbox (default 1024).
@@ -229,6 +232,11 @@ pub struct RouteConfig {
     pub deny_clients: Vec<String>,
     /// Listen on this interface only (SO_BINDTODEVICE on the listening socket).
     pub listen_device: Option<String>,
+    /// Live sessions this route serves at once (default: no cap); past it, a new connection
+    /// waits up to `queue_timeout` for room, then is closed; a new UDP flow is dropped.
+    pub max_connections: Option<usize>,
+    /// How long a connection waits for room under `max_connections` (default `5s`).
+    pub queue_timeout: Option<String>,
     /// Passive and active health of the backends.
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).

@@ -27,6 +27,8 @@ pub struct Settings {
     pub status: Option<SocketAddr>,
     /// Executor threads; `None`: one per core.
     pub workers: Option<NonZeroUsize>,
+    /// Live sessions the whole relay serves at once.
+    pub max_connections: Option<NonZeroUsize>,
     pub splice: bool,
     pub mailbox: NonZeroUsize,
     /// Index 0 is always the `default` egress.
@@ -136,6 +138,9 @@ pub struct Route {
     pub clients: ClientAcl,
     /// The interface the route listens on only.
     pub listen_device: Option<String>,
+    /// Live sessions the route serves at once, and how long a connection waits for room.
+    pub max_connections: Option<NonZeroUsize>,
+    pub queue_timeout: Duration,
 }
 
 /// How a route judges its backends.

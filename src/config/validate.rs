@@ -87,6 +87,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
             NonZeroUsize::MIN
         })
     });
+    let max_connections = cap("max_connections".into(), config.max_connections, &mut p);
     let mailbox = config.mailbox.unwrap_or(1024);
     let mailbox = NonZeroUsize::new(mailbox)
         .filter(|n| n.get() <= 1 << 20)
@@ -117,6 +118,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
             drain_timeout,
             status,
             workers,
+            max_connections,
             splice: config.splice.unwrap_or(true),
             mailbox,
             egress,
@@ -333,7 +335,19 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         resolve_interval,
         clients,
         listen_device: r.listen_device.clone(),
+        max_connections: cap(at("max_connections"), r.max_connections, p),
+        queue_timeout: p.duration(at("queue_timeout"), &r.queue_timeout, Duration::from_secs(5)),
     })
+}
+
+/// A session cap in 1..=1048576, if given.
+fn cap(path: String, value: Option<usize>, p: &mut Problems) -> Option<NonZeroUsize> {
+    let n = value?;
+    let ok = NonZeroUsize::new(n).filter(|n| n.get() <= 1 << 20);
+    if ok.is_none() {
+        p.add(path, format!("{n} is outside 1..=1048576"));
+    }
+    ok
 }
 
 /// An interface name as Linux takes it, if given.

@@ -142,18 +142,25 @@ impl UdpListener {
             return;
         }
         let max = self.sessions.route.max_flows.get();
-        if flows.table.len() >= max || !self.sessions.has_room() {
+        // A new flow needs room under max_flows, the descriptor budget and max_connections;
+        // a datagram does not wait in line.
+        let room = flows.table.len() < max && self.sessions.has_room();
+        let passes = room
+            .then(|| self.sessions.gates.iter().map(|g| g.try_enter()).collect())
+            .flatten();
+        let Some(passes) = passes else {
             let dropped = self.sessions.stats.over_limit();
             self.sessions.metrics.udp_dropped(route, "over_max_flows");
             if flows.over_limit.ready() {
                 let cap = self.sessions.budget.cap();
                 log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped;
-                    "max_flows (or the relay's session cap) reached, datagram dropped");
+                    "max_flows (or max_connections, or the relay's session cap) reached, datagram dropped");
             }
             return;
-        }
+        };
         let (queue_tx, queue) = flume::bounded(FLOW_QUEUE);
         let flow = Flow {
+            passes,
             client,
             local,
             reply: self.endpoint.clone(),

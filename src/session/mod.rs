@@ -50,6 +50,8 @@ pub enum SessionEnd {
     /// A CONNECT request was answered with this status and not served (0: the client left
     /// before its request was complete).
     Refused(u16),
+    /// The route (or the relay) was at `max_connections` for the whole `queue_timeout`.
+    QueueTimeout,
     /// The relay's drain deadline passed while the session was still live.
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
@@ -130,6 +132,8 @@ pub(crate) struct RouteParts {
     pub dial_failures: Squelch,
     /// The relay's Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The route's `max_connections`, and the relay's.
+    pub gates: Vec<Arc<crate::limits::Gate>>,
 }
 
 /// Lets one warning a second through, and counts the ones it held back, so that no client can
@@ -169,6 +173,20 @@ impl RouteContext {
                 "client refused by the route's allow/deny lists");
         }
         false
+    }
+
+    /// Passes through the route's and the relay's session caps, waiting up to the route's
+    /// `queue_timeout` for room (`wait`), or at once; `None` when there was none.
+    pub async fn passes(&self, wait: bool) -> Option<Vec<crate::limits::Pass>> {
+        let mut passes = Vec::with_capacity(self.gates.len());
+        for gate in &self.gates {
+            let pass = match wait {
+                true => gate.enter(self.route.queue_timeout).await,
+                false => gate.try_enter(),
+            };
+            passes.push(pass?);
+        }
+        Some(passes)
     }
 
     /// True while the relay has room for one more session.
@@ -335,6 +353,7 @@ impl SessionEnd {
             SessionEnd::Failed(Direction::Down, _) => "client_went_away",
             SessionEnd::NoBackend { .. } => "no_backend",
             SessionEnd::Refused(_) => "refused",
+            SessionEnd::QueueTimeout => "queue_timeout",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
             SessionEnd::Panicked(_) => "internal_error",
@@ -380,7 +399,7 @@ pub(crate) fn errno_name(e: &std::io::Error) -> Option<&'static str> {
 /// warning.
 fn log_end(r: &SessionReport, route: &RouteContext) {
     let level = match r.end {
-        SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) => log::Level::Warn,
+        SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) | SessionEnd::QueueTimeout => log::Level::Warn,
         _ => log::Level::Info,
     };
     if !log::log_enabled!(level) {

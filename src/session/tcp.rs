@@ -46,6 +46,12 @@ impl RouteContext {
     {
         async move {
             let started = Instant::now();
+            // Under max_connections, a connection waits in line (bounded) before any work.
+            let Some(_passes) = self.passes(true).await else {
+                let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+                (report.end, report.duration) = (SessionEnd::QueueTimeout, started.elapsed());
+                return report;
+            };
             let timeout = self.route.connect_timeout;
             // Boxed, and dropped once connected: the connect phase is most of a session's
             // state, and an idle session need not carry it for its whole life.

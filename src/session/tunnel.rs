@@ -44,6 +44,10 @@ impl RouteContext {
     {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+        let Some(_passes) = self.passes(true).await else {
+            (report.end, report.duration) = (SessionEnd::QueueTimeout, started.elapsed());
+            return report;
+        };
         let settings = self
             .route
             .connect

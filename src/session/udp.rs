@@ -37,6 +37,10 @@ pub(crate) struct FlowEnded {
 
 /// What a flow needs from its Listener.
 pub(crate) struct Flow {
+    /// Its places under the route's and the relay's `max_connections`: held, never read, for
+    /// the flow's whole life; dropping them makes room.
+    #[allow(dead_code)]
+    pub passes: Vec<crate::limits::Pass>,
     pub client: SocketAddr,
     /// The address the client wrote to (wildcard listeners only): replies come from it.
     pub local: Option<IpAddr>,
