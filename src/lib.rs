@@ -10,7 +10,8 @@
 //!
 //! # Layout
 //! - [`config`]: the RON file structs and their validation into typed [`Settings`].
-//! - [`acl`] and [`http`]: what CONNECT routes allow, and the little HTTP they speak.
+//! - [`acl`] and [`http`]: what CONNECT routes allow, and the little HTTP they speak;
+//!   [`proto`]: the PROXY protocol header sent to backends.
 //! - [`relay`]: wiring and the stop sequence.
 //! - `listener`, `balancer`, `dialer`, `session`: one module per actor; `checker`: the
 //!   active health checks.
@@ -35,6 +36,7 @@ mod listener;
 pub mod logging;
 mod metrics;
 mod net;
+pub mod proto;
 pub mod relay;
 pub mod rt;
 pub mod session;

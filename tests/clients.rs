@@ -121,3 +121,40 @@ async fn the_relay_wide_cap_counts_udp_flows() {
     );
     assert_eq!(within(async { h.shutdown().await }).await.forced, 0);
 }
+
+#[test]
+fn a_backend_reads_one_proxy_header_with_the_real_addresses_before_the_payload() {
+    for version in ["V1", "V2"] {
+        let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let h = Harness::start(&format!(
+            r#"(routes: [(name: "t", listen: "127.0.0.1:0", send_proxy: {version}, backends: [(addr: "{}")])])"#,
+            backend.local_addr().unwrap()
+        ));
+        let mut client = TcpStream::connect(h.addr("t")).unwrap();
+        client.write_all(b"payload").unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        let (mut upstream, _) = backend.accept().unwrap();
+        upstream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let mut got = Vec::new();
+        upstream.read_to_end(&mut got).unwrap();
+        let (me, relay) = (client.local_addr().unwrap(), h.addr("t"));
+        let header = match ppp::HeaderResult::parse(&got) {
+            ppp::HeaderResult::V1(Ok(h)) => {
+                assert_eq!(h.addresses, ppp::v1::Addresses::from((me, relay)));
+                h.header.len()
+            }
+            ppp::HeaderResult::V2(Ok(h)) => {
+                assert_eq!(h.addresses, ppp::v2::Addresses::from((me, relay)));
+                h.len()
+            }
+            other => panic!("{version}: no valid header: {other:?}"),
+        };
+        assert_eq!(
+            &got[header..],
+            b"payload",
+            "{version}: exactly one header, then the payload"
+        );
+        drop((client, upstream));
+        assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
+    }
+}

@@ -237,6 +237,9 @@ pub struct RouteConfig {
     pub max_connections: Option<usize>,
     /// How long a connection waits for room under `max_connections` (default `5s`).
     pub queue_timeout: Option<String>,
+    /// Tcp routes: send each backend a PROXY protocol header (`V1` or `V2`) with the real
+    /// client and destination addresses, before any payload.
+    pub send_proxy: Option<crate::proto::ProxyVersion>,
     /// Passive and active health of the backends.
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).

@@ -141,6 +141,8 @@ pub struct Route {
     /// Live sessions the route serves at once, and how long a connection waits for room.
     pub max_connections: Option<NonZeroUsize>,
     pub queue_timeout: Duration,
+    /// The PROXY protocol header sent to backends first.
+    pub send_proxy: Option<crate::proto::ProxyVersion>,
 }
 
 /// How a route judges its backends.

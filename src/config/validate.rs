@@ -248,6 +248,9 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         }
         _ => {}
     }
+    if r.send_proxy.is_some() && r.protocol != Protocol::Tcp {
+        p.add(at("send_proxy"), "only Tcp routes send a PROXY protocol header");
+    }
     if let Some(backlog) = r.backlog.filter(|b| !(1..=65535).contains(b)) {
         p.add(at("backlog"), format!("{backlog} is outside 1..=65535"));
     }
@@ -337,6 +340,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         listen_device: r.listen_device.clone(),
         max_connections: cap(at("max_connections"), r.max_connections, p),
         queue_timeout: p.duration(at("queue_timeout"), &r.queue_timeout, Duration::from_secs(5)),
+        send_proxy: r.send_proxy,
     })
 }
 

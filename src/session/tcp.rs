@@ -69,7 +69,11 @@ impl RouteContext {
                     let counted = self.balancer.counted(pick.backend);
                     report.backend = Some(pick.addr);
                     report.egress = Some(self.egress_name(&pick));
-                    report.end = self.relay(&mut client, &mut upstream, &mut report).await;
+                    let reached = self.reached(&client);
+                    report.end = match self.send_proxy(peer, reached, &mut upstream).await {
+                        Ok(()) => self.relay(&mut client, &mut upstream, &mut report).await,
+                        Err(e) => SessionEnd::Failed(Direction::Up, e),
+                    };
                     // Closed now, then counted out: a pair that ended both ways left its last
                     // FIN to the close.
                     drop((upstream, client, counted));
@@ -78,6 +82,23 @@ impl RouteContext {
             report.duration = started.elapsed();
             report
         }
+    }
+
+    /// The address the client reached: its socket's local address, or (injected) the route's.
+    fn reached<S: Any>(&self, client: &S) -> SocketAddr {
+        ((client as &dyn Any).downcast_ref::<TcpConn>())
+            .and_then(|c| c.get_ref().local_addr().ok())
+            .unwrap_or(self.route.listen)
+    }
+
+    /// The PROXY protocol header first, when the route sends one.
+    async fn send_proxy(&self, peer: SocketAddr, reached: SocketAddr, upstream: &mut TcpConn) -> std::io::Result<()> {
+        let Some(version) = self.route.send_proxy else {
+            return Ok(());
+        };
+        upstream
+            .write_all(&crate::proto::proxy_header(version, peer, reached))
+            .await
     }
 
     /// Relays until the pair ends: by splice when both ends are TCP sockets (and splice is on),
