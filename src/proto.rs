@@ -1,7 +1,64 @@
-//! Wire formats relayd writes besides HTTP CONNECT's: the PROXY protocol header of HAProxy's
-//! specification, built with the `ppp` crate, so that a backend learns the real client.
+//! Wire formats relayd speaks besides HTTP CONNECT's: the PROXY protocol header of HAProxy's
+//! specification, parsed and built with the `ppp` crate: read from a trusted proxy in front
+//! (`accept_proxy`), written to backends (`send_proxy`).
 
 use std::net::{IpAddr, SocketAddr};
+
+use futures::io::{AsyncRead, AsyncReadExt};
+
+/// The largest header read: v2's 16 bytes, IPv6 addresses and TLVs of a few KiB.
+const HEADER_MAX: usize = 8 << 10;
+
+/// Reads one PROXY protocol header (v1 or v2; no guessing: anything else is an error), byte by
+/// byte if it comes so, and returns the client it names (`None` for a LOCAL or UNKNOWN header:
+/// the connection's own peer stands) and the bytes read past it (payload, kept).
+pub async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 512];
+    loop {
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the PROXY header: {e}"))?;
+        if n == 0 {
+            return Err("closed before its PROXY header was complete".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        // A v1 line is whole at its CRLF (107 bytes at most): parse it then, not before.
+        let v1 = b"PROXY ".starts_with(&buf[..buf.len().min(6)]);
+        if v1 && !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 108 {
+            continue;
+        }
+        let (client, len) = match ppp::HeaderResult::parse(&buf) {
+            ppp::HeaderResult::V1(Ok(h)) => (v1_client(&h.addresses), h.header.len()),
+            ppp::HeaderResult::V2(Ok(h)) => {
+                let client = (h.command == ppp::v2::Command::Proxy)
+                    .then(|| v2_client(&h.addresses))
+                    .flatten();
+                (client, h.len())
+            }
+            result if ppp::PartialResult::is_incomplete(&result) && buf.len() < HEADER_MAX => continue,
+            _ => return Err("no valid PROXY protocol header".into()),
+        };
+        return Ok((client, buf.split_off(len)));
+    }
+}
+
+fn v1_client(addresses: &ppp::v1::Addresses) -> Option<SocketAddr> {
+    match addresses {
+        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_client(addresses: &ppp::v2::Addresses) -> Option<SocketAddr> {
+    match addresses {
+        ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        _ => None,
+    }
+}
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +98,75 @@ fn unmapped(addr: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Gives its bytes one at a time.
+    struct Trickle(std::collections::VecDeque<u8>);
+
+    impl AsyncRead for Trickle {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = usize::from(!buf.is_empty() && !self.0.is_empty());
+            if n == 1 {
+                buf[0] = self.0.pop_front().expect("not empty");
+            }
+            std::task::Poll::Ready(Ok(n))
+        }
+    }
+
+    fn read(bytes: Vec<u8>) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
+        crate::rt::block_on(read_proxy_header(&mut Trickle(bytes.into())))
+    }
+
+    #[test]
+    fn a_header_split_byte_by_byte_is_read_whole_and_the_payload_kept() {
+        let (client, local): (SocketAddr, SocketAddr) = (
+            "[2001:db8::7]:40000".parse().unwrap(),
+            "[2001:db8::1]:443".parse().unwrap(),
+        );
+        for version in [ProxyVersion::V1, ProxyVersion::V2] {
+            let mut bytes = proxy_header(version, client, local);
+            bytes.extend_from_slice(b"GET / HTTP/1.1");
+            // Byte by byte: the header whole, and nothing read past it.
+            let mut trickle = Trickle(bytes.clone().into());
+            let got = crate::rt::block_on(read_proxy_header(&mut trickle));
+            assert_eq!(got, Ok((Some(client), Vec::new())), "{version:?}");
+            assert_eq!(trickle.0.len(), 14, "{version:?}: the payload waits in the stream");
+            // In one segment with the payload: the payload is kept.
+            let mut segment = futures::io::Cursor::new(bytes);
+            let got = crate::rt::block_on(read_proxy_header(&mut segment));
+            assert_eq!(got, Ok((Some(client), b"GET / HTTP/1.1".to_vec())), "{version:?}");
+        }
+        let local_cmd = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Local,
+            ppp::v2::Protocol::Stream,
+            ppp::v2::Addresses::Unspecified,
+        );
+        assert_eq!(
+            read(local_cmd.build().unwrap()),
+            Ok((None, Vec::new())),
+            "LOCAL: the peer stands"
+        );
+        let tlvs = ppp::v2::Builder::with_addresses(
+            ppp::v2::Version::Two | ppp::v2::Command::Proxy,
+            ppp::v2::Protocol::Stream,
+            (client, local),
+        )
+        .write_tlv(0xE0, &[7u8; 300])
+        .unwrap();
+        assert_eq!(
+            read(tlvs.build().unwrap()).unwrap().0,
+            Some(client),
+            "TLVs over 256 bytes"
+        );
+        assert!(
+            read(b"GET / HTTP/1.1\r\n\r\n".to_vec()).is_err(),
+            "no header: refused, no guessing"
+        );
+        assert!(read(b"PROXY TCP4 1.2.3.4".to_vec()).is_err(), "truncated: refused");
+    }
 
     #[test]
     fn headers_carry_the_real_addresses_and_parse_back() {

@@ -158,3 +158,63 @@ fn a_backend_reads_one_proxy_header_with_the_real_addresses_before_the_payload()
         assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
     }
 }
+
+#[test]
+fn a_trusted_proxys_header_names_the_client_and_nothing_else_gets_a_dial() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    backend.set_nonblocking(true).unwrap();
+    let h = Harness::start(&format!(
+        r#"(routes: [(name: "t", listen: "0.0.0.0:0", send_proxy: V1,
+            accept_proxy: (trusted: ["127.0.0.1/32"], timeout: "300ms"), backends: [(addr: "{}")])])"#,
+        backend.local_addr().unwrap()
+    ));
+    let relay = SocketAddr::from(([127, 0, 0, 1], h.addr("t").port()));
+    let closed = |mut s: TcpStream| {
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s.read(&mut [0u8; 8]).unwrap_or(0) == 0
+    };
+    // No header (just a request), a garbage header, and silence: each closed, no dial.
+    let mut plain = TcpStream::connect(relay).unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert!(closed(plain));
+    let mut garbage = TcpStream::connect(relay).unwrap();
+    garbage.write_all(b"PROXY TCP9 nonsense\r\n").unwrap();
+    assert!(closed(garbage));
+    assert!(
+        closed(TcpStream::connect(relay).unwrap()),
+        "silent past the header timeout"
+    );
+    // From an untrusted address: closed at accept.
+    let untrusted = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    untrusted
+        .bind(&"127.0.0.2:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    untrusted.connect(&relay.into()).unwrap();
+    let mut untrusted = TcpStream::from(untrusted);
+    let header = relayd::proto::proxy_header(
+        relayd::proto::ProxyVersion::V2,
+        "203.0.113.5:4444".parse().unwrap(),
+        relay,
+    );
+    let _ = untrusted.write_all(&header);
+    assert!(closed(untrusted));
+    assert!(backend.accept().is_err(), "the backend saw no connection at all");
+
+    // A trusted proxy's v2 header with payload in the same segment: the backend hears of the
+    // client it names (in its own PROXY header) and gets the payload.
+    backend.set_nonblocking(false).unwrap();
+    let mut proxy = TcpStream::connect(relay).unwrap();
+    let mut first = header.clone();
+    first.extend_from_slice(b"payload");
+    proxy.write_all(&first).unwrap();
+    proxy.shutdown(std::net::Shutdown::Write).unwrap();
+    let (mut upstream, _) = backend.accept().unwrap();
+    upstream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    upstream.read_to_end(&mut got).unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("PROXY TCP4 203.0.113.5 127.0.0.1 4444 "), "{text}");
+    assert!(text.ends_with("\r\npayload"), "{text}");
+    drop((proxy, upstream));
+    assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
+}

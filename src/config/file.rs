@@ -240,10 +240,23 @@ pub struct RouteConfig {
     /// Tcp routes: send each backend a PROXY protocol header (`V1` or `V2`) with the real
     /// client and destination addresses, before any payload.
     pub send_proxy: Option<crate::proto::ProxyVersion>,
+    /// Tcp routes: every connection starts with a PROXY protocol header (v1 or v2) from a
+    /// proxy in front; the address it carries is the client's everywhere.
+    pub accept_proxy: Option<AcceptProxyConfig>,
     /// Passive and active health of the backends.
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).
     pub resolve_interval: Option<String>,
+}
+
+/// Who may send PROXY protocol headers, and how long they may take.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcceptProxyConfig {
+    /// Ranges of the proxies in front (required): a connection from anywhere else is closed.
+    pub trusted: Vec<String>,
+    /// How long the header may take (default `3s`); slower connections are closed.
+    pub timeout: Option<String>,
 }
 
 /// One backend of a route.

@@ -9,8 +9,8 @@ use std::path::Path;
 use std::time::Duration;
 
 pub use file::{
-    BackendConfig, Balance, CheckConfig, Config, ConnectConfig, Credentials, EgressConfig, EgressStrategy,
-    HealthConfig, OneOrMany, Protocol, RouteConfig,
+    AcceptProxyConfig, BackendConfig, Balance, CheckConfig, Config, ConnectConfig, Credentials, EgressConfig,
+    EgressStrategy, HealthConfig, OneOrMany, Protocol, RouteConfig,
 };
 
 use crate::acl::{Acl, ClientAcl};
@@ -143,6 +143,15 @@ pub struct Route {
     pub queue_timeout: Duration,
     /// The PROXY protocol header sent to backends first.
     pub send_proxy: Option<crate::proto::ProxyVersion>,
+    /// The PROXY protocol header read from trusted proxies first.
+    pub accept_proxy: Option<AcceptProxy>,
+}
+
+/// Who may send a route PROXY protocol headers, and how long they may take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptProxy {
+    pub trusted: ClientAcl,
+    pub timeout: Duration,
 }
 
 /// How a route judges its backends.

@@ -9,9 +9,9 @@ use std::time::Duration;
 use ipnet::IpNet;
 
 use super::{
-    Backend, BackendAddr, BackendConfig, Check, Config, ConnectConfig, ConnectSettings, Credentials, DEFAULT_EGRESS,
-    Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig, Settings,
-    SocketOptions, Timeouts, UpstreamProxy,
+    AcceptProxy, Backend, BackendAddr, BackendConfig, Check, Config, ConnectConfig, ConnectSettings, Credentials,
+    DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig,
+    Settings, SocketOptions, Timeouts, UpstreamProxy,
 };
 use crate::acl::{Acl, ClientAcl, DEFAULT_DENY, HostPattern};
 use crate::error::Problem;
@@ -248,6 +248,24 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         }
         _ => {}
     }
+    let accept_proxy = r.accept_proxy.as_ref().map(|a| {
+        if a.trusted.is_empty() {
+            p.add(
+                at("accept_proxy.trusted"),
+                "name the proxies in front: PROXY headers are never taken from anyone",
+            );
+        }
+        AcceptProxy {
+            trusted: ClientAcl {
+                allow: cidrs(&at("accept_proxy.trusted"), &a.trusted, p),
+                deny: Vec::new(),
+            },
+            timeout: p.duration(at("accept_proxy.timeout"), &a.timeout, Duration::from_secs(3)),
+        }
+    });
+    if r.accept_proxy.is_some() && r.protocol != Protocol::Tcp {
+        p.add(at("accept_proxy"), "only Tcp routes read a PROXY protocol header");
+    }
     if r.send_proxy.is_some() && r.protocol != Protocol::Tcp {
         p.add(at("send_proxy"), "only Tcp routes send a PROXY protocol header");
     }
@@ -341,6 +359,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         max_connections: cap(at("max_connections"), r.max_connections, p),
         queue_timeout: p.duration(at("queue_timeout"), &r.queue_timeout, Duration::from_secs(5)),
         send_proxy: r.send_proxy,
+        accept_proxy,
     })
 }
 

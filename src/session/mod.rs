@@ -52,6 +52,9 @@ pub enum SessionEnd {
     Refused(u16),
     /// The route (or the relay) was at `max_connections` for the whole `queue_timeout`.
     QueueTimeout,
+    /// The route reads PROXY protocol headers, and this connection sent none that was valid
+    /// in time.
+    BadProxyHeader(String),
     /// The relay's drain deadline passed while the session was still live.
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
@@ -164,7 +167,8 @@ impl RouteContext {
     /// True when the route's allow/deny lists let `client` in. A refusal is counted, and
     /// logged at most once a second for the route.
     pub fn admits(&self, client: SocketAddr) -> bool {
-        if self.route.clients.admits(client.ip()) {
+        let trusted = (self.route.accept_proxy.as_ref()).is_none_or(|a| a.trusted.admits(client.ip()));
+        if trusted && self.route.clients.admits(client.ip()) {
             return true;
         }
         self.metrics.client_refused(&self.route_name);
@@ -354,6 +358,7 @@ impl SessionEnd {
             SessionEnd::NoBackend { .. } => "no_backend",
             SessionEnd::Refused(_) => "refused",
             SessionEnd::QueueTimeout => "queue_timeout",
+            SessionEnd::BadProxyHeader(_) => "bad_proxy_header",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
             SessionEnd::Panicked(_) => "internal_error",
@@ -369,7 +374,7 @@ impl SessionEnd {
             }),
             SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
             SessionEnd::Refused(status) => Some(format!("status {status}")),
-            SessionEnd::Panicked(what) => Some(what.clone()),
+            SessionEnd::Panicked(what) | SessionEnd::BadProxyHeader(what) => Some(what.clone()),
             _ => None,
         }
     }
@@ -399,7 +404,10 @@ pub(crate) fn errno_name(e: &std::io::Error) -> Option<&'static str> {
 /// warning.
 fn log_end(r: &SessionReport, route: &RouteContext) {
     let level = match r.end {
-        SessionEnd::NoBackend { .. } | SessionEnd::Refused(_) | SessionEnd::QueueTimeout => log::Level::Warn,
+        SessionEnd::NoBackend { .. }
+        | SessionEnd::Refused(_)
+        | SessionEnd::QueueTimeout
+        | SessionEnd::BadProxyHeader(_) => log::Level::Warn,
         _ => log::Level::Info,
     };
     if !log::log_enabled!(level) {

@@ -46,6 +46,15 @@ impl RouteContext {
     {
         async move {
             let started = Instant::now();
+            // A proxy in front says who the client is, before anything else happens.
+            let (peer, early) = match self.read_proxy(&mut client, peer).await {
+                Ok(found) => found,
+                Err(why) => {
+                    let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+                    (report.end, report.duration) = (SessionEnd::BadProxyHeader(why), started.elapsed());
+                    return report;
+                }
+            };
             // Under max_connections, a connection waits in line (bounded) before any work.
             let Some(_passes) = self.passes(true).await else {
                 let mut report = SessionReport::new(id, self.route_name.clone(), peer);
@@ -70,7 +79,9 @@ impl RouteContext {
                     report.backend = Some(pick.addr);
                     report.egress = Some(self.egress_name(&pick));
                     let reached = self.reached(&client);
-                    report.end = match self.send_proxy(peer, reached, &mut upstream).await {
+                    let first = self.send_proxy(peer, reached, &early, &mut upstream);
+                    report.bytes_up += early.len() as u64;
+                    report.end = match first.await {
                         Ok(()) => self.relay(&mut client, &mut upstream, &mut report).await,
                         Err(e) => SessionEnd::Failed(Direction::Up, e),
                     };
@@ -91,14 +102,42 @@ impl RouteContext {
             .unwrap_or(self.route.listen)
     }
 
-    /// The PROXY protocol header first, when the route sends one.
-    async fn send_proxy(&self, peer: SocketAddr, reached: SocketAddr, upstream: &mut TcpConn) -> std::io::Result<()> {
-        let Some(version) = self.route.send_proxy else {
-            return Ok(());
+    /// What goes to the backend before the relay: the PROXY protocol header, when the route
+    /// sends one, then the bytes that came behind the client's own header.
+    async fn send_proxy(
+        &self,
+        peer: SocketAddr,
+        reached: SocketAddr,
+        early: &[u8],
+        upstream: &mut TcpConn,
+    ) -> std::io::Result<()> {
+        if let Some(version) = self.route.send_proxy {
+            upstream
+                .write_all(&crate::proto::proxy_header(version, peer, reached))
+                .await?;
+        }
+        upstream.write_all(early).await
+    }
+
+    /// The client a trusted proxy names in its header (the peer itself for LOCAL), and the
+    /// bytes read past the header; the peer and nothing when the route reads no header.
+    async fn read_proxy<S: AsyncRead + Unpin>(
+        &self,
+        client: &mut S,
+        peer: SocketAddr,
+    ) -> Result<(SocketAddr, Vec<u8>), String> {
+        let Some(accept) = &self.route.accept_proxy else {
+            return Ok((peer, Vec::new()));
         };
-        upstream
-            .write_all(&crate::proto::proxy_header(version, peer, reached))
-            .await
+        let header = rt::timeout(accept.timeout, crate::proto::read_proxy_header(client));
+        match header.await {
+            Some(Ok((named, early))) => Ok((named.unwrap_or(peer), early)),
+            Some(Err(why)) => Err(why),
+            None => Err(format!(
+                "no PROXY header within {}",
+                humantime::format_duration(accept.timeout)
+            )),
+        }
     }
 
     /// Relays until the pair ends: by splice when both ends are TCP sockets (and splice is on),
