@@ -149,6 +149,16 @@ impl Acl {
     }
 }
 
+/// `[::ffff:a.b.c.d]:p` as `a.b.c.d:p`: the same socket to the kernel, and the same client.
+pub fn unmapped(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(addr, |v4| std::net::SocketAddr::new(IpAddr::V4(v4), addr.port())),
+        IpAddr::V4(_) => addr,
+    }
+}
+
 /// Who may use a route: client ranges allowed (empty: anyone) and refused (refused wins).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientAcl {

@@ -218,7 +218,7 @@ where
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
@@ -307,8 +307,8 @@ mod tests {
         }
     }
 
-    /// Gives its bytes one at a time, as a client trickling its head would.
-    struct Trickle(std::collections::VecDeque<u8>);
+    /// Gives its bytes one at a time, as a client trickling its head (or a header) would.
+    pub(crate) struct Trickle(pub std::collections::VecDeque<u8>);
 
     impl futures::io::AsyncRead for Trickle {
         fn poll_read(

@@ -2,7 +2,9 @@
 //! specification, parsed and built with the `ppp` crate: read from a trusted proxy in front
 //! (`accept_proxy`), written to backends (`send_proxy`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
+
+use crate::acl::unmapped;
 
 use futures::io::{AsyncRead, AsyncReadExt};
 
@@ -86,35 +88,11 @@ pub fn proxy_header(version: ProxyVersion, client: SocketAddr, local: SocketAddr
     }
 }
 
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(addr, |v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
-        IpAddr::V4(_) => addr,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Gives its bytes one at a time.
-    struct Trickle(std::collections::VecDeque<u8>);
-
-    impl AsyncRead for Trickle {
-        fn poll_read(
-            mut self: std::pin::Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &mut [u8],
-        ) -> std::task::Poll<std::io::Result<usize>> {
-            let n = usize::from(!buf.is_empty() && !self.0.is_empty());
-            if n == 1 {
-                buf[0] = self.0.pop_front().expect("not empty");
-            }
-            std::task::Poll::Ready(Ok(n))
-        }
-    }
+    use crate::http::tests::Trickle;
 
     fn read(bytes: Vec<u8>) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
         crate::rt::block_on(read_proxy_header(&mut Trickle(bytes.into())))

@@ -13,7 +13,7 @@ use super::{
     DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig,
     Settings, SocketOptions, Timeouts, UpstreamProxy,
 };
-use crate::acl::{Acl, ClientAcl, DEFAULT_DENY, HostPattern};
+use crate::acl::{Acl, ClientAcl, DEFAULT_DENY, HostPattern, unmapped};
 use crate::error::Problem;
 
 /// Linux interface names are at most 15 bytes (IFNAMSIZ less the NUL).
@@ -398,16 +398,6 @@ fn loops_back(listen: SocketAddr, addr: SocketAddr) -> bool {
     listen.port() == addr.port()
         && (listen.ip() == addr.ip()
             || (listen.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
-}
-
-/// `[::ffff:a.b.c.d]:p` as `a.b.c.d:p`: the same socket to the kernel.
-fn unmapped(addr: SocketAddr) -> SocketAddr {
-    match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(addr, |v4| SocketAddr::new(IpAddr::V4(v4), addr.port())),
-        IpAddr::V4(_) => addr,
-    }
 }
 
 /// Two listeners of one transport (Tcp and HttpConnect routes and the status page share TCP's)
