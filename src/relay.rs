@@ -38,6 +38,7 @@ struct Common {
     metrics: Arc<Metrics>,
     /// The relay-wide `max_connections`.
     gate: Option<Arc<limits::Gate>>,
+    status_allow: crate::acl::ClientAcl,
 }
 
 /// How long force-closed sessions get to finish dropping their sockets.
@@ -154,6 +155,7 @@ impl Relay {
             budget,
             metrics: Arc::new(Metrics::new()),
             gate: settings.max_connections.map(|n| limits::Gate::new(n.get() as u64)),
+            status_allow: settings.status_allow.clone(),
         };
         let mut relay = Relay {
             runtime: None,
@@ -259,6 +261,7 @@ impl Relay {
         let status = Status {
             socket,
             pages: Arc::new(Pages {
+                allow: common.status_allow.clone(),
                 routes: self.routes.iter().map(|r| r.view()).collect(),
                 stats: self.stats.clone(),
                 metrics: common.metrics.clone(),

@@ -47,6 +47,8 @@ pub(crate) struct Status {
 
 /// What the pages are made of.
 pub(crate) struct Pages {
+    /// Who may read them.
+    pub allow: crate::acl::ClientAcl,
     pub routes: Vec<RouteView>,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
@@ -57,9 +59,13 @@ impl Status {
         let mut backoff = crate::listener::Backoff::default();
         while let Some(accepted) = stop.unless(crate::listener::accept(&self.socket)).await {
             match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     backoff.reset();
-                    rt::detach(serve(stream, self.pages.clone()));
+                    if self.pages.allow.admits(peer.ip()) {
+                        rt::detach(serve(stream, self.pages.clone()));
+                    } else {
+                        log::debug!(client:% = peer; "status page: client not in status_allow, closed");
+                    }
                 }
                 Err(e) => {
                     log::warn!(err:% = e; "status page: accept failed, backing off");

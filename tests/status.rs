@@ -132,3 +132,33 @@ async fn metrics_count_sessions_bytes_failovers_and_backend_state() {
     );
     assert_eq!(h.shutdown().await.forced, 0);
 }
+
+/// A GET from `from` to `to`: the answer, or "" when the connection was closed or reset.
+fn get_from(from: &str, to: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&format!("{from}:0").parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.connect(&to.into()).unwrap();
+    let mut stream = std::net::TcpStream::from(socket);
+    stream.set_read_timeout(Some(harness::PATIENCE)).unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\n\r\n");
+    let mut page = String::new();
+    let _ = stream.read_to_string(&mut page);
+    page
+}
+
+#[async_std::test]
+async fn the_status_listener_answers_only_clients_in_status_allow() {
+    let live = Backend::greeter("live").await;
+    let h = Harness::start(&format!(
+        r#"(status: "127.0.0.1:0", status_allow: ["127.0.0.2/32"], routes: [(name: "web", listen: "127.0.0.1:0", backends: [(addr: "{}")])])"#,
+        live.addr
+    ));
+    let status = h.relay().status_addr().unwrap();
+    assert_eq!(get_from("127.0.0.1", status), "", "127.0.0.1 is not allowed: no page");
+    let page = get_from("127.0.0.2", status);
+    assert!(page.starts_with("HTTP/1.0 200 OK"), "{page}");
+    assert_eq!(h.shutdown().await.forced, 0);
+}

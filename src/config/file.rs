@@ -17,6 +17,8 @@ pub struct Config {
     pub drain_timeout: Option<String>,
     /// `IP:port` of the plain-text status page (default: none).
     pub status: Option<String>,
+    /// Client ranges that may read the status page and the metrics (default: any).
+    pub status_allow: Vec<String>,
     /// Executor threads (default: one per core).
     pub workers: Option<usize>,
     /// Live sessions (TCP connections and UDP flows) the whole relay serves at once; past it,

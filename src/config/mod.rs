@@ -25,6 +25,8 @@ pub struct Settings {
     pub log_level: log::LevelFilter,
     pub drain_timeout: Duration,
     pub status: Option<SocketAddr>,
+    /// Who may read the status listener.
+    pub status_allow: ClientAcl,
     /// Executor threads; `None`: one per core.
     pub workers: Option<NonZeroUsize>,
     /// Live sessions the whole relay serves at once.

@@ -112,11 +112,16 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         .collect();
     unique_routes(config, &mut p);
     listeners_apart(config, status, &mut p);
+    let status_allow = ClientAcl {
+        allow: cidrs("status_allow", &config.status_allow, &mut p),
+        deny: Vec::new(),
+    };
     if p.0.is_empty() {
         Ok(Settings {
             log_level,
             drain_timeout,
             status,
+            status_allow,
             workers,
             max_connections,
             splice: config.splice.unwrap_or(true),
