@@ -46,6 +46,15 @@ pub async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(
     }
 }
 
+/// The v2 header for a UDP datagram from `client` to `local`: the specification's only form for
+/// datagrams, sent in front of every one.
+pub fn datagram_header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let command = ppp::v2::Version::Two | ppp::v2::Command::Proxy;
+    let pair = (unmapped(client), unmapped(local));
+    let header = ppp::v2::Builder::with_addresses(command, ppp::v2::Protocol::Datagram, pair);
+    header.build().expect("a header with two addresses and no TLVs fits")
+}
+
 fn v1_client(addresses: &ppp::v1::Addresses) -> Option<SocketAddr> {
     match addresses {
         ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),

@@ -218,3 +218,25 @@ fn a_trusted_proxys_header_names_the_client_and_nothing_else_gets_a_dial() {
     drop((proxy, upstream));
     assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
 }
+
+#[async_std::test]
+async fn every_udp_datagram_carries_the_v2_header_naming_its_client() {
+    let sink = UdpBackend::sink().await;
+    let h = Harness::start(&format!(
+        r#"(routes: [(name: "u", listen: "127.0.0.1:0", protocol: Udp, send_proxy: V2, backends: [(addr: "{}")])])"#,
+        sink.addr
+    ));
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for payload in [&b"first"[..], b"second"] {
+        client.send_to(payload, h.addr("u")).unwrap();
+        let (_, got) = sink.next().await;
+        let header = ppp::v2::Header::try_from(got.as_slice()).expect("a v2 header in front");
+        assert_eq!(
+            header.addresses,
+            ppp::v2::Addresses::from((client.local_addr().unwrap(), h.addr("u")))
+        );
+        assert_eq!(header.protocol, ppp::v2::Protocol::Datagram);
+        assert_eq!(&got[header.len()..], payload, "the payload whole behind it");
+    }
+    assert_eq!(within(async { h.shutdown().await }).await.forced, 0);
+}

@@ -271,8 +271,12 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
     if r.accept_proxy.is_some() && r.protocol != Protocol::Tcp {
         p.add(at("accept_proxy"), "only Tcp routes read a PROXY protocol header");
     }
-    if r.send_proxy.is_some() && r.protocol != Protocol::Tcp {
-        p.add(at("send_proxy"), "only Tcp routes send a PROXY protocol header");
+    match (r.protocol, r.send_proxy) {
+        (Protocol::HttpConnect, Some(_)) => p.add(at("send_proxy"), "HttpConnect routes send no PROXY protocol header"),
+        (Protocol::Udp, Some(crate::proto::ProxyVersion::V1)) => {
+            p.add(at("send_proxy"), "UDP datagrams carry only the v2 header: V2")
+        }
+        _ => {}
     }
     if let Some(backlog) = r.backlog.filter(|b| !(1..=65535).contains(b)) {
         p.add(at("backlog"), format!("{backlog} is outside 1..=65535"));

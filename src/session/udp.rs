@@ -164,8 +164,15 @@ impl RouteContext {
         report: &mut SessionReport,
     ) -> Leg {
         let socket = &upstream.socket;
+        // With send_proxy, every datagram carries the v2 header (a backend may see any one
+        // first): the flow's header, built once, then the payload.
+        let header = self.route.send_proxy.map(|_| {
+            let bound = flow.reply.local_addr().unwrap_or(self.route.listen);
+            let local = flow.local.map_or(bound, |ip| SocketAddr::new(ip, bound.port()));
+            crate::proto::datagram_header(flow.client, local)
+        });
         if pending {
-            if let Err(e) = socket.send(last).await {
+            if let Err(e) = socket.send(&framed(&header, last)).await {
                 return Leg::BackendFailed(e);
             }
             report.bytes_up += last.len() as u64;
@@ -192,7 +199,7 @@ impl RouteContext {
                 }
                 Event::Client(None) => client_gone = true,
                 Event::Client(Some(datagram)) => {
-                    if let Err(e) = socket.send(&datagram).await {
+                    if let Err(e) = socket.send(&framed(&header, &datagram)).await {
                         return Leg::BackendFailed(e);
                     }
                     report.bytes_up += datagram.len() as u64;
@@ -266,6 +273,14 @@ impl RouteContext {
             Pin::new(&mut *timer).poll(cx).map(|_| Event::Tick)
         })
         .await
+    }
+}
+
+/// A datagram for the backend: `payload`, behind the flow's PROXY header when it has one.
+fn framed<'a>(header: &Option<Vec<u8>>, payload: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+    match header {
+        Some(header) => std::borrow::Cow::Owned([header.as_slice(), payload].concat()),
+        None => std::borrow::Cow::Borrowed(payload),
     }
 }
 
