@@ -45,8 +45,9 @@ async fn probe(check: &Check, dialer: &DialerHandle, target: Pick) -> Option<Res
             Err(e) if e.fault() != Some(Fault::Backend) => return None,
             Err(e) => return Some(Err(e.to_string())),
         };
-        if let Some(send) = &check.send {
-            if let Err(e) = conn.write_all(send).await {
+        let send = [check.preface.as_slice(), check.send.as_deref().unwrap_or_default()].concat();
+        if !send.is_empty() {
+            if let Err(e) = conn.write_all(&send).await {
                 return Some(Err(format!("sending the check: {e}")));
             }
         }

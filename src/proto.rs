@@ -46,6 +46,20 @@ pub async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(
     }
 }
 
+/// The header a health check sends where the backend expects one: v2 LOCAL (a connection of
+/// the relay's own, no client behind it), or v1 `UNKNOWN`.
+pub fn local_header(version: ProxyVersion) -> Vec<u8> {
+    match version {
+        ProxyVersion::V1 => ppp::v1::Addresses::Unknown.to_string().into_bytes(),
+        ProxyVersion::V2 => {
+            let command = ppp::v2::Version::Two | ppp::v2::Command::Local;
+            let header =
+                ppp::v2::Builder::with_addresses(command, ppp::v2::Protocol::Stream, ppp::v2::Addresses::Unspecified);
+            header.build().expect("a LOCAL header fits")
+        }
+    }
+}
+
 /// The v2 header for a UDP datagram from `client` to `local`: the specification's only form for
 /// datagrams, sent in front of every one.
 pub fn datagram_header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {

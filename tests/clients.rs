@@ -240,3 +240,29 @@ async fn every_udp_datagram_carries_the_v2_header_naming_its_client() {
     }
     assert_eq!(within(async { h.shutdown().await }).await.forced, 0);
 }
+
+#[test]
+fn health_checks_send_a_local_header_where_the_backend_expects_one() {
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let h = Harness::start(&format!(
+        r#"(routes: [(name: "t", listen: "127.0.0.1:0", send_proxy: V2,
+            health: (check: (interval: "50ms", timeout: "2s", send: "PING\r\n")), backends: [(addr: "{}")])])"#,
+        backend.local_addr().unwrap()
+    ));
+    let (mut check, _) = backend.accept().unwrap();
+    check.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = vec![0u8; 16];
+    check.read_exact(&mut got).unwrap();
+    let header = ppp::v2::Header::try_from(got.as_slice()).expect("a v2 header first");
+    assert_eq!(
+        header.command,
+        ppp::v2::Command::Local,
+        "a check has no client behind it"
+    );
+    let mut ping = [0u8; 6];
+    check.read_exact(&mut ping).unwrap();
+    assert_eq!(&ping, b"PING\r\n", "then the check's own bytes");
+    drop(check);
+    drop(backend);
+    assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
+}

@@ -253,6 +253,7 @@ mod tests {
             cooldown: Duration::from_secs(1),
             cooldown_max: Duration::from_secs(3),
             check: check.then(|| Check {
+                preface: Vec::new(),
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),
                 rise: 2,

@@ -169,6 +169,8 @@ pub struct Health {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// Sent before `send`: the PROXY protocol LOCAL header on routes with `send_proxy`.
+    pub preface: Vec<u8>,
     pub interval: Duration,
     pub timeout: Duration,
     pub rise: u32,

@@ -333,7 +333,14 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
     };
     // Everything is checked before anything is given up on, so one pass reports it all.
     let connect_timeout = p.duration(at("connect_timeout"), &r.connect_timeout, Duration::from_secs(3));
-    let health = health(&at("health"), r.health.as_ref(), p);
+    let mut health = health(&at("health"), r.health.as_ref(), p);
+    // Checks speak to the backend as sessions do: behind the header it expects.
+    if let (Some(version), Some(check)) = (
+        r.send_proxy.filter(|_| r.protocol == Protocol::Tcp),
+        health.check.as_mut(),
+    ) {
+        check.preface = crate::proto::local_header(version);
+    }
     let resolve_interval = p.duration(at("resolve_interval"), &r.resolve_interval, Duration::from_secs(30));
     if let Some(listen) = listen {
         for (j, b) in backends.iter().enumerate() {
@@ -496,6 +503,7 @@ fn health(path: &str, h: Option<&HealthConfig>, p: &mut Problems) -> Health {
         let at = |field: &str| format!("{path}.check.{field}");
         let bytes = |text: &Option<String>| text.as_ref().map(|t| unescape(t));
         Check {
+            preface: Vec::new(),
             interval: p.duration(at("interval"), &c.interval, Duration::from_secs(5)),
             timeout: p.duration(at("timeout"), &c.timeout, Duration::from_secs(2)),
             rise: count(p, "check.rise", c.rise, 2),
