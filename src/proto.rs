@@ -11,10 +11,14 @@ use futures::io::{AsyncRead, AsyncReadExt};
 /// The largest header read: v2's 16 bytes, IPv6 addresses and TLVs of a few KiB.
 const HEADER_MAX: usize = 8 << 10;
 
+/// The client a PROXY header names, and the address that client reached.
+pub type Named = (SocketAddr, SocketAddr);
+
 /// Reads one PROXY protocol header (v1 or v2; no guessing: anything else is an error), byte by
-/// byte if it comes so, and returns the client it names (`None` for a LOCAL or UNKNOWN header:
-/// the connection's own peer stands) and the bytes read past it (payload, kept).
-pub async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
+/// byte if it comes so, and returns the client and destination it names (`None` for a LOCAL
+/// or UNKNOWN header: the connection's own addresses stand) and the bytes read past it
+/// (payload, kept).
+pub async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Option<Named>, Vec<u8>), String> {
     let mut buf = Vec::with_capacity(256);
     let mut chunk = [0u8; 512];
     loop {
@@ -69,18 +73,30 @@ pub fn datagram_header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     header.build().expect("a header with two addresses and no TLVs fits")
 }
 
-fn v1_client(addresses: &ppp::v1::Addresses) -> Option<SocketAddr> {
+fn v1_client(addresses: &ppp::v1::Addresses) -> Option<Named> {
     match addresses {
-        ppp::v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-        ppp::v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v1::Addresses::Tcp4(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
+        ppp::v1::Addresses::Tcp6(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
         ppp::v1::Addresses::Unknown => None,
     }
 }
 
-fn v2_client(addresses: &ppp::v2::Addresses) -> Option<SocketAddr> {
+fn v2_client(addresses: &ppp::v2::Addresses) -> Option<Named> {
     match addresses {
-        ppp::v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
-        ppp::v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        ppp::v2::Addresses::IPv4(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
+        ppp::v2::Addresses::IPv6(a) => Some((
+            (a.source_address, a.source_port).into(),
+            (a.destination_address, a.destination_port).into(),
+        )),
         _ => None,
     }
 }
@@ -117,7 +133,7 @@ mod tests {
 
     use crate::http::tests::Trickle;
 
-    fn read(bytes: Vec<u8>) -> Result<(Option<SocketAddr>, Vec<u8>), String> {
+    fn read(bytes: Vec<u8>) -> Result<(Option<Named>, Vec<u8>), String> {
         crate::rt::block_on(read_proxy_header(&mut Trickle(bytes.into())))
     }
 
@@ -133,12 +149,16 @@ mod tests {
             // Byte by byte: the header whole, and nothing read past it.
             let mut trickle = Trickle(bytes.clone().into());
             let got = crate::rt::block_on(read_proxy_header(&mut trickle));
-            assert_eq!(got, Ok((Some(client), Vec::new())), "{version:?}");
+            assert_eq!(got, Ok((Some((client, local)), Vec::new())), "{version:?}");
             assert_eq!(trickle.0.len(), 14, "{version:?}: the payload waits in the stream");
             // In one segment with the payload: the payload is kept.
             let mut segment = futures::io::Cursor::new(bytes);
             let got = crate::rt::block_on(read_proxy_header(&mut segment));
-            assert_eq!(got, Ok((Some(client), b"GET / HTTP/1.1".to_vec())), "{version:?}");
+            assert_eq!(
+                got,
+                Ok((Some((client, local)), b"GET / HTTP/1.1".to_vec())),
+                "{version:?}"
+            );
         }
         let local_cmd = ppp::v2::Builder::with_addresses(
             ppp::v2::Version::Two | ppp::v2::Command::Local,
@@ -159,7 +179,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             read(tlvs.build().unwrap()).unwrap().0,
-            Some(client),
+            Some((client, local)),
             "TLVs over 256 bytes"
         );
         assert!(

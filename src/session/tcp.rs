@@ -47,7 +47,7 @@ impl RouteContext {
         async move {
             let started = Instant::now();
             // A proxy in front says who the client is, before anything else happens.
-            let (peer, early) = match self.read_proxy(&mut client, peer).await {
+            let (named, early) = match self.read_proxy(&mut client).await {
                 Ok(found) => found,
                 Err(why) => {
                     let mut report = SessionReport::new(id, self.route_name.clone(), peer);
@@ -55,6 +55,8 @@ impl RouteContext {
                     return report;
                 }
             };
+            // The client the proxy named is the client, everywhere from here on.
+            let peer = named.map_or(peer, |(client, _)| client);
             // Under max_connections, a connection waits in line (bounded) before any work.
             let Some(_passes) = self.passes(true).await else {
                 let mut report = SessionReport::new(id, self.route_name.clone(), peer);
@@ -78,7 +80,7 @@ impl RouteContext {
                     let counted = self.balancer.counted(pick.backend);
                     report.backend = Some(pick.addr);
                     report.egress = Some(self.egress_name(&pick));
-                    let reached = self.reached(&client);
+                    let reached = named.map_or_else(|| self.reached(&client), |(_, reached)| reached);
                     let first = self.send_proxy(peer, reached, &early, &mut upstream);
                     report.bytes_up += early.len() as u64;
                     report.end = match first.await {
@@ -119,19 +121,18 @@ impl RouteContext {
         upstream.write_all(early).await
     }
 
-    /// The client a trusted proxy names in its header (the peer itself for LOCAL), and the
-    /// bytes read past the header; the peer and nothing when the route reads no header.
+    /// The client and destination a trusted proxy names in its header (none for LOCAL), and
+    /// the bytes read past the header; nothing at all when the route reads no header.
     async fn read_proxy<S: AsyncRead + Unpin>(
         &self,
         client: &mut S,
-        peer: SocketAddr,
-    ) -> Result<(SocketAddr, Vec<u8>), String> {
+    ) -> Result<(Option<crate::proto::Named>, Vec<u8>), String> {
         let Some(accept) = &self.route.accept_proxy else {
-            return Ok((peer, Vec::new()));
+            return Ok((None, Vec::new()));
         };
         let header = rt::timeout(accept.timeout, crate::proto::read_proxy_header(client));
         match header.await {
-            Some(Ok((named, early))) => Ok((named.unwrap_or(peer), early)),
+            Some(Ok(read)) => Ok(read),
             Some(Err(why)) => Err(why),
             None => Err(format!(
                 "no PROXY header within {}",
