@@ -82,7 +82,7 @@ impl HostPattern {
         }
     }
 
-    fn matches(&self, host: &str) -> bool {
+    pub fn matches(&self, host: &str) -> bool {
         match self {
             HostPattern::Exact(name) => host == name,
             HostPattern::Subdomains(suffix) => host.ends_with(suffix.as_str()),

@@ -50,6 +50,61 @@ pub async fn read_proxy_header<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(
     }
 }
 
+/// The largest ClientHello record read while looking for the server name.
+const HELLO_MAX: usize = 16 << 10;
+
+/// Reads a TLS ClientHello (its first record, bounded in size, however it is split across
+/// segments) and returns the server name it asks for (SNI; `None` when it names none) and every
+/// byte read, to be replayed to the backend unchanged. Anything that is not a TLS handshake is
+/// an error.
+pub async fn read_client_hello<S: AsyncRead + Unpin>(stream: &mut S) -> Result<(Option<String>, Vec<u8>), String> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    loop {
+        if buf.first().is_some_and(|b| *b != 0x16) {
+            return Err("not a TLS handshake".into());
+        }
+        if buf.len() >= 5 {
+            let whole = 5 + usize::from(u16::from_be_bytes([buf[3], buf[4]]));
+            if whole > HELLO_MAX {
+                return Err("ClientHello record too large".into());
+            }
+            if buf.len() >= whole {
+                return Ok((server_name(&buf[..whole])?, buf));
+            }
+        }
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading the ClientHello: {e}"))?;
+        if n == 0 {
+            return Err("closed before its ClientHello was complete".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The host name in a ClientHello record's server_name extension, lowercase.
+fn server_name(record: &[u8]) -> Result<Option<String>, String> {
+    use tls_parser::{SNIType, TlsExtension, TlsMessage, TlsMessageHandshake};
+    let (_, plain) = tls_parser::parse_tls_plaintext(record).map_err(|_| "malformed TLS record")?;
+    for message in &plain.msg {
+        let TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello)) = message else {
+            continue;
+        };
+        let Some(ext) = hello.ext else { return Ok(None) };
+        let (_, extensions) = tls_parser::parse_tls_extensions(ext).map_err(|_| "malformed ClientHello extensions")?;
+        for extension in extensions {
+            if let TlsExtension::SNI(names) = extension {
+                let name = names.iter().find(|(kind, _)| *kind == SNIType::HostName);
+                return Ok(name.map(|(_, n)| String::from_utf8_lossy(n).to_ascii_lowercase()));
+            }
+        }
+        return Ok(None);
+    }
+    Err("the first TLS record holds no ClientHello".into())
+}
+
 /// The header a health check sends where the backend expects one: v2 LOCAL (a connection of
 /// the relay's own, no client behind it), or v1 `UNKNOWN`.
 pub fn local_header(version: ProxyVersion) -> Vec<u8> {

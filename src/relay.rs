@@ -22,7 +22,7 @@ use crate::limits;
 use crate::listener::{self, Bound, Listener, UdpListener};
 use crate::metrics::Metrics;
 use crate::rt::{self, Async};
-use crate::session::{RouteContext, RouteParts, SessionReport};
+use crate::session::{RouteContext, RouteParts, SessionReport, SniTargets};
 use crate::shutdown::{self, Drain, Signal, Trigger};
 use crate::stats::Stats;
 use crate::status::{Pages, RouteView, Status};
@@ -172,10 +172,25 @@ impl Relay {
             relay.tasks.push(balancer_task);
             relay.start_route(route, socket, balancer, &common);
         }
+        relay.link_sni_routes();
         if let Some(socket) = status_socket {
             relay.start_status(socket, &common);
         }
         Ok(relay)
+    }
+
+    /// Gives every route with `sni` the contexts of the routes its names pick (validation made
+    /// sure they exist).
+    fn link_sni_routes(&self) {
+        let by_name = |name: &str| self.route(name).map(|r| r.sessions.clone());
+        for entry in &self.routes {
+            let Some(sni) = &entry.sessions.route.sni else { continue };
+            let rules = (sni.rules.iter())
+                .filter_map(|(pattern, name)| Some((pattern.clone(), by_name(name)?)))
+                .collect();
+            let default = sni.default.as_deref().and_then(by_name);
+            let _ = entry.sessions.sni_targets.set(SniTargets { rules, default });
+        }
     }
 
     /// The Listener of `route` (whose Balancer runs already), and its checker and resolver.
@@ -200,6 +215,7 @@ impl Relay {
             budget: common.budget.clone(),
             metrics: common.metrics.clone(),
             gates,
+            sni_targets: std::sync::OnceLock::new(),
             refusals: Default::default(),
             dial_failures: Default::default(),
         });

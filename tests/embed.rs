@@ -18,13 +18,26 @@ fn workers() -> usize {
         .count()
 }
 
+/// Waits (bounded) until `n` worker threads exist: a new thread names itself once it runs.
+fn until_workers(n: usize) -> usize {
+    let started = std::time::Instant::now();
+    while workers() != n && started.elapsed() < harness::PATIENCE {
+        std::thread::yield_now();
+    }
+    workers()
+}
+
 #[async_std::test]
 async fn a_relay_runs_on_the_workers_it_is_given_and_takes_them_when_it_stops() {
     let greeter = Backend::greeter("hello").await;
     assert_eq!(workers(), 0);
     let text = config(&[route("r", &[greeter.addr], "")]).replacen('(', "(workers: 1, ", 1);
     let relay = Relay::start(&Config::parse(&text, "test").unwrap()).unwrap();
-    assert_eq!((relay.workers(), workers()), (1, 1), "one worker asked, one thread");
+    assert_eq!(
+        (relay.workers(), until_workers(1)),
+        (1, 1),
+        "one worker asked, one thread"
+    );
     for _ in 0..3 {
         // async-std's own Unix stream, as it is: its close sends the FIN.
         let (mut client, relay_side) = UnixStream::pair().unwrap();
@@ -36,5 +49,5 @@ async fn a_relay_runs_on_the_workers_it_is_given_and_takes_them_when_it_stops() 
         assert!(matches!(within(session).await.end, relayd::SessionEnd::Done));
     }
     assert_eq!(within(relay.shutdown()).await.forced, 0);
-    assert_eq!(workers(), 0, "the relay's threads end with it");
+    assert_eq!(until_workers(0), 0, "the relay's threads end with it");
 }

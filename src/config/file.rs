@@ -245,10 +245,34 @@ pub struct RouteConfig {
     /// Tcp routes: every connection starts with a PROXY protocol header (v1 or v2) from a
     /// proxy in front; the address it carries is the client's everywhere.
     pub accept_proxy: Option<AcceptProxyConfig>,
+    /// Tcp routes: route TLS connections by the server name their ClientHello asks for (no
+    /// termination) to other Tcp routes; such a route has no backends of its own.
+    pub sni: Option<SniConfig>,
     /// Passive and active health of the backends.
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).
     pub resolve_interval: Option<String>,
+}
+
+/// Routing by TLS server name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SniConfig {
+    /// In order; the first whose names match (`"a.example"`, `"*.example"`) wins.
+    pub routes: Vec<SniRule>,
+    /// The route for names that match nothing, and ClientHellos without a name (default: none:
+    /// such connections are closed).
+    pub default: Option<String>,
+    /// How long the ClientHello may take (default `5s`).
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SniRule {
+    pub names: Vec<String>,
+    /// The name of the Tcp route these names go to.
+    pub route: String,
 }
 
 /// Who may send PROXY protocol headers, and how long they may take.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 pub use file::{
     AcceptProxyConfig, BackendConfig, Balance, CheckConfig, Config, ConnectConfig, Credentials, EgressConfig,
-    EgressStrategy, HealthConfig, OneOrMany, Protocol, RouteConfig,
+    EgressStrategy, HealthConfig, OneOrMany, Protocol, RouteConfig, SniConfig, SniRule,
 };
 
 use crate::acl::{Acl, ClientAcl};
@@ -147,6 +147,16 @@ pub struct Route {
     pub send_proxy: Option<crate::proto::ProxyVersion>,
     /// The PROXY protocol header read from trusted proxies first.
     pub accept_proxy: Option<AcceptProxy>,
+    /// Routing by TLS server name to other routes.
+    pub sni: Option<Sni>,
+}
+
+/// A checked `sni` section: patterns to route names, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sni {
+    pub rules: Vec<(crate::acl::HostPattern, String)>,
+    pub default: Option<String>,
+    pub timeout: Duration,
 }
 
 /// Who may send a route PROXY protocol headers, and how long they may take.

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use super::{
     AcceptProxy, Backend, BackendAddr, BackendConfig, Check, Config, ConnectConfig, ConnectSettings, Credentials,
     DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig,
-    Settings, SocketOptions, Timeouts, UpstreamProxy,
+    Settings, Sni, SniConfig, SocketOptions, Timeouts, UpstreamProxy,
 };
 use crate::acl::{Acl, ClientAcl, DEFAULT_DENY, HostPattern, unmapped};
 use crate::error::Problem;
@@ -111,6 +111,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         .filter_map(|(i, r)| route(i, r, &ids, &mut p))
         .collect();
     unique_routes(config, &mut p);
+    sni_targets(config, &mut p);
     listeners_apart(config, status, &mut p);
     let status_allow = ClientAcl {
         allow: cidrs("status_allow", &config.status_allow, &mut p),
@@ -288,6 +289,11 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
             at("backends"),
             "an HttpConnect route takes its targets from clients: no backends",
         ),
+        (Protocol::Tcp, true) if r.sni.is_some() => {}
+        (Protocol::Tcp, false) if r.sni.is_some() => p.add(
+            at("backends"),
+            "a route with sni hands its connections to other routes: no backends",
+        ),
         (Protocol::Tcp | Protocol::Udp, true) => p.add(at("backends"), "empty: a route needs at least one backend"),
         _ => {}
     }
@@ -376,7 +382,57 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         queue_timeout: p.duration(at("queue_timeout"), &r.queue_timeout, Duration::from_secs(5)),
         send_proxy: r.send_proxy,
         accept_proxy,
+        sni: r.sni.as_ref().map(|c| sni(&at("sni"), c, r.protocol, p)),
     })
+}
+
+fn sni(path: &str, c: &SniConfig, protocol: Protocol, p: &mut Problems) -> Sni {
+    if protocol != Protocol::Tcp {
+        p.add(path.to_string(), "only Tcp routes route by TLS server name");
+    }
+    let mut rules = Vec::new();
+    for (i, rule) in c.routes.iter().enumerate() {
+        if rule.names.is_empty() {
+            p.add(
+                format!("{path}.routes[{i}].names"),
+                "empty: name at least one server name",
+            );
+        }
+        for (j, name) in rule.names.iter().enumerate() {
+            match HostPattern::parse(name) {
+                Some(pattern) => rules.push((pattern, rule.route.clone())),
+                None => p.add(
+                    format!("{path}.routes[{i}].names[{j}]"),
+                    format!("{name:?} is not a host name or *.suffix"),
+                ),
+            }
+        }
+    }
+    Sni {
+        rules,
+        default: c.default.clone(),
+        timeout: p.duration(format!("{path}.timeout"), &c.timeout, Duration::from_secs(5)),
+    }
+}
+
+/// Every route an `sni` section names is a Tcp route without `sni` of its own.
+fn sni_targets(config: &Config, p: &mut Problems) {
+    for (i, r) in config.routes.iter().enumerate() {
+        let Some(sni) = &r.sni else { continue };
+        let named = (sni.routes.iter().enumerate())
+            .map(|(j, rule)| (format!("routes[{i}].sni.routes[{j}].route"), &rule.route))
+            .chain(sni.default.iter().map(|d| (format!("routes[{i}].sni.default"), d)));
+        for (path, name) in named {
+            match config.routes.iter().find(|t| &t.name == name) {
+                None => p.add(path, format!("no route named {name:?}")),
+                Some(t) if t.protocol != Protocol::Tcp || t.sni.is_some() => p.add(
+                    path,
+                    format!("route {name:?} must be a Tcp route without sni of its own"),
+                ),
+                Some(_) => {}
+            }
+        }
+    }
 }
 
 /// A session cap in 1..=1048576, if given.
@@ -871,6 +927,25 @@ mod edge_tests {
                 now.checked_add(d.saturating_mul(1 << 10)).is_some(),
                 "{d:?} and its doublings fit the clock"
             );
+        }
+    }
+
+    #[test]
+    fn an_sni_route_names_tcp_routes_that_exist_and_has_no_backends_of_its_own() {
+        let found = problems(
+            r#"(routes: [
+                (name: "u", listen: "127.0.0.1:0", protocol: Udp, backends: [(addr: "127.0.0.1:1")]),
+                (name: "tls", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")], sni: (default: "nowhere",
+                    routes: [(names: ["ok.test", "bad*name"], route: "u")])),
+            ])"#,
+        );
+        for want in [
+            "routes[1].backends: a route with sni hands its connections to other routes",
+            "routes[1].sni.routes[0].names[1]: \"bad*name\" is not a host name",
+            "routes[1].sni.routes[0].route: route \"u\" must be a Tcp route without sni",
+            "routes[1].sni.default: no route named \"nowhere\"",
+        ] {
+            assert!(has(&found, want), "missing {want:?} in {found:#?}");
         }
     }
 }

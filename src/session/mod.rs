@@ -52,6 +52,9 @@ pub enum SessionEnd {
     Refused(u16),
     /// The route (or the relay) was at `max_connections` for the whole `queue_timeout`.
     QueueTimeout,
+    /// The route routes by TLS server name, and this connection's ClientHello named none it
+    /// has a route for (or was no ClientHello, or not in time).
+    NoRouteForName(String),
     /// The route reads PROXY protocol headers, and this connection sent none that was valid
     /// in time.
     BadProxyHeader(String),
@@ -137,6 +140,22 @@ pub(crate) struct RouteParts {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The route's `max_connections`, and the relay's.
     pub gates: Vec<Arc<crate::limits::Gate>>,
+    /// With `sni`: the routes its names pick, set once every route exists.
+    pub sni_targets: std::sync::OnceLock<SniTargets>,
+}
+
+/// The routes an `sni` section names, resolved to their contexts.
+pub(crate) struct SniTargets {
+    pub rules: Vec<(crate::acl::HostPattern, RouteContext)>,
+    pub default: Option<RouteContext>,
+}
+
+impl SniTargets {
+    /// The route for `name`: the first rule that matches, else the default.
+    pub fn pick(&self, name: Option<&str>) -> Option<&RouteContext> {
+        let matched = name.and_then(|n| self.rules.iter().find(|(pattern, _)| pattern.matches(n)));
+        matched.map(|(_, route)| route).or(self.default.as_ref())
+    }
 }
 
 /// Lets one warning a second through, and counts the ones it held back, so that no client can
@@ -359,6 +378,7 @@ impl SessionEnd {
             SessionEnd::Refused(_) => "refused",
             SessionEnd::QueueTimeout => "queue_timeout",
             SessionEnd::BadProxyHeader(_) => "bad_proxy_header",
+            SessionEnd::NoRouteForName(_) => "no_route_for_name",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
             SessionEnd::Panicked(_) => "internal_error",
@@ -374,7 +394,9 @@ impl SessionEnd {
             }),
             SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
             SessionEnd::Refused(status) => Some(format!("status {status}")),
-            SessionEnd::Panicked(what) | SessionEnd::BadProxyHeader(what) => Some(what.clone()),
+            SessionEnd::Panicked(what) | SessionEnd::BadProxyHeader(what) | SessionEnd::NoRouteForName(what) => {
+                Some(what.clone())
+            }
             _ => None,
         }
     }
@@ -407,7 +429,8 @@ fn log_end(r: &SessionReport, route: &RouteContext) {
         SessionEnd::NoBackend { .. }
         | SessionEnd::Refused(_)
         | SessionEnd::QueueTimeout
-        | SessionEnd::BadProxyHeader(_) => log::Level::Warn,
+        | SessionEnd::BadProxyHeader(_)
+        | SessionEnd::NoRouteForName(_) => log::Level::Warn,
         _ => log::Level::Info,
     };
     if !log::log_enabled!(level) {

@@ -57,6 +57,52 @@ impl RouteContext {
             };
             // The client the proxy named is the client, everywhere from here on.
             let peer = named.map_or(peer, |(client, _)| client);
+            let Some(sni) = &self.route.sni else {
+                return self.serve_tcp(id, client, peer, named, early, started).await;
+            };
+            // By TLS server name: the route the name picks serves the connection, with the
+            // ClientHello read replayed to its backend first.
+            let hello = rt::timeout(sni.timeout, crate::proto::read_client_hello(&mut client)).await;
+            let picked = match hello {
+                Some(Ok((name, hello))) => match self.sni_targets.get().and_then(|t| t.pick(name.as_deref())) {
+                    Some(target) => Ok((target.clone(), hello)),
+                    None => Err(format!("no route for server name {name:?}")),
+                },
+                Some(Err(why)) => Err(why),
+                None => Err(format!(
+                    "no ClientHello within {}",
+                    humantime::format_duration(sni.timeout)
+                )),
+            };
+            match picked {
+                Ok((target, hello)) => {
+                    let early = [early, hello].concat();
+                    Box::pin(target.serve_tcp(id, client, peer, named, early, started)).await
+                }
+                Err(why) => {
+                    let mut report = SessionReport::new(id, self.route_name.clone(), peer);
+                    (report.end, report.duration) = (SessionEnd::NoRouteForName(why), started.elapsed());
+                    report
+                }
+            }
+        }
+    }
+
+    /// Everything after the PROXY header (and the name): a place in line, the connect, the
+    /// relay, on this route's backends.
+    async fn serve_tcp<S>(
+        self,
+        id: SessionId,
+        mut client: S,
+        peer: SocketAddr,
+        named: Option<crate::proto::Named>,
+        early: Vec<u8>,
+        started: Instant,
+    ) -> SessionReport
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + Any,
+    {
+        {
             // Under max_connections, a connection waits in line (bounded) before any work.
             let Some(_passes) = self.passes(true).await else {
                 let mut report = SessionReport::new(id, self.route_name.clone(), peer);

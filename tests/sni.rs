@@ -1,0 +1,105 @@
+//! Routing by TLS server name, without terminating TLS: the ClientHello is read (however it is
+//! split), its server name picks the route, and the bytes are replayed to that route's backend
+//! unchanged.
+
+mod harness;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+
+use harness::{Harness, PATIENCE};
+
+/// A minimal TLS 1.2 ClientHello asking for `name` (one cipher suite, no compression, only the
+/// server_name extension).
+fn client_hello(name: &str) -> Vec<u8> {
+    let n = name.as_bytes();
+    let mut sni = vec![0x00, 0x00]; // extension type: server_name
+    let list_len = 3 + n.len();
+    sni.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
+    sni.extend_from_slice(&(list_len as u16).to_be_bytes());
+    sni.push(0x00); // host_name
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // one cipher suite
+    body.extend_from_slice(&[0x01, 0x00]); // no compression
+    body.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    body.extend_from_slice(&sni);
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+fn listener() -> TcpListener {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    l.set_nonblocking(true).unwrap();
+    l
+}
+
+/// What `backend` got on its next connection (bounded wait), once the client has closed.
+fn received(backend: &TcpListener) -> Vec<u8> {
+    let started = std::time::Instant::now();
+    let mut stream = loop {
+        match backend.accept() {
+            Ok((s, _)) => break s,
+            Err(_) => {
+                assert!(started.elapsed() < PATIENCE, "the backend got no connection");
+                std::thread::yield_now();
+            }
+        }
+    };
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut got = Vec::new();
+    let _ = stream.read_to_end(&mut got);
+    got
+}
+
+#[test]
+fn a_clienthello_is_routed_by_its_server_name_and_replayed_unchanged() {
+    let (a, b, rest) = (listener(), listener(), listener());
+    let h = Harness::start(&format!(
+        r#"(routes: [
+            (name: "a", listen: "127.0.0.1:0", backends: [(addr: "{}")]),
+            (name: "b", listen: "127.0.0.1:0", backends: [(addr: "{}")]),
+            (name: "rest", listen: "127.0.0.1:0", backends: [(addr: "{}")]),
+            (name: "tls", listen: "127.0.0.1:0", sni: (timeout: "300ms", default: "rest", routes: [
+                (names: ["a.test"], route: "a"),
+                (names: ["*.b.test"], route: "b"),
+            ])),
+        ])"#,
+        a.local_addr().unwrap(),
+        b.local_addr().unwrap(),
+        rest.local_addr().unwrap()
+    ));
+    let tls = h.addr("tls");
+    for (name, backend) in [("a.test", &a), ("www.b.test", &b), ("unknown.test", &rest)] {
+        let hello = client_hello(name);
+        let mut client = TcpStream::connect(tls).unwrap();
+        // Split across segments: the name is in the second part.
+        client.write_all(&hello[..9]).unwrap();
+        client.flush().unwrap();
+        client.write_all(&hello[9..]).unwrap();
+        client.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            received(backend),
+            hello,
+            "{name}: the ClientHello reaches its route's backend unchanged"
+        );
+    }
+    // Not TLS: closed within the timeout, and no backend hears of it.
+    let mut plain = TcpStream::connect(tls).unwrap();
+    plain.set_read_timeout(Some(PATIENCE)).unwrap();
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(plain.read(&mut [0u8; 8]).unwrap_or(0), 0);
+    for backend in [&a, &b, &rest] {
+        assert!(backend.accept().is_err(), "no dial for a client that is not TLS");
+    }
+    assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
+}
