@@ -103,3 +103,107 @@ fn a_clienthello_is_routed_by_its_server_name_and_replayed_unchanged() {
     }
     assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
 }
+
+/// Kills the TLS servers when the test ends, however it ends.
+struct Servers(Vec<std::process::Child>);
+
+impl Drop for Servers {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn run(cmd: &mut std::process::Command) -> String {
+    let out = cmd.stdin(std::process::Stdio::null()).output().expect("run openssl");
+    String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+}
+
+#[test]
+fn openssl_clients_reach_the_tls_server_their_name_picks() {
+    let have = std::process::Command::new("sh")
+        .args(["-c", "command -v openssl"])
+        .output();
+    if !have.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI=true, yet openssl is missing (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: openssl is needed (apt-get install openssl)");
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("relayd-sni-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut servers = Servers(Vec::new());
+    let mut ports = Vec::new();
+    for cn in ["a.test", "www.b.test", "default.test"] {
+        let (key, cert) = (dir.join(format!("{cn}.key")), dir.join(format!("{cn}.crt")));
+        run(std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+            ])
+            .arg(format!("/CN={cn}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert));
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = std::process::Command::new("openssl")
+            .args(["s_server", "-quiet", "-www", "-accept"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start openssl s_server");
+        servers.0.push(child);
+        let started = std::time::Instant::now();
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(started.elapsed() < PATIENCE, "s_server never listened");
+            std::thread::yield_now();
+        }
+        ports.push(port);
+    }
+    let h = Harness::start(&format!(
+        r#"(routes: [
+            (name: "a", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:{}")]),
+            (name: "b", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:{}")]),
+            (name: "rest", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:{}")]),
+            (name: "tls", listen: "127.0.0.1:0", sni: (default: "rest", routes: [
+                (names: ["a.test"], route: "a"), (names: ["*.b.test"], route: "b")])),
+        ])"#,
+        ports[0], ports[1], ports[2]
+    ));
+    for (name, cn) in [
+        ("a.test", "a.test"),
+        ("www.b.test", "www.b.test"),
+        ("elsewhere.test", "default.test"),
+    ] {
+        let out = run(std::process::Command::new("timeout")
+            .args(["20", "openssl", "s_client", "-connect"])
+            .arg(h.addr("tls").to_string())
+            .args(["-servername", name]));
+        assert!(
+            out.contains(&format!("CN = {cn}")),
+            "{name}: expected the {cn} server:\n{out}"
+        );
+    }
+    drop(servers);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
+}
