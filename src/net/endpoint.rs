@@ -13,6 +13,9 @@ use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::rt::{self, Async};
 
+/// What a UDP listener asks for as its receive buffer.
+const RECV_BUFFER: usize = 4 << 20;
+
 /// Room for one IPv4 or IPv6 pktinfo control message.
 const CONTROL: usize = 64;
 
@@ -40,6 +43,10 @@ impl Endpoint {
             };
             super::set_flag(&socket, level, name)?;
         }
+        // Every client of the route sends into this one socket: a burst while the listener
+        // waits for a core would overflow the default buffer (about 200 small datagrams) and
+        // lose datagrams. The kernel caps the size at net.core.rmem_max; less is no error.
+        let _ = socket.set_recv_buffer_size(RECV_BUFFER);
         socket.bind(&addr.into())?;
         Ok(Endpoint {
             socket: Async::new(UdpSocket::from(socket))?,
