@@ -150,6 +150,31 @@ impl<'kvs, F: FnMut(&str, &Value)> VisitSource<'kvs> for Pairs<F> {
     }
 }
 
+/// Lets one warning a second through, and counts the ones it held back, so that no client can
+/// drive the log's volume. Shared by the tasks that log the same warning (a route's sessions,
+/// a listener's refusals); lock-free.
+#[derive(Default)]
+pub(crate) struct Squelch {
+    /// Milliseconds since `epoch` when a line was last let through (0: never).
+    last: std::sync::atomic::AtomicU64,
+    held: std::sync::atomic::AtomicU64,
+    epoch: std::sync::OnceLock<std::time::Instant>,
+}
+
+impl Squelch {
+    /// `Some(held back since the last line)` when a line may be logged now.
+    pub fn admit(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.epoch.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1;
+        let last = self.last.load(Relaxed);
+        if last != 0 && now - last < 1000 || self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
+            self.held.fetch_add(1, Relaxed);
+            return None;
+        }
+        Some(self.held.swap(0, Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,9 +4,19 @@
 
 use std::net::SocketAddr;
 
+use futures::io::{AsyncRead, AsyncReadExt};
+use serde::{Deserialize, Serialize};
+
 use crate::acl::unmapped;
 
-use futures::io::{AsyncRead, AsyncReadExt};
+/// Which PROXY protocol header a route sends its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ProxyVersion {
+    /// The text header: `PROXY TCP4 198.51.100.7 192.0.2.1 40000 443\r\n`.
+    V1,
+    /// The binary header.
+    V2,
+}
 
 /// The largest header read: v2's 16 bytes, IPv6 addresses and TLVs of a few KiB.
 const HEADER_MAX: usize = 8 << 10;
@@ -110,61 +120,19 @@ fn server_name(record: &[u8]) -> Result<Option<String>, String> {
 pub fn local_header(version: ProxyVersion) -> Vec<u8> {
     match version {
         ProxyVersion::V1 => ppp::v1::Addresses::Unknown.to_string().into_bytes(),
-        ProxyVersion::V2 => {
-            let command = ppp::v2::Version::Two | ppp::v2::Command::Local;
-            let header =
-                ppp::v2::Builder::with_addresses(command, ppp::v2::Protocol::Stream, ppp::v2::Addresses::Unspecified);
-            header.build().expect("a LOCAL header fits")
-        }
+        ProxyVersion::V2 => v2(
+            ppp::v2::Command::Local,
+            ppp::v2::Protocol::Stream,
+            ppp::v2::Addresses::Unspecified,
+        ),
     }
 }
 
 /// The v2 header for a UDP datagram from `client` to `local`: the specification's only form for
 /// datagrams, sent in front of every one.
 pub fn datagram_header(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
-    let command = ppp::v2::Version::Two | ppp::v2::Command::Proxy;
     let pair = (unmapped(client), unmapped(local));
-    let header = ppp::v2::Builder::with_addresses(command, ppp::v2::Protocol::Datagram, pair);
-    header.build().expect("a header with two addresses and no TLVs fits")
-}
-
-fn v1_client(addresses: &ppp::v1::Addresses) -> Option<Named> {
-    match addresses {
-        ppp::v1::Addresses::Tcp4(a) => Some((
-            (a.source_address, a.source_port).into(),
-            (a.destination_address, a.destination_port).into(),
-        )),
-        ppp::v1::Addresses::Tcp6(a) => Some((
-            (a.source_address, a.source_port).into(),
-            (a.destination_address, a.destination_port).into(),
-        )),
-        ppp::v1::Addresses::Unknown => None,
-    }
-}
-
-fn v2_client(addresses: &ppp::v2::Addresses) -> Option<Named> {
-    match addresses {
-        ppp::v2::Addresses::IPv4(a) => Some((
-            (a.source_address, a.source_port).into(),
-            (a.destination_address, a.destination_port).into(),
-        )),
-        ppp::v2::Addresses::IPv6(a) => Some((
-            (a.source_address, a.source_port).into(),
-            (a.destination_address, a.destination_port).into(),
-        )),
-        _ => None,
-    }
-}
-
-use serde::{Deserialize, Serialize};
-
-/// Which PROXY protocol header a route sends its backends.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ProxyVersion {
-    /// The text header: `PROXY TCP4 198.51.100.7 192.0.2.1 40000 443\r\n`.
-    V1,
-    /// The binary header.
-    V2,
+    v2(ppp::v2::Command::Proxy, ppp::v2::Protocol::Datagram, pair.into())
 }
 
 /// The header that tells a backend a TCP connection came from `client` to `local`. Addresses
@@ -174,12 +142,45 @@ pub fn proxy_header(version: ProxyVersion, client: SocketAddr, local: SocketAddr
     let pair = (unmapped(client), unmapped(local));
     match version {
         ProxyVersion::V1 => ppp::v1::Addresses::from(pair).to_string().into_bytes(),
-        ProxyVersion::V2 => {
-            let command = ppp::v2::Version::Two | ppp::v2::Command::Proxy;
-            let header = ppp::v2::Builder::with_addresses(command, ppp::v2::Protocol::Stream, pair);
-            header.build().expect("a header with two addresses and no TLVs fits")
-        }
+        ProxyVersion::V2 => v2(ppp::v2::Command::Proxy, ppp::v2::Protocol::Stream, pair.into()),
     }
+}
+
+/// A v2 header without TLVs.
+fn v2(command: ppp::v2::Command, protocol: ppp::v2::Protocol, addresses: ppp::v2::Addresses) -> Vec<u8> {
+    let header = ppp::v2::Builder::with_addresses(ppp::v2::Version::Two | command, protocol, addresses);
+    header.build().expect("a header of addresses only fits")
+}
+
+/// What a v1 header names (v1 and v2 share their address types).
+fn v1_client(addresses: &ppp::v1::Addresses) -> Option<Named> {
+    match addresses {
+        ppp::v1::Addresses::Tcp4(a) => Some(named_v4(a)),
+        ppp::v1::Addresses::Tcp6(a) => Some(named_v6(a)),
+        ppp::v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_client(addresses: &ppp::v2::Addresses) -> Option<Named> {
+    match addresses {
+        ppp::v2::Addresses::IPv4(a) => Some(named_v4(a)),
+        ppp::v2::Addresses::IPv6(a) => Some(named_v6(a)),
+        _ => None,
+    }
+}
+
+fn named_v4(a: &ppp::v2::IPv4) -> Named {
+    (
+        (a.source_address, a.source_port).into(),
+        (a.destination_address, a.destination_port).into(),
+    )
+}
+
+fn named_v6(a: &ppp::v2::IPv6) -> Named {
+    (
+        (a.source_address, a.source_port).into(),
+        (a.destination_address, a.destination_port).into(),
+    )
 }
 
 #[cfg(test)]

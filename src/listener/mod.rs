@@ -99,14 +99,13 @@ impl Listener {
     pub async fn run(self, stop: Signal, guard: DrainGuard) {
         let route = self.sessions.route_name.clone();
         let mut backoff = Backoff::default();
-        let mut warned: Option<std::time::Instant> = None;
+        let at_cap = crate::logging::Squelch::default();
         loop {
             if !self.sessions.has_room() {
                 // At the descriptor budget: what is not accepted waits in the kernel's backlog,
                 // rather than being accepted only to be dropped for want of a socket.
-                if warned.is_none_or(|at| at.elapsed() >= std::time::Duration::from_secs(1)) {
-                    warned = Some(std::time::Instant::now());
-                    log::warn!(route = &*route, max_sessions = self.sessions.budget.cap();
+                if let Some(held) = at_cap.admit() {
+                    log::warn!(route = &*route, max_sessions = self.sessions.budget.cap(), held_back = held;
                         "session cap reached, accepting again once sessions end");
                 }
                 let stats = self.sessions.stats.clone();

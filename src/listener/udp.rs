@@ -8,8 +8,8 @@ use std::future::pending;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
+use crate::logging::Squelch;
 use crate::net::Endpoint;
 use crate::rt;
 use crate::session::{Flow, FlowEnded, RouteContext, SessionId};
@@ -17,8 +17,6 @@ use crate::shutdown::{DrainGuard, Signal};
 
 /// Datagrams a flow may have waiting before more are dropped.
 const FLOW_QUEUE: usize = 64;
-/// At most one warning of a kind per this long; the ones between are counted in it.
-const WARN_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) struct UdpListener {
     pub endpoint: Arc<Endpoint>,
@@ -36,30 +34,13 @@ enum Event {
     Stop,
 }
 
-/// A warning logged at most once per [`WARN_EVERY`].
-#[derive(Default)]
-struct Throttle {
-    last: Option<Instant>,
-}
-
-impl Throttle {
-    fn ready(&mut self) -> bool {
-        let now = Instant::now();
-        let ready = self.last.is_none_or(|last| now - last >= WARN_EVERY);
-        if ready {
-            self.last = Some(now);
-        }
-        ready
-    }
-}
-
 /// The table and what the receive loop needs besides the socket.
 struct Flows {
     table: HashMap<SocketAddr, Entry>,
     ended_tx: flume::Sender<FlowEnded>,
     guard: DrainGuard,
-    over_limit: Throttle,
-    full: Throttle,
+    over_limit: Squelch,
+    full: Squelch,
 }
 
 impl UdpListener {
@@ -77,8 +58,8 @@ impl UdpListener {
             table: HashMap::new(),
             ended_tx,
             guard,
-            over_limit: Throttle::default(),
-            full: Throttle::default(),
+            over_limit: Squelch::default(),
+            full: Squelch::default(),
         };
         let mut buf = vec![0u8; crate::session::MAX_DATAGRAM];
         let mut backoff = super::Backoff::default();
@@ -129,8 +110,9 @@ impl UdpListener {
                 Err(flume::TrySendError::Full(_)) => {
                     let dropped = self.sessions.stats.dropped();
                     self.sessions.metrics.udp_dropped(route, "flow_queue_full");
-                    if flows.full.ready() {
-                        log::warn!(route = route, client:% = client, dropped_total = dropped; "flow queue full, datagram dropped");
+                    if let Some(held) = flows.full.admit() {
+                        log::warn!(route = route, client:% = client, dropped_total = dropped, held_back = held;
+                            "flow queue full, datagram dropped");
                     }
                     return;
                 }
@@ -151,9 +133,10 @@ impl UdpListener {
         let Some(passes) = passes else {
             let dropped = self.sessions.stats.over_limit();
             self.sessions.metrics.udp_dropped(route, "over_max_flows");
-            if flows.over_limit.ready() {
+            if let Some(held) = flows.over_limit.admit() {
                 let cap = self.sessions.budget.cap();
-                log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped;
+                log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped,
+                    held_back = held;
                     "max_flows (or max_connections, or the relay's session cap) reached, datagram dropped");
             }
             return;

@@ -134,8 +134,8 @@ pub(crate) struct RouteParts {
     pub budget: Arc<crate::limits::Budget>,
     /// Warnings that any client (or one dead backend) can cause in any number: refused
     /// sessions and failed dials, each at most one line a second for the route.
-    pub refusals: Squelch,
-    pub dial_failures: Squelch,
+    pub refusals: crate::logging::Squelch,
+    pub dial_failures: crate::logging::Squelch,
     /// The relay's Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The route's `max_connections`, and the relay's.
@@ -155,30 +155,6 @@ impl SniTargets {
     pub fn pick(&self, name: Option<&str>) -> Option<&RouteContext> {
         let matched = name.and_then(|n| self.rules.iter().find(|(pattern, _)| pattern.matches(n)));
         matched.map(|(_, route)| route).or(self.default.as_ref())
-    }
-}
-
-/// Lets one warning a second through, and counts the ones it held back, so that no client can
-/// drive the log's volume. Shared by a route's sessions.
-#[derive(Default)]
-pub(crate) struct Squelch {
-    /// Milliseconds since `epoch` when a line was last let through (0: never).
-    last: std::sync::atomic::AtomicU64,
-    held: std::sync::atomic::AtomicU64,
-    epoch: std::sync::OnceLock<std::time::Instant>,
-}
-
-impl Squelch {
-    /// `Some(held back since the last line)` when a line may be logged now.
-    pub fn admit(&self) -> Option<u64> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let now = self.epoch.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1;
-        let last = self.last.load(Relaxed);
-        if last != 0 && now - last < 1000 || self.last.compare_exchange(last, now, Relaxed, Relaxed).is_err() {
-            self.held.fetch_add(1, Relaxed);
-            return None;
-        }
-        Some(self.held.swap(0, Relaxed))
     }
 }
 
