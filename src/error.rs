@@ -70,7 +70,8 @@ pub enum StartError {
     Listen {
         /// `route NAME` or `status page`.
         what: String,
-        addr: SocketAddr,
+        /// `IP:port`, or `unix:PATH`.
+        addr: String,
         #[source]
         source: io::Error,
     },

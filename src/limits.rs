@@ -96,7 +96,8 @@ mod tests {
 /// `max` more may wait for one, each for at most its wait, and the rest are turned away.
 #[derive(Debug)]
 pub struct Gate {
-    max: u64,
+    /// Set anew by a reload: passes held beyond a lowered max stay valid until they go.
+    max: std::sync::atomic::AtomicU64,
     live: std::sync::atomic::AtomicU64,
     waiting: std::sync::atomic::AtomicU64,
     freed: event_listener::Event,
@@ -116,11 +117,21 @@ impl Drop for Pass {
 impl Gate {
     pub fn new(max: u64) -> std::sync::Arc<Gate> {
         std::sync::Arc::new(Gate {
-            max,
+            max: max.into(),
             live: Default::default(),
             waiting: Default::default(),
             freed: event_listener::Event::new(),
         })
+    }
+
+    pub fn max(&self) -> u64 {
+        self.max.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// A reload's new max; a raised one lets waiters in at once.
+    pub fn set_max(&self, max: u64) {
+        self.max.store(max, std::sync::atomic::Ordering::Release);
+        self.freed.notify(usize::MAX);
     }
 
     /// A pass now, if there is room.
@@ -129,7 +140,7 @@ impl Gate {
         let taken = self
             .live
             .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |n| {
-                (n < self.max).then_some(n + 1)
+                (n < self.max()).then_some(n + 1)
             });
         taken.ok().map(|_| Pass(self.clone()))
     }
@@ -141,7 +152,7 @@ impl Gate {
         if let Some(pass) = self.try_enter() {
             return Some(pass);
         }
-        if self.waiting.fetch_add(1, AcqRel) >= self.max {
+        if self.waiting.fetch_add(1, AcqRel) >= self.max() {
             self.waiting.fetch_sub(1, AcqRel);
             return None;
         }

@@ -1,7 +1,7 @@
 //! The relayd daemon: arguments → config → logger → relay until SIGINT/SIGTERM (a second one
-//! forces the close) → exit code.
+//! forces the close; SIGHUP reloads the config file) → exit code.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use async_signal::{Signal, Signals};
@@ -82,6 +82,9 @@ fn main() -> ExitCode {
     };
     if args.check {
         println!("{}: ok ({} routes)", args.config.display(), settings.routes.len());
+        if let Some(addr) = &settings.status {
+            compare_with_running(addr, &settings);
+        }
         return ExitCode::SUCCESS;
     }
     limit_malloc_arenas(&settings);
@@ -94,7 +97,8 @@ fn main() -> ExitCode {
     // The handler goes in before anything listens: a signal that came between the "listening"
     // line and the handler would otherwise kill the process without a drain.
     let signals = Signals::new([Signal::Int, Signal::Term, Signal::Hup, Signal::Usr1]);
-    match rt::block_on(serve(settings, signals)) {
+    let log_level = args.log_level;
+    match rt::block_on(serve(settings, signals, &args.config, log_level)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!(err:% = e; "cannot start");
@@ -102,6 +106,67 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Prints what a reload of the relayd answering at `addr` would change, in the words its log
+/// would use, from the config it runs (`GET /config`). Passwords are hidden on both sides, so
+/// a changed password is not shown here.
+fn compare_with_running(addr: &relayd::config::StatusAddr, new: &relayd::Settings) {
+    let running = fetch_config(addr).and_then(|text| {
+        let parsed = Config::parse(&text, "the running config").map_err(|e| e.to_string())?;
+        parsed.validate().map_err(|e| e.to_string())
+    });
+    let running = match running {
+        Ok(running) => running,
+        Err(e) => {
+            println!("no running relayd to compare with at {addr}: {e}");
+            return;
+        }
+    };
+    let new = match new.source.masked().validate() {
+        Ok(new) => new,
+        Err(e) => return println!("cannot compare: {e}"),
+    };
+    let changes = relayd::config::diff(&running, &new);
+    match changes.is_empty() {
+        true => println!("a reload of the relayd at {addr} would change nothing"),
+        false => println!("a reload of the relayd at {addr} would change:"),
+    }
+    for change in changes {
+        println!("  {change}");
+    }
+}
+
+/// The body of `GET /config` from the status listener at `addr`.
+fn fetch_config(addr: &relayd::config::StatusAddr) -> Result<String, String> {
+    use relayd::config::StatusAddr;
+    use std::io::{Read, Write};
+    let patience = Some(std::time::Duration::from_secs(3));
+    let mut stream: Box<dyn ReadWrite> = match addr {
+        StatusAddr::Tcp(addr) => {
+            let stream = std::net::TcpStream::connect_timeout(addr, patience.unwrap()).map_err(|e| e.to_string())?;
+            stream.set_read_timeout(patience).map_err(|e| e.to_string())?;
+            Box::new(stream)
+        }
+        StatusAddr::Unix(path) => {
+            let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
+            stream.set_read_timeout(patience).map_err(|e| e.to_string())?;
+            Box::new(stream)
+        }
+    };
+    stream
+        .write_all(b"GET /config HTTP/1.0\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).map_err(|e| e.to_string())?;
+    let (head, body) = answer.split_once("\r\n\r\n").ok_or("no answer")?;
+    match head.starts_with("HTTP/1.0 200") {
+        true => Ok(body.to_string()),
+        false => Err(format!("it answered {:?}", head.lines().next().unwrap_or_default())),
+    }
+}
+
+trait ReadWrite: std::io::Read + std::io::Write {}
+impl<T: std::io::Read + std::io::Write> ReadWrite for T {}
 
 /// glibc gives each thread that contends its own arena (up to 8 per core), and an arena keeps
 /// its partly used pages: with 9,000 idle sessions that was 3.8-4.6 KiB per session against
@@ -123,10 +188,16 @@ fn limit_malloc_arenas(settings: &relayd::Settings) {
     let _ = settings;
 }
 
-/// Runs the relay until SIGINT or SIGTERM, then drains it; a second one closes live sessions
-/// at once.
-async fn serve(settings: relayd::Settings, signals: std::io::Result<Signals>) -> Result<ShutdownReport, StartError> {
-    let relay = Relay::with_settings(settings)?;
+/// Runs the relay until SIGINT or SIGTERM, reloading `path` on SIGHUP, then drains it; a
+/// second SIGINT or SIGTERM closes live sessions at once. The config's `log_level` applies
+/// on reload unless `--log-level` was given.
+async fn serve(
+    settings: relayd::Settings,
+    signals: std::io::Result<Signals>,
+    path: &Path,
+    log_level: Option<log::LevelFilter>,
+) -> Result<ShutdownReport, StartError> {
+    let mut relay = Relay::with_settings(settings)?;
     let mut signals = match signals {
         Ok(signals) => signals,
         Err(e) => {
@@ -135,22 +206,31 @@ async fn serve(settings: relayd::Settings, signals: std::io::Result<Signals>) ->
             return futures::future::pending().await;
         }
     };
-    asked_to_stop(&mut signals).await;
-    Ok(relay.shutdown_or(asked_to_stop(&mut signals)).await)
-}
-
-/// Completes on the next SIGINT or SIGTERM. SIGHUP (a service manager's reload, a closed
-/// terminal) and SIGUSR1 never stop the daemon.
-async fn asked_to_stop(signals: &mut Signals) {
     while let Some(signal) = signals.next().await {
         match signal {
-            Ok(signal @ (Signal::Hup | Signal::Usr1)) => {
-                log::warn!(signal:? = signal; "reload is not supported yet: the running config is unchanged")
+            Ok(Signal::Hup) => {
+                log::info!(path:% = path.display(); "SIGHUP: reloading the config");
+                if relay.reload_file(path).await.is_ok() {
+                    log::set_max_level(log_level.unwrap_or(relay.settings().log_level));
+                }
             }
+            Ok(Signal::Usr1) => log::info!("SIGUSR1 ignored (SIGHUP reloads the config)"),
             Ok(signal) => {
                 log::info!(signal:? = signal; "signal received");
-                return;
+                break;
             }
+            Err(e) => log::warn!(err:% = e; "reading signals failed"),
+        }
+    }
+    Ok(relay.shutdown_or(asked_again(&mut signals)).await)
+}
+
+/// Completes on the next SIGINT or SIGTERM, while the relay drains.
+async fn asked_again(signals: &mut Signals) {
+    while let Some(signal) = signals.next().await {
+        match signal {
+            Ok(Signal::Int | Signal::Term) => return,
+            Ok(signal) => log::info!(signal:? = signal; "stopping: signal ignored"),
             Err(e) => log::warn!(err:% = e; "reading signals failed"),
         }
     }

@@ -64,6 +64,11 @@ struct EgressLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: String,
 }
@@ -79,6 +84,11 @@ fn session_buckets() -> Histogram {
 /// Connects take from tens of microseconds to the connect timeout.
 fn connect_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+fn epoch_seconds() -> i64 {
+    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH);
+    since.unwrap_or_default().as_secs() as i64
 }
 
 /// The relay's metrics. Cheap to share (`Arc`); every family is lock-free to count into once
@@ -101,6 +111,9 @@ pub struct Metrics {
     clients_refused: Family<RouteLabels, Counter>,
     open_fds: Gauge,
     resident_bytes: Gauge,
+    reloads: Family<ResultLabels, Counter>,
+    reload_ok: Gauge,
+    reload_ok_at: Gauge,
 }
 
 impl Default for Metrics {
@@ -130,6 +143,9 @@ impl Metrics {
             clients_refused: Family::default(),
             open_fds: Gauge::default(),
             resident_bytes: Gauge::default(),
+            reloads: Family::default(),
+            reload_ok: Gauge::default(),
+            reload_ok_at: Gauge::default(),
         };
         let r = &mut registry;
         r.register(
@@ -208,11 +224,26 @@ impl Metrics {
             Unit::Bytes,
             m.resident_bytes.clone(),
         );
+        r.register(
+            "config_reloads",
+            "Config reloads, by result (ok, failed: the running config was kept)",
+            m.reloads.clone(),
+        );
+        r.register(
+            "config_last_reload_successful",
+            "1 when the last reload applied (or none was asked for), 0 when it failed",
+            m.reload_ok.clone(),
+        );
+        r.register_with_unit(
+            "config_last_reload_success_time",
+            "When the running config was applied, in seconds since the epoch",
+            Unit::Seconds,
+            m.reload_ok_at.clone(),
+        );
+        m.reload_ok.set(1);
+        m.reload_ok_at.set(epoch_seconds());
         let started = Gauge::<i64>::default();
-        let since = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap_or_default();
-        started.set(since.as_secs() as i64);
+        started.set(epoch_seconds());
         r.register_with_unit(
             "start_time",
             "When the relay started, in seconds since the epoch",
@@ -227,6 +258,18 @@ impl Metrics {
             .set(1);
         r.register("build_info", "The relayd build: 1, labelled with its version", build);
         Metrics { registry, ..m }
+    }
+
+    /// A reload applied (`ok`) or refused.
+    pub(crate) fn reloaded(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads
+            .get_or_create(&ResultLabels { result: result.into() })
+            .inc();
+        self.reload_ok.set(i64::from(ok));
+        if ok {
+            self.reload_ok_at.set(epoch_seconds());
+        }
     }
 
     pub(crate) fn session_opened(&self, route: &str) {

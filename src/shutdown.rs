@@ -42,6 +42,11 @@ pub fn signal() -> (Trigger, Signal) {
 
 impl Trigger {
     pub fn fire(self) {}
+
+    /// Another signal this trigger fires.
+    pub fn signal(&self) -> Signal {
+        Signal(self.0.clone())
+    }
 }
 
 impl Drop for Trigger {

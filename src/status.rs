@@ -1,14 +1,20 @@
 //! The status listener: a read-only HTTP view of every route's backends and the session
 //! counters, taken from the Balancers' own snapshots. `GET /` is a page for people
-//! (`curl http://ADDR/`), `GET /metrics` the same and more for Prometheus (OpenMetrics text).
+//! (`curl http://ADDR/`), `GET /metrics` the same and more for Prometheus (OpenMetrics text),
+//! `GET /config` the running config (passwords hidden).
 //! Anything but GET gets 405.
 
 use std::fmt::Write as _;
+use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::io::{AsyncReadExt, AsyncWriteExt};
+use futures::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::config::StatusAddr;
 
 use crate::balancer::{BalancerHandle, RouteSnapshot};
 use crate::metrics::Metrics;
@@ -41,8 +47,60 @@ impl RouteView {
 }
 
 pub(crate) struct Status {
-    pub socket: Async<TcpListener>,
+    pub socket: StatusSocket,
     pub pages: Arc<Pages>,
+    /// A reload's pages (its routes, its `status_allow`).
+    pub updates: flume::Receiver<Arc<Pages>>,
+}
+
+/// The status listener's socket: TCP, or a Unix socket whose file goes with it.
+pub(crate) enum StatusSocket {
+    Tcp(Async<TcpListener>),
+    Unix(Async<UnixListener>, PathBuf),
+}
+
+impl StatusSocket {
+    /// Binds `addr`. A Unix socket's file is made for the owner and group only; a file left by
+    /// a relayd that is gone is replaced, one that a live process answers on is not.
+    pub fn bind(addr: &StatusAddr) -> io::Result<StatusSocket> {
+        match addr {
+            StatusAddr::Tcp(addr) => crate::listener::bind_tcp(*addr, 64, None).map(StatusSocket::Tcp),
+            StatusAddr::Unix(path) => {
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(io::Error::new(io::ErrorKind::AddrInUse, "a process answers on it"));
+                }
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    std::fs::remove_file(path)?;
+                }
+                let listener = UnixListener::bind(path)?;
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
+                Ok(StatusSocket::Unix(Async::new(listener)?, path.clone()))
+            }
+        }
+    }
+
+    /// The TCP address it listens on.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            StatusSocket::Tcp(socket) => socket.get_ref().local_addr().ok(),
+            StatusSocket::Unix(..) => None,
+        }
+    }
+
+    fn path(&self) -> Option<&Path> {
+        match self {
+            StatusSocket::Tcp(_) => None,
+            StatusSocket::Unix(_, path) => Some(path),
+        }
+    }
+}
+
+/// A status client's connection.
+enum Client {
+    Tcp(TcpConn, SocketAddr),
+    Unix(Async<std::os::unix::net::UnixStream>),
 }
 
 /// What the pages are made of.
@@ -52,14 +110,21 @@ pub(crate) struct Pages {
     pub routes: Vec<RouteView>,
     pub stats: Arc<Stats>,
     pub metrics: Arc<Metrics>,
+    /// The running config as RON, secrets hidden (`GET /config`, which `relayd --check` reads
+    /// to say what a reload would change).
+    pub config: Arc<str>,
 }
 
 impl Status {
-    pub async fn run(self, stop: Signal) {
+    pub async fn run(mut self, stop: Signal) {
         let mut backoff = crate::listener::Backoff::default();
-        while let Some(accepted) = stop.unless(crate::listener::accept(&self.socket)).await {
+        while let Some(accepted) = stop.unless(self.accept()).await {
+            // A reload's pages, taken when a client comes to read them.
+            if let Some(pages) = self.updates.try_iter().last() {
+                self.pages = pages;
+            }
             match accepted {
-                Ok((stream, peer)) => {
+                Ok(Client::Tcp(stream, peer)) => {
                     backoff.reset();
                     if self.pages.allow.admits(peer.ip()) {
                         rt::detach(serve(stream, self.pages.clone()));
@@ -67,13 +132,31 @@ impl Status {
                         log::debug!(client:% = peer; "status page: client not in status_allow, closed");
                     }
                 }
+                // The socket file's mode says who may connect.
+                Ok(Client::Unix(stream)) => {
+                    backoff.reset();
+                    rt::detach(serve(stream, self.pages.clone()));
+                }
                 Err(e) => {
                     log::warn!(err:% = e; "status page: accept failed, backing off");
                     backoff.wait(&stop).await;
                 }
             }
         }
+        if let Some(path) = self.socket.path() {
+            let _ = std::fs::remove_file(path);
+        }
         log::debug!("status page stopped");
+    }
+
+    async fn accept(&self) -> io::Result<Client> {
+        match &self.socket {
+            StatusSocket::Tcp(socket) => {
+                let (stream, peer) = crate::listener::accept(socket).await?;
+                Ok(Client::Tcp(stream, peer))
+            }
+            StatusSocket::Unix(socket, _) => Ok(Client::Unix(socket.accept().await?.0)),
+        }
     }
 }
 
@@ -136,7 +219,7 @@ impl Pages {
 }
 
 /// Reads the request head (bounded in size and time), then answers and closes.
-async fn serve(mut stream: TcpConn, pages: Arc<Pages>) {
+async fn serve(mut stream: impl AsyncRead + AsyncWrite + Unpin, pages: Arc<Pages>) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     let complete = rt::timeout(HEAD_TIMEOUT, async {
@@ -161,6 +244,12 @@ async fn serve(mut stream: TcpConn, pages: Arc<Pages>) {
         let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
         format!(
             "HTTP/1.0 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
+            page.len()
+        )
+    } else if head.starts_with(b"GET /config ") {
+        let page = &pages.config;
+        format!(
+            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
             page.len()
         )
     } else if head.starts_with(b"GET ") {

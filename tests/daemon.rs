@@ -3,10 +3,11 @@
 mod harness;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 
+use harness::PATIENCE;
 use harness::backend::Backend;
-use harness::daemon::{Daemon, TempFile, run};
+use harness::daemon::{Daemon, TempFile, field, run};
 use harness::route;
 
 fn fetch(addr: std::net::SocketAddr) -> String {
@@ -176,19 +177,89 @@ async fn the_listener_survives_running_out_of_file_descriptors() {
     assert_eq!(daemon.wait().code(), Some(0));
 }
 
+/// GET `path` from the status listener at `addr`: the body.
+fn get(addr: SocketAddr, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("status listener");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
+
+/// The first line a greeter behind `addr` writes.
+fn greeted(addr: SocketAddr) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect through relayd");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut name = String::new();
+    stream.read_to_string(&mut name).unwrap();
+    name
+}
+
 #[async_std::test]
-async fn sighup_and_sigusr1_never_stop_the_daemon() {
-    let echo = Backend::echo().await;
-    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &[echo.addr], "")));
-    let addr = daemon.listening("web");
-    for signal in [libc::SIGHUP, libc::SIGUSR1] {
-        daemon.signal(signal);
-        let said = daemon
-            .wait_for(|l| l.contains("reload is not supported yet"))
-            .expect("relayd says what it did with the signal");
-        assert!(said.contains(r#""level":"warn""#), "{said}");
-        drop(echo_through(addr));
-    }
+async fn sighup_reloads_the_file_an_invalid_one_changes_nothing_and_check_says_what_would_change() {
+    let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
+    let with = |backend: SocketAddr, more: &str| {
+        format!(
+            r#"(status: "127.0.0.1:0", routes: [(name: "web", listen: "127.0.0.1:0", backends: [(addr: "{backend}")]){more}])"#
+        )
+    };
+    let daemon = Daemon::spawn(&[], &with(a.addr, ""));
+    let web = daemon.listening("web");
+    let status_line = daemon.wait_for(|l| l.contains("status page listening")).unwrap();
+    let status: SocketAddr = field(&status_line, "addr").unwrap().parse().unwrap();
+    assert_eq!(greeted(web), "a");
+
+    // An invalid file: every problem logged, the old config serves on.
+    daemon.rewrite(r#"(workers: 0, routes: [(name: "web", listen: "127.0.0.1:0", backends: [(addr: "nowhere")])])"#);
+    daemon.signal(libc::SIGHUP);
+    let failed = daemon.wait_for(|l| l.contains("reload failed")).unwrap();
+    assert!(failed.contains("workers") && failed.contains("nowhere"), "{failed}");
+    assert_eq!(greeted(web), "a");
+    let metrics = get(status, "/metrics");
+    assert!(
+        metrics.contains("relayd_config_reloads_total{result=\"failed\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("relayd_config_last_reload_successful 0"), "{metrics}");
+
+    // --check on the next file says what a reload would change, from the running config.
+    let next = with(
+        b.addr,
+        r#", (name: "more", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:9")])"#,
+    );
+    let next = next.replacen("127.0.0.1:0\"", &format!("{status}\""), 1);
+    daemon.rewrite(&next);
+    let (code, out) = run(&["--check", "--config", daemon.config_path().to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains(&format!("route web: backend {} added", b.addr)), "{out}");
+    assert!(out.contains(&format!("route web: backend {} removed", a.addr)), "{out}");
+    assert!(out.contains("route more: added (Tcp on 127.0.0.1:0)"), "{out}");
+
+    // The reload: the same socket, the new backend, the new route; each change logged.
+    daemon.signal(libc::SIGHUP);
+    let more = daemon.listening("more");
+    daemon.wait_for(|l| l.contains("config reloaded")).unwrap();
+    let added = daemon.logged(|l| l.contains("reload") && l.contains("backend") && l.contains("added"));
+    assert!(added.iter().any(|l| l.contains(&b.addr.to_string())), "{added:?}");
+    assert_ne!(more, web);
+    assert_eq!(greeted(web), "b");
+    let metrics = get(status, "/metrics");
+    assert!(
+        metrics.contains("relayd_config_reloads_total{result=\"ok\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("relayd_config_last_reload_successful 1"), "{metrics}");
+    assert!(get(status, "/config").contains(&b.addr.to_string()));
+    let (_, out) = run(&["--check", "--config", daemon.config_path().to_str().unwrap()]);
+    assert!(out.contains("would change nothing"), "{out}");
+
+    daemon.signal(libc::SIGUSR1);
+    daemon.wait_for(|l| l.contains("SIGUSR1 ignored")).unwrap();
+    assert_eq!(greeted(web), "b");
     daemon.signal(libc::SIGTERM);
     assert_eq!(daemon.wait().code(), Some(0));
 }

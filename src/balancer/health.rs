@@ -115,6 +115,17 @@ impl BackendHealth {
         None
     }
 
+    /// The route no longer checks: a backend only checks could bring back comes back now.
+    pub fn checks_ended(&mut self) -> Option<Change> {
+        match self.state {
+            State::Down { until: None } => {
+                self.failing = 0;
+                self.up("the route no longer checks it")
+            }
+            _ => None,
+        }
+    }
+
     fn eject(&mut self, now: Instant, h: &Health, last: &str) -> Change {
         self.ejections = self.ejections.saturating_add(1);
         let cooldown = cooldown(h, self.ejections);

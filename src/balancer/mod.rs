@@ -121,6 +121,12 @@ pub(crate) enum BalancerMsg {
     },
     /// A name backend (`source`, its index in the route's list) now resolves to `addrs`.
     Resolved { source: usize, addrs: Vec<SocketAddr> },
+    /// A reload changed the route: the settings new sessions are balanced by, and the relay's
+    /// egress names (a reload may add some).
+    Reconfigure {
+        route: Box<Route>,
+        egress_names: Arc<[Arc<str>]>,
+    },
     /// What the checker should check now, and by which egress.
     Targets { reply: flume::Sender<Vec<Pick>> },
     Snapshot {
@@ -199,6 +205,11 @@ impl BalancerHandle {
 
     pub(crate) async fn resolved(&self, source: usize, addrs: Vec<SocketAddr>) -> Result<(), Gone> {
         self.send(BalancerMsg::Resolved { source, addrs }).await
+    }
+
+    pub(crate) async fn reconfigure(&self, route: Route, egress_names: Arc<[Arc<str>]>) -> Result<(), Gone> {
+        let route = Box::new(route);
+        self.send(BalancerMsg::Reconfigure { route, egress_names }).await
     }
 
     pub(crate) async fn targets(&self) -> Result<Vec<Pick>, Gone> {
@@ -337,12 +348,9 @@ impl Balancer {
                 BalancerMsg::EgressNews { egress, down, seq } => self.egress_news(egress, down, seq),
                 BalancerMsg::Resolved { source, addrs } => {
                     self.resolved(source, addrs);
-                    if self.unresolved.is_empty() {
-                        for (client, tried, reply) in std::mem::take(&mut self.held) {
-                            let _ = reply.send(self.pick(client, &tried));
-                        }
-                    }
+                    self.release_held();
                 }
+                BalancerMsg::Reconfigure { route, egress_names } => self.reconfigure(&route, egress_names),
                 BalancerMsg::Targets { reply } => {
                     let _ = reply.send(self.targets());
                 }

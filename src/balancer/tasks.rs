@@ -2,13 +2,13 @@
 //! resolver and the checker need from the Balancer.
 
 use super::{BackendId, Balancer, Entry};
-use crate::balancer::health::BackendHealth;
+use crate::balancer::health::{BackendHealth, EgressHealth};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use super::{BalancerHandle, Pick};
-use crate::config::{Backend, BackendAddr};
+use crate::config::{Backend, BackendAddr, Route};
 use crate::rt;
 use crate::shutdown::Signal;
 
@@ -88,6 +88,74 @@ impl Balancer {
             if !added.is_empty() || !retired.is_empty() {
                 log::info!(route = &*self.route, backend = host.as_str(), added:? = added, retired:? = retired;
                     "backend addresses changed");
+            }
+        }
+    }
+
+    /// Takes a reloaded route's settings for the sessions to come. A backend the new list
+    /// still has (by its address or name) keeps its health, counts and live sessions, with its
+    /// new weight and egresses; one it no longer has retires (no new sessions; gone once its
+    /// live ones end); a new one joins (a name once its resolver, restarted with the reload,
+    /// first answers).
+    pub(super) fn reconfigure(&mut self, route: &Route, egress_names: Arc<[Arc<str>]>) {
+        self.strategy = route.balance;
+        self.egress_strategy = route.egress_strategy;
+        let checks_ended = self.health.check.is_some() && route.health.check.is_none();
+        self.health = route.health.clone();
+        self.route_egress = route.egress.clone();
+        self.egresses.resize(egress_names.len(), EgressHealth::default());
+        self.egress_names = egress_names;
+        // The new list first (the resolver's indices), then the old sources that retired
+        // entries still point to, until their sessions end.
+        let mut sources = route.backends.clone();
+        let moved: Vec<Option<usize>> = (self.sources.iter())
+            .map(|old| sources.iter().position(|s| s.addr == old.addr))
+            .collect();
+        let mut ghosts: Vec<usize> = Vec::new();
+        for entry in &mut self.entries {
+            if let Some(source) = moved[entry.source] {
+                entry.source = source;
+                entry.weight = sources[source].weight;
+                // An address removed by an earlier reload and listed again is back.
+                entry.retired &= !matches!(sources[source].addr, BackendAddr::Ip(_));
+                continue;
+            }
+            entry.retired = true;
+            let ghost = ghosts.iter().position(|g| *g == entry.source).unwrap_or_else(|| {
+                ghosts.push(entry.source);
+                ghosts.len() - 1
+            });
+            entry.source = route.backends.len() + ghost;
+        }
+        sources.extend(ghosts.iter().map(|g| self.sources[*g].clone()));
+        self.sources = sources;
+        self.entries.retain(|e| !(e.retired && e.active == 0));
+        // A source without entries is new (a name is looked up again by the new resolver).
+        let fresh: Vec<usize> = (0..route.backends.len())
+            .filter(|s| !self.entries.iter().any(|e| e.source == *s && !e.retired))
+            .collect();
+        self.unresolved.clear();
+        for source in fresh {
+            match self.sources[source].addr {
+                BackendAddr::Ip(addr) => self.add(source, addr),
+                BackendAddr::Name { .. } => self.unresolved.push(source),
+            }
+        }
+        if checks_ended {
+            for i in 0..self.entries.len() {
+                let change = self.entries[i].health.checks_ended();
+                self.report(self.entries[i].id, change);
+            }
+        }
+        self.cursor = 0;
+        self.release_held();
+    }
+
+    /// Answers the picks held for the first lookups, once no name waits for one.
+    pub(super) fn release_held(&mut self) {
+        if self.unresolved.is_empty() {
+            for (client, tried, reply) in std::mem::take(&mut self.held) {
+                let _ = reply.send(self.pick(client, &tried));
             }
         }
     }

@@ -192,3 +192,58 @@ fn picks_before_a_names_first_lookup_wait_for_it() {
     drop(handle);
     rt::block_on(task);
 }
+
+#[test]
+fn a_reload_keeps_what_stays_retires_what_goes_and_adds_what_is_new() {
+    let mut b = balancer(&format!(r#"{THREE}, health: (fall: 1, cooldown: "1m")"#));
+    let (first, second) = (b.entries[0].id, b.entries[1].id);
+    b.connected(second, refused());
+    let live = b.pick(CLIENT, &[]).unwrap();
+    assert_eq!(live.backend, first, "a session lives on :1");
+    // :1 stays (weight 3), :2 stays down, :3 goes, :4 joins; the order of the list changes.
+    let new = settings(
+        r#"balance: WeightedRoundRobin, health: (fall: 1, cooldown: "1m"),
+            backends: [(addr: "127.0.0.1:4"), (addr: "127.0.0.1:2"), (addr: "127.0.0.1:1", weight: 3)]"#,
+    );
+    b.reconfigure(&new.routes[0], b.egress_names.clone());
+    let seen = b.snapshot().0;
+    let state = |port: u16| {
+        seen.iter()
+            .find(|s| s.addr.port() == port)
+            .map(|s| (s.state, s.weight, s.active))
+    };
+    assert_eq!(state(1), Some((HealthState::Up, 3, 1)), "kept with its live session");
+    assert_eq!(
+        state(2),
+        Some((HealthState::Down, 1, 0)),
+        "kept out: its cool-down runs on"
+    );
+    assert_eq!(state(3), None, "gone at once: nothing live on it");
+    assert_eq!(state(4), Some((HealthState::Up, 1, 0)));
+    assert_eq!(ports(&mut b, 4), [1, 1, 4, 1], "weights 3:1, nothing for the down one");
+    // A backend removed while a session lives on it retires.
+    let mut b = balancer(THREE);
+    let live = b.pick(CLIENT, &[]).unwrap();
+    let only_two = settings(r#"backends: [(addr: "127.0.0.1:2")]"#);
+    b.reconfigure(&only_two.routes[0], b.egress_names.clone());
+    let retired = b.snapshot().0.into_iter().find(|s| s.addr == live.addr).unwrap();
+    assert_eq!((retired.state, retired.active), (HealthState::Retired, 1));
+    b.closed(live.backend);
+    assert!(
+        b.snapshot().0.iter().all(|s| s.addr.port() == 2),
+        "the retired entry went with its session"
+    );
+    // Listed again: back in, not a second entry.
+    b.reconfigure(&new.routes[0], b.egress_names.clone());
+    assert_eq!(b.snapshot().0.len(), 3);
+}
+
+#[test]
+fn a_reload_without_checks_brings_back_what_only_checks_could() {
+    let mut b = balancer(&format!(r#"{THREE}, health: (fall: 1, check: (interval: "1s"))"#));
+    let second = b.entries[1].id;
+    b.checked(second, Err("expected +PONG".into()));
+    assert_eq!(b.snapshot().0[1].state, HealthState::Down);
+    b.reconfigure(&settings(THREE).routes[0], b.egress_names.clone());
+    assert_eq!(b.snapshot().0[1].state, HealthState::Up);
+}

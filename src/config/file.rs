@@ -15,7 +15,8 @@ pub struct Config {
     pub log_level: Option<String>,
     /// How long shutdown waits for live sessions before closing them (default `30s`).
     pub drain_timeout: Option<String>,
-    /// `IP:port` of the plain-text status page (default: none).
+    /// `IP:port` of the status listener (the page and `/metrics`), or `unix:/path` for a Unix
+    /// socket only the owner and group may use (default: none).
     pub status: Option<String>,
     /// Client ranges that may read the status page and the metrics (default: any).
     pub status_allow: Vec<String>,

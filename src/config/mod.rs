@@ -1,5 +1,6 @@
 //! Config: the RON file ([`Config`]) and the checked, typed [`Settings`] the relay runs on.
 
+mod diff;
 mod file;
 mod validate;
 
@@ -8,6 +9,7 @@ use std::num::NonZeroUsize;
 use std::path::Path;
 use std::time::Duration;
 
+pub use diff::{Change, diff};
 pub use file::{
     AcceptProxyConfig, BackendConfig, Balance, CheckConfig, Config, ConnectConfig, Credentials, EgressConfig,
     EgressStrategy, HealthConfig, OneOrMany, Protocol, RouteConfig, SniConfig, SniRule,
@@ -22,9 +24,12 @@ pub const DEFAULT_EGRESS: &str = "default";
 /// A validated config. Only [`Config::validate`] makes one, so every field is usable as it is.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// The config these settings were validated from (the status listener's `GET /config`
+    /// shows it, secrets hidden).
+    pub source: std::sync::Arc<Config>,
     pub log_level: log::LevelFilter,
     pub drain_timeout: Duration,
-    pub status: Option<SocketAddr>,
+    pub status: Option<StatusAddr>,
     /// Who may read the status listener.
     pub status_allow: ClientAcl,
     /// Executor threads; `None`: one per core.
@@ -36,6 +41,23 @@ pub struct Settings {
     /// Index 0 is always the `default` egress.
     pub egress: Vec<Egress>,
     pub routes: Vec<Route>,
+}
+
+/// Where the status listener listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusAddr {
+    Tcp(SocketAddr),
+    /// A Unix socket, readable by the owner and group only.
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for StatusAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StatusAddr::Tcp(addr) => write!(f, "{addr}"),
+            StatusAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
 }
 
 /// Index into [`Settings::egress`].
@@ -221,7 +243,31 @@ impl std::fmt::Display for BackendAddr {
     }
 }
 
+/// What `GET /config` and `relayd --check` show in place of a password.
+pub const HIDDEN: &str = "<hidden>";
+
 impl Config {
+    /// The config with every password replaced by [`HIDDEN`].
+    pub fn masked(&self) -> Config {
+        let mut config = self.clone();
+        let hide = |c: &mut Credentials| c.password = HIDDEN.into();
+        for route in &mut config.routes {
+            route.connect.iter_mut().flat_map(|c| &mut c.auth).for_each(hide);
+        }
+        config
+            .egress
+            .values_mut()
+            .filter_map(|e| e.via_proxy_auth.as_mut())
+            .for_each(hide);
+        config
+    }
+
+    /// The config as RON text, secrets hidden.
+    pub fn to_ron(&self) -> String {
+        let pretty = ron::ser::PrettyConfig::new().struct_names(false);
+        ron::ser::to_string_pretty(&self.masked(), pretty).unwrap_or_else(|e| format!("/* {e} */"))
+    }
+
     /// Reads and validates a RON config file.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use super::{
     AcceptProxy, Backend, BackendAddr, BackendConfig, Check, Config, ConnectConfig, ConnectSettings, Credentials,
     DEFAULT_EGRESS, Egress, EgressConfig, EgressId, Health, HealthConfig, OneOrMany, Protocol, Route, RouteConfig,
-    Settings, Sni, SniConfig, SocketOptions, Timeouts, UpstreamProxy,
+    Settings, Sni, SniConfig, SocketOptions, StatusAddr, Timeouts, UpstreamProxy,
 };
 use crate::acl::{Acl, ClientAcl, DEFAULT_DENY, HostPattern, unmapped};
 use crate::error::Problem;
@@ -73,10 +73,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
             .unwrap_or(log::LevelFilter::Info),
     };
     let drain_timeout = p.duration("drain_timeout".into(), &config.drain_timeout, Duration::from_secs(30));
-    let status = config
-        .status
-        .as_ref()
-        .and_then(|s| p.parse::<SocketAddr>("status".into(), s, "an IP:port address such as \"127.0.0.1:9901\""));
+    let status = config.status.as_deref().and_then(|s| status_addr(s, &mut p));
     let workers = config.workers.map(|n| {
         let ok = NonZeroUsize::new(n).filter(|n| n.get() <= WORKERS_MAX);
         ok.unwrap_or_else(|| {
@@ -112,13 +109,18 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         .collect();
     unique_routes(config, &mut p);
     sni_targets(config, &mut p);
-    listeners_apart(config, status, &mut p);
+    let status_tcp = match &status {
+        Some(StatusAddr::Tcp(addr)) => Some(*addr),
+        _ => None,
+    };
+    listeners_apart(config, status_tcp, &mut p);
     let status_allow = ClientAcl {
         allow: cidrs("status_allow", &config.status_allow, &mut p),
         deny: Vec::new(),
     };
     if p.0.is_empty() {
         Ok(Settings {
+            source: std::sync::Arc::new(config.clone()),
             log_level,
             drain_timeout,
             status,
@@ -470,6 +472,23 @@ fn loops_back(listen: SocketAddr, addr: SocketAddr) -> bool {
     listen.port() == addr.port()
         && (listen.ip() == addr.ip()
             || (listen.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+}
+
+/// `IP:port`, or `unix:PATH` (an absolute path) for a Unix socket.
+fn status_addr(text: &str, p: &mut Problems) -> Option<StatusAddr> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        let path = std::path::Path::new(path);
+        if !path.is_absolute() || path.file_name().is_none() {
+            p.add(
+                "status",
+                format!("{text:?}: a Unix socket needs an absolute path, as in \"unix:/run/relayd.sock\""),
+            );
+            return None;
+        }
+        return Some(StatusAddr::Unix(path.to_path_buf()));
+    }
+    let what = "an IP:port address such as \"127.0.0.1:9901\", or unix:PATH";
+    p.parse::<SocketAddr>("status".into(), text, what).map(StatusAddr::Tcp)
 }
 
 /// Two listeners of one transport (Tcp and HttpConnect routes and the status page share TCP's)

@@ -49,6 +49,9 @@ pub(crate) enum DialerMsg {
     },
     /// The kernel's verdict on an egress: `Some(why)` it is unusable, `None` usable.
     Kernel { egress: EgressId, down: Option<String> },
+    /// A reload's egresses, by the same ids (new ones at the end): a changed one is built
+    /// anew for the dials to come and judged afresh; sockets it made already are untouched.
+    Egresses(Vec<Egress>),
 }
 
 /// A TCP socket ready for its connect, and what the connect needs to know.
@@ -147,6 +150,12 @@ impl DialerHandle {
         self.ask(DialerMsg::Udp { target, egress, reply }, answer).await
     }
 
+    /// A reload's egresses: ids as before, new ones after them.
+    pub(crate) async fn reconfigure(&self, egress: Vec<Egress>) -> Result<(), Gone> {
+        let msg = DialerMsg::Egresses(egress);
+        self.tx.send_async(msg).await.map_err(|_| Gone("dialer"))
+    }
+
     /// The kernel's verdict on `egress` changed.
     pub(crate) async fn kernel(&self, egress: EgressId, down: Option<String>) -> Result<(), Gone> {
         let msg = DialerMsg::Kernel { egress, down };
@@ -192,6 +201,7 @@ impl Dialer {
                     target,
                     timed_out,
                 } => self.dialed(egress, target, timed_out),
+                DialerMsg::Egresses(egress) => self.reconfigure(egress),
                 DialerMsg::Kernel { egress, down } => {
                     if let Some(standing) = self.standing.get_mut(egress.0) {
                         standing.kernel = down.map(Into::into);
@@ -201,6 +211,21 @@ impl Dialer {
             }
         }
         log::debug!(actor = "dialer"; "stopped, no handles left");
+    }
+
+    fn reconfigure(&mut self, egress: Vec<Egress>) {
+        for (i, egress) in egress.into_iter().enumerate() {
+            if i == self.factories.len() {
+                self.names.push(egress.name.as_str().into());
+                self.factories.push(Factory::new(egress));
+                self.standing.push(Standing::new());
+            } else if *self.factories[i].egress() != egress {
+                self.factories[i] = Factory::new(egress);
+                // Judged afresh: the watcher, restarted with the reload, gives the kernel's word.
+                self.standing[i].forget();
+                self.announce(EgressId(i));
+            }
+        }
     }
 
     /// Validated settings only hold ids in range; an embedder's own ids might not.

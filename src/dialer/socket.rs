@@ -21,6 +21,10 @@ impl Factory {
         Factory { egress }
     }
 
+    pub fn egress(&self) -> &Egress {
+        &self.egress
+    }
+
     pub fn name(&self) -> &str {
         &self.egress.name
     }

@@ -49,6 +49,18 @@ impl Standing {
         }
     }
 
+    /// Drops every verdict and all evidence (the egress was redefined). The lost signal stays:
+    /// what the old definition made is not cut by the change.
+    pub fn forget(&mut self) {
+        let lost = std::mem::replace(&mut self.lost, shutdown::signal());
+        let told = self.told.take();
+        *self = Standing {
+            lost,
+            told,
+            ..Standing::new()
+        };
+    }
+
     /// Why the egress is unusable now, if it is.
     pub fn down(&self) -> Option<&Arc<str>> {
         self.kernel.as_ref().or(self.evidence.as_ref().map(|(why, _)| why))

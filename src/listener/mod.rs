@@ -42,7 +42,7 @@ pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
     };
     bound.map_err(|source| StartError::Listen {
         what: format!("route {}", route.name),
-        addr: route.listen,
+        addr: route.listen.to_string(),
         source,
     })
 }
@@ -88,6 +88,23 @@ impl Backoff {
 pub(crate) struct Listener {
     pub socket: Async<TcpListener>,
     pub sessions: RouteContext,
+    /// A reload's new context for the route: the sessions accepted from then on get it. The
+    /// listener stops when the sender is dropped (the route was removed).
+    pub retarget: flume::Receiver<RouteContext>,
+}
+
+/// What a listener waits for besides its socket.
+pub(crate) enum Control {
+    Retarget(RouteContext),
+    Stop,
+}
+
+/// The next word on `retarget`; `Stop` once its sender is gone.
+pub(crate) async fn control(retarget: &flume::Receiver<RouteContext>) -> Control {
+    match retarget.recv_async().await {
+        Ok(sessions) => Control::Retarget(sessions),
+        Err(_) => Control::Stop,
+    }
 }
 
 impl Listener {
@@ -95,8 +112,8 @@ impl Listener {
         self.socket.get_ref().local_addr()
     }
 
-    /// Accepts until `stop` fires; each session gets a clone of `guard`.
-    pub async fn run(self, stop: Signal, guard: DrainGuard) {
+    /// Accepts until `stop` fires or the route is removed; each session gets a clone of `guard`.
+    pub async fn run(mut self, stop: Signal, guard: DrainGuard) {
         let route = self.sessions.route_name.clone();
         let mut backoff = Backoff::default();
         let at_cap = crate::logging::Squelch::default();
@@ -113,8 +130,26 @@ impl Listener {
                     break;
                 }
             }
-            let Some(accepted) = stop.unless(accept(&self.socket)).await else {
-                break;
+            let accepted = async { Ok(accept(&self.socket).await) };
+            let accepted = match stop
+                .unless(rt::race(accepted, async { Err(control(&self.retarget).await) }))
+                .await
+            {
+                Some(Ok(accepted)) => accepted,
+                Some(Err(Control::Retarget(sessions))) => {
+                    let backlog = sessions.route.backlog;
+                    if backlog != self.sessions.route.backlog {
+                        // listen(2) again on a listening socket sets its backlog anew.
+                        let set = socket2::SockRef::from(self.socket.get_ref())
+                            .listen(i32::try_from(backlog).unwrap_or(i32::MAX));
+                        if let Err(e) = set {
+                            log::warn!(route = &*route, err:% = e; "cannot change the backlog");
+                        }
+                    }
+                    self.sessions = sessions;
+                    continue;
+                }
+                Some(Err(Control::Stop)) | None => break,
             };
             match accepted {
                 Ok((stream, peer)) => {

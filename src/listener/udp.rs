@@ -20,7 +20,10 @@ const FLOW_QUEUE: usize = 64;
 
 pub(crate) struct UdpListener {
     pub endpoint: Arc<Endpoint>,
+    /// The context new flows get; live flows keep the one they started with.
     pub sessions: RouteContext,
+    /// As the TCP listener's: a reload's new context, or (dropped) the route's removal.
+    pub retarget: flume::Receiver<RouteContext>,
 }
 
 struct Entry {
@@ -31,6 +34,7 @@ struct Entry {
 enum Event {
     Datagram(io::Result<(usize, SocketAddr, Option<IpAddr>)>),
     Ended(FlowEnded),
+    Control(super::Control),
     Stop,
 }
 
@@ -50,7 +54,7 @@ impl UdpListener {
 
     /// Receives until `stop` fires. Dropping the table then closes every flow's queue; the flows
     /// finish on their own (see `session::udp`).
-    pub async fn run(self, stop: Signal, guard: DrainGuard) {
+    pub async fn run(mut self, stop: Signal, guard: DrainGuard) {
         let max = self.sessions.route.max_flows.get();
         // One notice per flow; the loop reads notices before datagrams, so a flow rarely waits here.
         let (ended_tx, ended) = flume::bounded(max);
@@ -65,7 +69,8 @@ impl UdpListener {
         let mut backoff = super::Backoff::default();
         loop {
             match self.next(&mut buf, &ended, &stop).await {
-                Event::Stop => break,
+                Event::Stop | Event::Control(super::Control::Stop) => break,
+                Event::Control(super::Control::Retarget(sessions)) => self.sessions = sessions,
                 Event::Ended(end) => {
                     if flows.table.get(&end.client).is_some_and(|e| e.id == end.id) {
                         flows.table.remove(&end.client);
@@ -85,7 +90,8 @@ impl UdpListener {
         log::info!(route = &*self.sessions.route_name, flows = flows.table.len(); "listener stopped");
     }
 
-    /// Stop first, then flow ends, then datagrams: a flood cannot starve the bookkeeping.
+    /// Stop first, then reloads and flow ends, then datagrams: a flood cannot starve the
+    /// bookkeeping.
     async fn next(&self, buf: &mut [u8], ended: &flume::Receiver<FlowEnded>, stop: &Signal) -> Event {
         let stopped = async {
             stop.wait().await;
@@ -98,8 +104,9 @@ impl UdpListener {
                 Err(_) => pending().await,
             }
         };
+        let control = async { Event::Control(super::control(&self.retarget).await) };
         let datagram = async { Event::Datagram(self.endpoint.recv(buf).await) };
-        rt::race(stopped, rt::race(end, datagram)).await
+        rt::race(rt::race(stopped, control), rt::race(end, datagram)).await
     }
 
     fn deliver(&self, flows: &mut Flows, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {

@@ -143,6 +143,13 @@ impl<T> std::fmt::Debug for JoinHandle<T> {
     }
 }
 
+impl<T> JoinHandle<T> {
+    /// True once the task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.0.as_ref().is_none_or(async_executor::Task::is_finished)
+    }
+}
+
 impl<T> Future for JoinHandle<T> {
     type Output = T;
 

@@ -97,6 +97,21 @@ impl Backend {
         .await
     }
 
+    /// Writes its name and a newline, then echoes as [`Backend::echo`] does: a client learns
+    /// which backend it reached and checks its bytes came back whole.
+    pub async fn named_echo(name: &'static str) -> Backend {
+        Backend::serve(name, |stream, name, _| {
+            Box::pin(async move {
+                let (mut r, mut w) = (&stream, &stream);
+                if w.write_all(format!("{name}\n").as_bytes()).await.is_ok() {
+                    let _ = async_std::io::copy(&mut r, &mut w).await;
+                }
+                let _ = stream.shutdown(Shutdown::Write);
+            })
+        })
+        .await
+    }
+
     /// Writes its name and closes: which backend answered is what the client reads.
     pub async fn greeter(name: &'static str) -> Backend {
         Backend::serve(name, |mut stream, name, _| {

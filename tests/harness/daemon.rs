@@ -76,6 +76,16 @@ impl Daemon {
         }
     }
 
+    /// Writes `config` over the file the daemon was started on (a SIGHUP then reloads it).
+    pub fn rewrite(&self, config: &str) {
+        std::fs::write(&self._config.0, config).expect("rewrite the config");
+    }
+
+    /// The config file's path.
+    pub fn config_path(&self) -> &std::path::Path {
+        &self._config.0
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
@@ -94,6 +104,11 @@ impl Daemon {
                 Err(flume::RecvTimeoutError::Disconnected) => return None,
             }
         }
+    }
+
+    /// The lines already logged (and read by `wait_for`) that satisfy `want`, oldest first.
+    pub fn logged(&self, want: impl Fn(&str) -> bool) -> Vec<String> {
+        self.seen.borrow().iter().filter(|l| want(l)).cloned().collect()
     }
 
     /// The address `route` listens on, from its "listening" log line.
@@ -154,7 +169,7 @@ pub fn lines(output: impl std::io::Read + Send + 'static, tag: &'static str) -> 
     lines
 }
 
-/// Runs `relayd ARGS…` to completion: (exit code, stderr).
+/// Runs `relayd ARGS…` to completion: (exit code, stdout and stderr).
 pub fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(RELAYD)
         .args(args)
@@ -163,6 +178,6 @@ pub fn run(args: &[&str]) -> (i32, String) {
         .expect("run relayd");
     (
         out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned(),
     )
 }

@@ -53,6 +53,12 @@ impl Harness {
         &self.relay
     }
 
+    /// Reloads the relay with RON text (which must be valid); the changes, or why none.
+    pub async fn reload(&mut self, ron: &str) -> Result<Vec<relayd::config::Change>, relayd::StartError> {
+        let settings = Config::parse(ron, "test").expect("test config parses").validate();
+        within(self.relay.reload(settings.expect("test config is valid"))).await
+    }
+
     pub fn addr(&self, route: &str) -> SocketAddr {
         self.relay.local_addr(route).expect("route exists")
     }

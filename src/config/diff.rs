@@ -1,0 +1,229 @@
+//! What a reload changes: the running [`Settings`] against a new file's, in the words the
+//! reload logs and `relayd --check` prints (`route web: backend 10.0.0.3:80 added`).
+
+use std::fmt::Debug;
+
+use super::{Backend, Egress, Route, Settings};
+
+/// One difference between two configs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub line: String,
+    /// Only a restart applies it (`workers`, the status address); a reload leaves it as it runs.
+    pub restart: bool,
+}
+
+impl std::fmt::Display for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.restart {
+            false => f.write_str(&self.line),
+            true => write!(f, "{} (takes effect after a restart)", self.line),
+        }
+    }
+}
+
+/// Values longer than this are said to have "changed", not shown.
+const SHOWN_MAX: usize = 48;
+
+/// Every difference from `old` to `new`, relay-wide first, then egresses, then routes in the
+/// new file's order (removed routes last).
+pub fn diff(old: &Settings, new: &Settings) -> Vec<Change> {
+    let mut out = Changes::default();
+    out.field("", "log_level", &old.log_level, &new.log_level);
+    out.field("", "drain_timeout", &old.drain_timeout, &new.drain_timeout);
+    out.field("", "status_allow", &old.status_allow, &new.status_allow);
+    out.field("", "max_connections", &old.max_connections, &new.max_connections);
+    out.field("", "splice", &old.splice, &new.splice);
+    out.restart = true;
+    out.field("", "status", &old.status, &new.status);
+    out.field("", "workers", &old.workers, &new.workers);
+    out.field("", "mailbox", &old.mailbox, &new.mailbox);
+    out.restart = false;
+    for e in &new.egress {
+        match old.egress.iter().find(|o| o.name == e.name) {
+            None => out.say(format!("egress {}: added", e.name)),
+            Some(o) => egress(&mut out, o, e),
+        }
+    }
+    for o in old
+        .egress
+        .iter()
+        .filter(|o| new.egress.iter().all(|e| e.name != o.name))
+    {
+        out.say(format!("egress {}: removed", o.name));
+    }
+    for r in &new.routes {
+        match old.routes.iter().find(|o| o.name == r.name) {
+            None => out.say(format!("route {}: added ({:?} on {})", r.name, r.protocol, r.listen)),
+            Some(o) => route(&mut out, (old, o), (new, r)),
+        }
+    }
+    for o in old
+        .routes
+        .iter()
+        .filter(|o| new.routes.iter().all(|r| r.name != o.name))
+    {
+        out.say(format!("route {}: removed (its live sessions drain)", o.name));
+    }
+    out.list
+}
+
+/// The changes found so far; `restart` marks those found while it is set.
+#[derive(Default)]
+struct Changes {
+    list: Vec<Change>,
+    restart: bool,
+}
+
+impl Changes {
+    fn say(&mut self, line: String) {
+        self.list.push(Change {
+            line,
+            restart: self.restart,
+        });
+    }
+
+    /// `prefix` `name`: `old → new` (or `changed`, for long values), when they differ.
+    fn field<T: PartialEq + Debug>(&mut self, prefix: &str, name: &str, old: &T, new: &T) {
+        if old == new {
+            return;
+        }
+        let (a, b) = (shown(old), shown(new));
+        let line = match a.len().max(b.len()) <= SHOWN_MAX {
+            true => format!("{prefix}{name} {a} → {b}"),
+            false => format!("{prefix}{name} changed"),
+        };
+        self.say(line);
+    }
+}
+
+/// A value as the diff shows it: `Option`s without their `Some(..)`.
+fn shown<T: Debug>(value: &T) -> String {
+    let text = format!("{value:?}");
+    match text.strip_prefix("Some(").and_then(|t| t.strip_suffix(')')) {
+        Some(inner) => inner.to_string(),
+        None if text == "None" => "none".into(),
+        None => text,
+    }
+}
+
+fn egress(out: &mut Changes, old: &Egress, new: &Egress) {
+    let at = format!("egress {}: ", old.name);
+    out.field(&at, "device", &old.device, &new.device);
+    out.field(&at, "source", &old.source, &new.source);
+    out.field(&at, "options", &old.options, &new.options);
+    out.field(&at, "via_proxy", &old.via_proxy, &new.via_proxy);
+}
+
+/// The names of a backend's or route's egresses, as its own settings list them.
+fn egress_names(settings: &Settings, ids: &[super::EgressId]) -> Vec<String> {
+    (ids.iter())
+        .map(|id| {
+            settings
+                .egress
+                .get(id.0)
+                .map_or_else(|| format!("#{}", id.0), |e| e.name.clone())
+        })
+        .collect()
+}
+
+fn route(out: &mut Changes, (olds, old): (&Settings, &Route), (news, new): (&Settings, &Route)) {
+    let at = format!("route {}: ", old.name);
+    out.field(&at, "listen", &old.listen, &new.listen);
+    out.field(&at, "protocol", &old.protocol, &new.protocol);
+    out.field(&at, "listen_device", &old.listen_device, &new.listen_device);
+    out.field(&at, "backlog", &old.backlog, &new.backlog);
+    out.field(&at, "balance", &old.balance, &new.balance);
+    let (og, ng) = (egress_names(olds, &old.egress), egress_names(news, &new.egress));
+    out.field(&at, "egress", &og, &ng);
+    out.field(&at, "egress_strategy", &old.egress_strategy, &new.egress_strategy);
+    out.field(&at, "connect_timeout", &old.connect_timeout, &new.connect_timeout);
+    out.field(&at, "connect_attempts", &old.connect_attempts, &new.connect_attempts);
+    out.field(&at, "timeouts", &old.timeouts, &new.timeouts);
+    out.field(&at, "max_flows", &old.max_flows, &new.max_flows);
+    out.field(&at, "connect", &old.connect, &new.connect);
+    out.field(&at, "health", &old.health, &new.health);
+    out.field(&at, "resolve_interval", &old.resolve_interval, &new.resolve_interval);
+    out.field(&at, "clients", &old.clients, &new.clients);
+    out.field(&at, "max_connections", &old.max_connections, &new.max_connections);
+    out.field(&at, "queue_timeout", &old.queue_timeout, &new.queue_timeout);
+    out.field(&at, "send_proxy", &old.send_proxy, &new.send_proxy);
+    out.field(&at, "accept_proxy", &old.accept_proxy, &new.accept_proxy);
+    out.field(&at, "sni", &old.sni, &new.sni);
+    for b in &new.backends {
+        match old.backends.iter().find(|o| o.addr == b.addr) {
+            None => out.say(format!("{at}backend {} added", b.addr)),
+            Some(o) => backend(out, &at, (olds, o), (news, b)),
+        }
+    }
+    for o in old
+        .backends
+        .iter()
+        .filter(|o| new.backends.iter().all(|b| b.addr != o.addr))
+    {
+        out.say(format!("{at}backend {} removed", o.addr));
+    }
+}
+
+fn backend(out: &mut Changes, at: &str, (olds, old): (&Settings, &Backend), (news, new): (&Settings, &Backend)) {
+    let at = format!("{at}backend {} ", old.addr);
+    out.field(&at, "weight", &old.weight, &new.weight);
+    let (og, ng) = (egress_names(olds, &old.egress), egress_names(news, &new.egress));
+    out.field(&at, "egress", &og, &ng);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Config;
+
+    fn settings(text: &str) -> Settings {
+        Config::parse(text, "test").unwrap().validate().unwrap()
+    }
+
+    fn lines(old: &str, new: &str) -> Vec<String> {
+        diff(&settings(old), &settings(new))
+            .iter()
+            .map(Change::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn a_diff_names_each_change_in_words() {
+        let old = r#"(workers: 2, egress: {"up1": (device: "eth1")}, routes: [
+            (name: "web", listen: "127.0.0.1:8080", backends: [(addr: "10.0.0.1:80"), (addr: "10.0.0.2:80")]),
+            (name: "gone", listen: "127.0.0.1:8081", backends: [(addr: "10.0.0.1:81")])])"#;
+        let new = r#"(workers: 3, drain_timeout: "10s", egress: {"up1": (device: "eth2")}, routes: [
+            (name: "web", listen: "127.0.0.1:8080", balance: LeastConnections,
+                backends: [(addr: "10.0.0.1:80", weight: 5), (addr: "10.0.0.3:80", egress: "up1")]),
+            (name: "new", listen: "127.0.0.1:8082", backends: [(addr: "10.0.0.1:82")])])"#;
+        assert_eq!(
+            lines(old, new),
+            [
+                "drain_timeout 30s → 10s",
+                "workers 2 → 3 (takes effect after a restart)",
+                "egress up1: device \"eth1\" → \"eth2\"",
+                "route web: balance RoundRobin → LeastConnections",
+                "route web: backend 10.0.0.1:80 weight 1 → 5",
+                "route web: backend 10.0.0.3:80 added",
+                "route web: backend 10.0.0.2:80 removed",
+                "route new: added (Tcp on 127.0.0.1:8082)",
+                "route gone: removed (its live sessions drain)",
+            ]
+        );
+        assert!(lines(old, old).is_empty(), "the same file changes nothing");
+    }
+
+    #[test]
+    fn a_changed_password_is_a_change_that_shows_no_secret() {
+        let with = |password: &str| {
+            format!(
+                r#"(routes: [(name: "p", listen: "127.0.0.1:3128", protocol: HttpConnect,
+                    connect: (auth: [(user: "u", password: "{password}")]))])"#
+            )
+        };
+        let changed = lines(&with("old-secret"), &with("new-secret"));
+        assert_eq!(changed.len(), 1, "{changed:?}");
+        assert!(!changed[0].contains("secret"), "{changed:?}");
+    }
+}
