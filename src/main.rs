@@ -140,16 +140,16 @@ fn compare_with_running(addr: &relayd::config::StatusAddr, new: &relayd::Setting
 fn fetch_config(addr: &relayd::config::StatusAddr) -> Result<String, String> {
     use relayd::config::StatusAddr;
     use std::io::{Read, Write};
-    let patience = Some(std::time::Duration::from_secs(3));
+    let patience = std::time::Duration::from_secs(3);
     let mut stream: Box<dyn ReadWrite> = match addr {
         StatusAddr::Tcp(addr) => {
-            let stream = std::net::TcpStream::connect_timeout(addr, patience.unwrap()).map_err(|e| e.to_string())?;
-            stream.set_read_timeout(patience).map_err(|e| e.to_string())?;
+            let stream = std::net::TcpStream::connect_timeout(addr, patience).map_err(|e| e.to_string())?;
+            stream.set_read_timeout(Some(patience)).map_err(|e| e.to_string())?;
             Box::new(stream)
         }
         StatusAddr::Unix(path) => {
             let stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| e.to_string())?;
-            stream.set_read_timeout(patience).map_err(|e| e.to_string())?;
+            stream.set_read_timeout(Some(patience)).map_err(|e| e.to_string())?;
             Box::new(stream)
         }
     };

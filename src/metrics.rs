@@ -7,17 +7,19 @@
 //! egresses come from the config (and what its names resolve to), reasons from a fixed list.
 //! Client addresses are never labels.
 
-use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::TypedMetric;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::balancer::{HealthState, RouteSnapshot};
+use crate::balancer::{BackendSnapshot, HealthState, RouteSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -31,9 +33,15 @@ struct EndLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct BytesLabels {
+struct StatusLabels {
     route: String,
-    direction: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    route: String,
+    direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,11 +54,25 @@ struct BackendLabels {
 struct StateLabels {
     route: String,
     backend: String,
-    state: String,
+    state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CheckLabels {
+    route: String,
+    backend: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DialLabels {
+    route: String,
+    backend: String,
+    egress: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FaultLabels {
     route: String,
     backend: String,
     egress: String,
@@ -64,13 +86,20 @@ struct EgressLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressBytesLabels {
+    egress: String,
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
-    result: String,
+    result: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
-    version: String,
+    version: &'static str,
+    revision: &'static str,
 }
 
 type Seconds = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -91,29 +120,47 @@ fn epoch_seconds() -> i64 {
     since.unwrap_or_default().as_secs() as i64
 }
 
+/// A session's end as the metrics count it.
+pub(crate) struct Ended<'a> {
+    pub route: &'a str,
+    /// How it ended (`done`, `idle_timeout`...).
+    pub reason: &'static str,
+    /// The status an HTTP CONNECT was refused with.
+    pub refused: Option<u16>,
+    pub egress: Option<&'a str>,
+    /// Bytes and datagrams, up (client to backend) and down.
+    pub bytes: (u64, u64),
+    pub datagrams: (u64, u64),
+    pub lasted: Duration,
+}
+
 /// The relay's metrics. Cheap to share (`Arc`); every family is lock-free to count into once
 /// its label set exists.
 pub struct Metrics {
     registry: Registry,
     sessions_opened: Family<RouteLabels, Counter>,
     sessions_ended: Family<EndLabels, Counter>,
-    bytes: Family<BytesLabels, Counter>,
+    sessions_active: Family<RouteLabels, Gauge>,
+    connect_refusals: Family<StatusLabels, Counter>,
+    bytes: Family<DirectionLabels, Counter>,
+    datagrams: Family<DirectionLabels, Counter>,
     session_seconds: Seconds,
     connect_seconds: BackendSeconds,
-    connect_failures: Family<DialLabels, Counter>,
-    sessions_active: Family<RouteLabels, Gauge>,
-    backend_state: Family<StateLabels, Gauge>,
-    backend_active: Family<BackendLabels, Gauge>,
-    backend_sessions: Family<BackendLabels, Gauge>,
-    backend_failures: Family<BackendLabels, Gauge>,
-    egress_up: Family<EgressLabels, Gauge>,
+    connect_attempts: Family<DialLabels, Counter>,
+    connect_failures: Family<FaultLabels, Counter>,
+    backend_sessions: Family<BackendLabels, Counter>,
+    egress_bytes: Family<EgressBytesLabels, Counter>,
     udp_dropped: Family<EndLabels, Counter>,
     clients_refused: Family<RouteLabels, Counter>,
+    /// What the balancers said when the page was asked for.
+    standing: Arc<Standing>,
     open_fds: Gauge,
     resident_bytes: Gauge,
     reloads: Family<ResultLabels, Counter>,
     reload_ok: Gauge,
     reload_ok_at: Gauge,
+    /// One page at a time: a page's standing is the one its own snapshots gave.
+    rendering: Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -129,41 +176,58 @@ impl Metrics {
             registry: Registry::default(),
             sessions_opened: Family::default(),
             sessions_ended: Family::default(),
+            sessions_active: Family::default(),
+            connect_refusals: Family::default(),
             bytes: Family::default(),
+            datagrams: Family::default(),
             session_seconds: Family::new_with_constructor(session_buckets),
             connect_seconds: Family::new_with_constructor(connect_buckets),
+            connect_attempts: Family::default(),
             connect_failures: Family::default(),
-            sessions_active: Family::default(),
-            backend_state: Family::default(),
-            backend_active: Family::default(),
             backend_sessions: Family::default(),
-            backend_failures: Family::default(),
-            egress_up: Family::default(),
+            egress_bytes: Family::default(),
             udp_dropped: Family::default(),
             clients_refused: Family::default(),
+            standing: Arc::default(),
             open_fds: Gauge::default(),
             resident_bytes: Gauge::default(),
             reloads: Family::default(),
             reload_ok: Gauge::default(),
             reload_ok_at: Gauge::default(),
+            rendering: Mutex::new(()),
         };
         let r = &mut registry;
+        let sessions = "Sessions (a UDP route's: its flows)";
         r.register(
             "sessions_opened",
-            "Sessions (TCP connections, UDP flows) opened",
+            format!("{sessions} opened"),
             m.sessions_opened.clone(),
         );
         r.register(
             "sessions_ended",
-            "Sessions ended, by how they ended",
+            format!("{sessions} ended, by how they ended"),
             m.sessions_ended.clone(),
         );
-        r.register("sessions_active", "Sessions live now", m.sessions_active.clone());
+        r.register(
+            "sessions_active",
+            format!("{sessions} live now"),
+            m.sessions_active.clone(),
+        );
+        r.register(
+            "connect_refusals",
+            "HTTP CONNECT requests refused, by the status answered",
+            m.connect_refusals.clone(),
+        );
         r.register_with_unit(
             "relayed",
-            "Bytes relayed, by direction (up: client to backend)",
+            "Bytes relayed by ended sessions, by direction (up: client to backend)",
             Unit::Bytes,
             m.bytes.clone(),
+        );
+        r.register(
+            "udp_datagrams",
+            "UDP datagrams relayed by ended flows, by direction (up: client to backend)",
+            m.datagrams.clone(),
         );
         r.register_with_unit(
             "session_duration",
@@ -178,34 +242,25 @@ impl Metrics {
             m.connect_seconds.clone(),
         );
         r.register(
+            "connect_attempts",
+            "Dials of a backend by an egress",
+            m.connect_attempts.clone(),
+        );
+        r.register(
             "connect_failures",
-            "Failed dials, by whose fault they were",
+            "Failed dials, by whose fault they were (backend, egress, path, relay)",
             m.connect_failures.clone(),
         );
         r.register(
-            "backend_state",
-            "1 for the state each backend is in (up, down, draining, retired)",
-            m.backend_state.clone(),
-        );
-        r.register(
-            "backend_active_sessions",
-            "Live sessions per backend",
-            m.backend_active.clone(),
-        );
-        r.register(
-            "backend_picked_sessions",
-            "Sessions each backend was picked for",
+            "backend_sessions",
+            "Sessions each backend was connected for",
             m.backend_sessions.clone(),
         );
-        r.register(
-            "backend_connect_failures",
-            "Failed connects charged to each backend",
-            m.backend_failures.clone(),
-        );
-        r.register(
-            "egress_up",
-            "1 while an egress of the route is usable",
-            m.egress_up.clone(),
+        r.register_with_unit(
+            "egress",
+            "Bytes through each egress by ended sessions (out: to backends)",
+            Unit::Bytes,
+            m.egress_bytes.clone(),
         );
         r.register(
             "udp_datagrams_dropped",
@@ -217,6 +272,7 @@ impl Metrics {
             "Clients (connections, UDP datagrams) refused by the route's allow/deny lists",
             m.clients_refused.clone(),
         );
+        r.register_collector(Box::new(m.standing.clone()));
         r.register("open_fds", "Open file descriptors of the process", m.open_fds.clone());
         r.register_with_unit(
             "resident_memory",
@@ -251,21 +307,23 @@ impl Metrics {
             started,
         );
         let build = Family::<BuildLabels, Gauge>::default();
-        build
-            .get_or_create(&BuildLabels {
-                version: env!("CARGO_PKG_VERSION").into(),
-            })
-            .set(1);
-        r.register("build_info", "The relayd build: 1, labelled with its version", build);
+        let labels = BuildLabels {
+            version: env!("CARGO_PKG_VERSION"),
+            revision: env!("RELAYD_REVISION"),
+        };
+        build.get_or_create(&labels).set(1);
+        r.register(
+            "build_info",
+            "The relayd build: 1, labelled with its version and git revision",
+            build,
+        );
         Metrics { registry, ..m }
     }
 
     /// A reload applied (`ok`) or refused.
     pub(crate) fn reloaded(&self, ok: bool) {
         let result = if ok { "ok" } else { "failed" };
-        self.reloads
-            .get_or_create(&ResultLabels { result: result.into() })
-            .inc();
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
         self.reload_ok.set(i64::from(ok));
         if ok {
             self.reload_ok_at.set(epoch_seconds());
@@ -287,28 +345,48 @@ impl Metrics {
         self.udp_dropped.get_or_create(&labels).inc();
     }
 
-    /// A session's end: how (its word), how many bytes each way, how long.
-    pub(crate) fn session_ended(&self, route: &str, reason: &str, bytes: (u64, u64), lasted: Duration) {
-        let route = route.to_string();
+    pub(crate) fn session_ended(&self, report: Ended) {
+        let route = report.route.to_string();
         let ended = EndLabels {
             route: route.clone(),
-            reason: reason.into(),
+            reason: report.reason.into(),
         };
         self.sessions_ended.get_or_create(&ended).inc();
-        for (direction, n) in [("up", bytes.0), ("down", bytes.1)] {
-            if n > 0 {
-                let labels = BytesLabels {
-                    route: route.clone(),
-                    direction: direction.into(),
+        if let Some(status) = report.refused {
+            let labels = StatusLabels {
+                route: route.clone(),
+                status,
+            };
+            self.connect_refusals.get_or_create(&labels).inc();
+        }
+        let moved = [("up", "out", report.bytes.0), ("down", "in", report.bytes.1)];
+        for (direction, egress_direction, n) in moved.into_iter().filter(|m| m.2 > 0) {
+            let labels = DirectionLabels {
+                route: route.clone(),
+                direction,
+            };
+            self.bytes.get_or_create(&labels).inc_by(n);
+            if let Some(egress) = report.egress {
+                let labels = EgressBytesLabels {
+                    egress: egress.to_string(),
+                    direction: egress_direction,
                 };
-                self.bytes.get_or_create(&labels).inc_by(n);
+                self.egress_bytes.get_or_create(&labels).inc_by(n);
             }
+        }
+        let datagrams = [("up", report.datagrams.0), ("down", report.datagrams.1)];
+        for (direction, n) in datagrams.into_iter().filter(|d| d.1 > 0) {
+            let labels = DirectionLabels {
+                route: route.clone(),
+                direction,
+            };
+            self.datagrams.get_or_create(&labels).inc_by(n);
         }
         let labels = RouteLabels { route };
         self.sessions_active.get_or_create(&labels).dec();
         self.session_seconds
             .get_or_create(&labels)
-            .observe(lasted.as_secs_f64());
+            .observe(report.lasted.as_secs_f64());
     }
 
     pub(crate) fn client_refused(&self, route: &str) {
@@ -317,72 +395,47 @@ impl Metrics {
             .inc();
     }
 
-    pub(crate) fn connected(&self, route: &str, backend: std::net::SocketAddr, took: Duration) {
-        let labels = BackendLabels {
-            route: route.into(),
-            backend: backend.to_string(),
-        };
-        self.connect_seconds.get_or_create(&labels).observe(took.as_secs_f64());
-    }
-
-    pub(crate) fn dial_failed(
+    /// A dial of `backend` by `egress`: connected after so long, or failed through whose fault.
+    pub(crate) fn dialed(
         &self,
         route: &str,
         backend: std::net::SocketAddr,
         egress: &str,
-        fault: crate::error::Fault,
+        outcome: Result<Duration, crate::error::Fault>,
     ) {
-        let fault = format!("{fault:?}").to_ascii_lowercase();
-        let labels = DialLabels {
+        let dial = DialLabels {
             route: route.into(),
             backend: backend.to_string(),
             egress: egress.into(),
-            fault,
         };
-        self.connect_failures.get_or_create(&labels).inc();
+        self.connect_attempts.get_or_create(&dial).inc();
+        match outcome {
+            Ok(took) => {
+                let labels = BackendLabels {
+                    route: dial.route,
+                    backend: dial.backend,
+                };
+                self.backend_sessions.get_or_create(&labels).inc();
+                self.connect_seconds.get_or_create(&labels).observe(took.as_secs_f64());
+            }
+            Err(fault) => {
+                let labels = FaultLabels {
+                    route: dial.route,
+                    backend: dial.backend,
+                    egress: dial.egress,
+                    fault: format!("{fault:?}").to_ascii_lowercase(),
+                };
+                self.connect_failures.get_or_create(&labels).inc();
+            }
+        }
     }
 
-    /// The page: the state of every route (read from its balancer just now) and of the process,
-    /// then everything counted, in the OpenMetrics text format.
-    pub(crate) fn render(&self, routes: &[RouteSnapshot]) -> String {
-        for family in [&self.backend_active, &self.backend_sessions, &self.backend_failures] {
-            family.clear();
-        }
-        self.backend_state.clear();
-        self.egress_up.clear();
-        for route in routes {
-            let name = route.name.clone();
-            for b in &route.backends {
-                let labels = BackendLabels {
-                    route: name.clone(),
-                    backend: b.addr.to_string(),
-                };
-                self.backend_active.get_or_create(&labels).set(b.active as i64);
-                self.backend_sessions.get_or_create(&labels).set(b.sessions as i64);
-                self.backend_failures
-                    .get_or_create(&labels)
-                    .set(b.connect_failures as i64);
-                let state = match b.state {
-                    HealthState::Up => "up",
-                    HealthState::Down => "down",
-                    HealthState::Draining => "draining",
-                    HealthState::Retired => "retired",
-                };
-                let labels = StateLabels {
-                    route: name.clone(),
-                    backend: labels.backend,
-                    state: state.into(),
-                };
-                self.backend_state.get_or_create(&labels).set(1);
-            }
-            for e in &route.egresses {
-                let labels = EgressLabels {
-                    route: name.clone(),
-                    egress: e.name.clone(),
-                };
-                self.egress_up.get_or_create(&labels).set(i64::from(e.up));
-            }
-        }
+    /// The page: the standing of every route (read from its balancer just now) and of the
+    /// process, then everything counted, in the OpenMetrics text format (`openmetrics`) or
+    /// the Prometheus text format 0.0.4.
+    pub(crate) fn render(&self, routes: Vec<RouteSnapshot>, openmetrics: bool) -> String {
+        let _one = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
+        *self.standing.0.lock().unwrap_or_else(|e| e.into_inner()) = routes;
         if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
             self.open_fds.set(fds.count() as i64);
         }
@@ -390,12 +443,95 @@ impl Metrics {
             self.resident_bytes.set(rss);
         }
         let mut page = String::new();
-        let _ = prometheus_client::encoding::text::encode(&mut page, &self.registry);
-        if page.is_empty() {
-            let _ = writeln!(page, "# EOF");
-        }
+        let _ = match openmetrics {
+            true => prometheus_client::encoding::text::encode(&mut page, &self.registry),
+            false => prometheus_client::encoding::prometheus_text::encode(&mut page, &self.registry),
+        };
         page
     }
+}
+
+/// The balancers' word on their backends and egresses: gauges of what is, and the counters
+/// they keep (ejections, checks), encoded from the newest snapshots at each scrape.
+#[derive(Debug, Default)]
+struct Standing(Mutex<Vec<RouteSnapshot>>);
+
+impl Collector for Standing {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let routes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let backends =
+            || (routes.iter()).flat_map(|r| r.backends.iter().map(move |b| (r.name.clone(), b.addr.to_string(), b)));
+        let state = |b: &BackendSnapshot| match b.state {
+            HealthState::Up => "up",
+            HealthState::Down => "down",
+            HealthState::Trial => "trial",
+            HealthState::Draining => "draining",
+            HealthState::Retired => "retired",
+        };
+        encode(
+            &mut encoder,
+            "backend_state",
+            "1 for the state each backend is in (up, down, trial, draining, retired)",
+            backends().map(|(route, backend, b)| {
+                let state = state(b);
+                (StateLabels { route, backend, state }, ConstGauge::new(1))
+            }),
+        )?;
+        encode(
+            &mut encoder,
+            "backend_active_sessions",
+            "Live sessions per backend",
+            backends().map(|(route, backend, b)| (BackendLabels { route, backend }, ConstGauge::new(b.active as i64))),
+        )?;
+        encode(
+            &mut encoder,
+            "backend_ejections",
+            "Times each backend was taken out, by failed connects or checks",
+            backends().map(|(route, backend, b)| (BackendLabels { route, backend }, ConstCounter::new(b.ejections))),
+        )?;
+        encode(
+            &mut encoder,
+            "backend_checks",
+            "Active health checks of each backend, by result",
+            backends().flat_map(|(route, backend, b)| {
+                [("pass", b.checks[0]), ("fail", b.checks[1])].map(|(result, n)| {
+                    let labels = CheckLabels {
+                        route: route.clone(),
+                        backend: backend.clone(),
+                        result,
+                    };
+                    (labels, ConstCounter::new(n))
+                })
+            }),
+        )?;
+        let egresses = (routes.iter()).flat_map(|r| r.egresses.iter().map(move |e| (r.name.clone(), e)));
+        encode(
+            &mut encoder,
+            "egress_up",
+            "1 while an egress of the route is usable",
+            egresses.map(|(route, e)| {
+                let labels = EgressLabels {
+                    route,
+                    egress: e.name.clone(),
+                };
+                (labels, ConstGauge::new(i64::from(e.up)))
+            }),
+        )
+    }
+}
+
+/// One family of values read at the scrape.
+fn encode<L: EncodeLabelSet, M: EncodeMetric + TypedMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (L, M)>,
+) -> std::fmt::Result {
+    let mut family = encoder.encode_descriptor(name, help, None, M::TYPE)?;
+    for (labels, value) in samples {
+        value.encode(family.encode_family(&labels)?)?;
+    }
+    Ok(())
 }
 
 /// The process's resident set, from /proc/self/statm (pages).

@@ -239,28 +239,43 @@ async fn serve(mut stream: impl AsyncRead + AsyncWrite + Unpin, pages: Arc<Pages
     if complete.await != Some(true) {
         return;
     }
-    let response = if head.starts_with(b"GET /metrics ") || head.starts_with(b"GET /metrics?") {
-        let page = pages.metrics.render(&pages.snapshots().await);
-        let kind = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
-            page.len()
-        )
-    } else if head.starts_with(b"GET /config ") {
-        let page = &pages.config;
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
-            page.len()
-        )
-    } else if head.starts_with(b"GET ") {
-        let page = pages.render().await;
-        format!(
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{page}",
-            page.len()
-        )
-    } else {
-        "HTTP/1.0 405 Method Not Allowed\r\nAllow: GET\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_string()
+    let head = String::from_utf8_lossy(&head);
+    let mut request = head.split("\r\n");
+    let mut line = request.next().unwrap_or_default().split(' ');
+    let (method, target) = (line.next().unwrap_or_default(), line.next().unwrap_or_default());
+    let path = target.split('?').next().unwrap_or_default();
+    // What Prometheus asks for; promtool, curl and older scrapers get the classic format.
+    let openmetrics = request
+        .filter_map(|h| h.split_once(':'))
+        .any(|(name, value)| name.eq_ignore_ascii_case("accept") && value.contains("application/openmetrics-text"));
+    let (status, kind, page) = match (method, path) {
+        ("GET", "/metrics") if openmetrics => (
+            "200 OK",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            pages.metrics.render(pages.snapshots().await, true),
+        ),
+        ("GET", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            pages.metrics.render(pages.snapshots().await, false),
+        ),
+        ("GET", "/config") => ("200 OK", "text/plain; charset=utf-8", pages.config.to_string()),
+        ("GET", "/") => ("200 OK", "text/plain; charset=utf-8", pages.render().await),
+        ("GET", _) => (
+            "404 Not Found",
+            "text/plain; charset=utf-8",
+            "GET /, /metrics or /config\n".into(),
+        ),
+        _ => (
+            "405 Method Not Allowed",
+            "text/plain; charset=utf-8",
+            "only GET\n".into(),
+        ),
     };
+    let response = format!(
+        "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nAllow: GET\r\nConnection: close\r\n\r\n{page}",
+        page.len()
+    );
     let _ = stream.write_all(response.as_bytes()).await;
     let _ = stream.close().await;
 }

@@ -42,6 +42,8 @@ pub(super) struct BackendHealth {
     passing: u32,
     /// Ejections in a row, for the growing cool-down.
     ejections: u32,
+    /// Times it was taken out (by connects or checks), ever: a counter for the metrics.
+    downs: u64,
 }
 
 impl BackendHealth {
@@ -51,6 +53,7 @@ impl BackendHealth {
             failing: 0,
             passing: 0,
             ejections: 0,
+            downs: 0,
         }
     }
 
@@ -64,6 +67,15 @@ impl BackendHealth {
 
     pub fn is_up(&self) -> bool {
         self.state == State::Up
+    }
+
+    /// Out, its cool-down over: the next outcome decides.
+    pub fn on_trial(&self, now: Instant) -> bool {
+        !self.is_up() && self.usable(now)
+    }
+
+    pub fn downs(&self) -> u64 {
+        self.downs
     }
 
     pub fn failing(&self) -> u32 {
@@ -106,6 +118,7 @@ impl BackendHealth {
         self.failing = self.failing.saturating_add(1);
         if self.failing >= h.fall && self.state == State::Up {
             self.state = State::Down { until: None };
+            self.downs += 1;
             let last = verdict.err().unwrap_or_default();
             return Some(Change::Down {
                 why: format!("{} checks failed, the last: {last}", self.failing),
@@ -128,6 +141,7 @@ impl BackendHealth {
 
     fn eject(&mut self, now: Instant, h: &Health, last: &str) -> Change {
         self.ejections = self.ejections.saturating_add(1);
+        self.downs += 1;
         let cooldown = cooldown(h, self.ejections);
         self.state = State::Down {
             until: now.checked_add(cooldown),
@@ -215,6 +229,7 @@ impl Balancer {
         let Some(entry) = self.entries.iter_mut().find(|e| e.id == id) else {
             return;
         };
+        entry.checks[usize::from(verdict.is_err())] += 1;
         let change = entry
             .health
             .checked(verdict.as_ref().map(drop).map_err(String::as_str), &self.health);

@@ -47,6 +47,8 @@ pub struct Tried {
 pub enum HealthState {
     Up,
     Down,
+    /// Out, its cool-down over: the next session is its trial.
+    Trial,
     /// Weight 0: no new sessions, live ones go on.
     Draining,
     /// Its name no longer resolves to it: no new sessions, gone once its live ones end.
@@ -66,6 +68,10 @@ pub struct BackendSnapshot {
     pub connect_failures: u64,
     /// Failed connects or checks in a row.
     pub failing: u32,
+    /// Times it was taken out, by failed connects or checks.
+    pub ejections: u64,
+    /// Active checks passed and failed.
+    pub checks: [u64; 2],
 }
 
 /// One route as its balancer sees it.
@@ -251,6 +257,8 @@ struct Entry {
     active: u64,
     sessions: u64,
     connect_failures: u64,
+    /// Active checks passed, failed.
+    checks: [u64; 2],
     /// Smooth weighted round robin's running score.
     current: i64,
 }
@@ -363,6 +371,7 @@ impl Balancer {
     }
 
     fn snapshot(&self) -> (Vec<BackendSnapshot>, Vec<EgressSnapshot>) {
+        let now = std::time::Instant::now();
         let backends = (self.entries.iter())
             .map(|e| BackendSnapshot {
                 addr: e.addr,
@@ -370,6 +379,7 @@ impl Balancer {
                 weight: e.weight,
                 state: match (e.retired, e.weight, e.health.is_up()) {
                     (true, _, _) => HealthState::Retired,
+                    (_, _, false) if e.health.on_trial(now) => HealthState::Trial,
                     (_, _, false) => HealthState::Down,
                     (_, 0, _) => HealthState::Draining,
                     _ => HealthState::Up,
@@ -378,6 +388,8 @@ impl Balancer {
                 sessions: e.sessions,
                 connect_failures: e.connect_failures,
                 failing: e.health.failing(),
+                ejections: e.health.downs(),
+                checks: e.checks,
             })
             .collect();
         let mut names: Vec<EgressId> = self.route_egress.clone();

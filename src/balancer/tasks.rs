@@ -171,6 +171,7 @@ impl Balancer {
             active: 0,
             sessions: 0,
             connect_failures: 0,
+            checks: [0; 2],
             current: 0,
         });
         self.next_id += 1;

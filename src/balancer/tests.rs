@@ -247,3 +247,30 @@ fn a_reload_without_checks_brings_back_what_only_checks_could() {
     b.reconfigure(&settings(THREE).routes[0], b.egress_names.clone());
     assert_eq!(b.snapshot().0[1].state, HealthState::Up);
 }
+
+#[test]
+fn a_backend_out_is_on_trial_once_its_cooldown_ends_and_its_ejections_and_checks_are_counted() {
+    let mut b =
+        balancer(r#"backends: [(addr: "127.0.0.1:1"), (addr: "127.0.0.1:2")], health: (fall: 1, cooldown: "1ms")"#);
+    let first = b.entries[0].id;
+    b.connected(first, refused());
+    let out = std::time::Instant::now();
+    let state = |b: &Balancer| b.snapshot().0[0].state;
+    while state(&b) == HealthState::Down {
+        assert!(
+            out.elapsed() < std::time::Duration::from_secs(5),
+            "a 1 ms cool-down ends"
+        );
+        std::thread::yield_now();
+    }
+    assert_eq!(state(&b), HealthState::Trial);
+    // The trial fails: out again (the second ejection), for longer.
+    b.connected(first, refused());
+    assert_eq!(b.snapshot().0[0].ejections, 2);
+    b.checked(first, Err("refused".into()));
+    b.checked(first, Ok(()));
+    b.checked(first, Ok(()));
+    assert_eq!(b.snapshot().0[0].checks, [2, 1], "passed, failed");
+    assert_eq!(state(&b), HealthState::Up, "a passed check (rise 1) brings it back");
+    assert_eq!(b.snapshot().0[1].ejections, 0);
+}

@@ -78,6 +78,8 @@ pub struct SessionReport {
     pub bytes_up: u64,
     /// Backend to client.
     pub bytes_down: u64,
+    /// UDP datagrams, up and down (0 for TCP).
+    pub datagrams: (u64, u64),
     pub duration: Duration,
     pub end: SessionEnd,
     pub path: Transfer,
@@ -93,6 +95,7 @@ impl SessionReport {
             egress: None,
             bytes_up: 0,
             bytes_down: 0,
+            datagrams: (0, 0),
             duration: Duration::ZERO,
             end: SessionEnd::Forced,
             path: Transfer::NotRelayed,
@@ -246,8 +249,18 @@ impl RouteContext {
             };
             live.forced = matches!(report.end, SessionEnd::Forced);
             live.stats.relayed_by(report.path);
-            let bytes = (report.bytes_up, report.bytes_down);
-            (context.metrics).session_ended(&report.route, report.end.word(), bytes, report.duration);
+            (context.metrics).session_ended(crate::metrics::Ended {
+                route: &report.route,
+                reason: report.end.word(),
+                refused: match report.end {
+                    SessionEnd::Refused(status) => Some(status),
+                    _ => None,
+                },
+                egress: report.egress.as_deref(),
+                bytes: (report.bytes_up, report.bytes_down),
+                datagrams: report.datagrams,
+                lasted: report.duration,
+            });
             log_end(&report, &context);
             drop((live, guard));
             report
@@ -291,7 +304,12 @@ impl RouteContext {
             let started = std::time::Instant::now();
             let e = match dial(pick).await {
                 Ok(upstream) => {
-                    self.metrics.connected(&self.route_name, pick.addr, started.elapsed());
+                    (self.metrics).dialed(
+                        &self.route_name,
+                        pick.addr,
+                        &self.egress_name(&pick),
+                        Ok(started.elapsed()),
+                    );
                     if proves && pick.report_success {
                         let _ = self.balancer.connected(pick.backend, Ok(())).await;
                     }
@@ -301,8 +319,7 @@ impl RouteContext {
                 Err(e) => e,
             };
             let fault = e.fault().unwrap_or(Fault::Backend);
-            self.metrics
-                .dial_failed(&self.route_name, pick.addr, &self.egress_name(&pick), fault);
+            (self.metrics).dialed(&self.route_name, pick.addr, &self.egress_name(&pick), Err(fault));
             let _ = self.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
             if let Some(held) = self.dial_failures.admit() {
                 log::warn!(route = &*self.route_name, session = id.0, client:% = peer, backend:% = pick.addr,

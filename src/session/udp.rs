@@ -176,6 +176,7 @@ impl RouteContext {
                 return Leg::BackendFailed(e);
             }
             report.bytes_up += last.len() as u64;
+            report.datagrams.0 += 1;
         }
         let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
         let mut moved = Instant::now();
@@ -203,12 +204,16 @@ impl RouteContext {
                         return Leg::BackendFailed(e);
                     }
                     report.bytes_up += datagram.len() as u64;
+                    report.datagrams.0 += 1;
                     *last = datagram;
                     moved = Instant::now();
                 }
                 Event::Backend(Ok(forwarded)) => {
                     match forwarded {
-                        Some(n) => report.bytes_down += n as u64,
+                        Some(n) => {
+                            report.bytes_down += n as u64;
+                            report.datagrams.1 += 1;
+                        }
                         None => {
                             self.stats.dropped();
                             self.metrics.udp_dropped(&self.route_name, "client_unreachable");
