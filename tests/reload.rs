@@ -246,3 +246,52 @@ async fn a_reload_that_cannot_bind_changes_nothing_and_one_that_changes_nothing_
     assert!(same.is_empty(), "{same:?}");
     h.shutdown().await;
 }
+
+#[async_std::test]
+async fn a_changed_egress_applies_to_new_dials_and_a_live_session_keeps_its_socket() {
+    let echo = Backend::echo().await;
+    let with = |egress: &str, route_egress: &str| {
+        format!(
+            r#"(egress: {{{egress}}}, routes: [(name: "web", listen: "127.0.0.1:0", egress: "{route_egress}", backends: [(addr: "{}")])])"#,
+            echo.addr
+        )
+    };
+    let mut h = Harness::start(&with(r#""out": (source: "127.0.0.2")"#, "out"));
+    let round_trip = |stream: &mut TcpStream, payload: &'static [u8]| {
+        let mut stream = stream.clone();
+        async move {
+            stream.write_all(payload).await.unwrap();
+            let mut back = vec![0u8; payload.len()];
+            within(stream.read_exact(&mut back)).await.unwrap();
+            assert_eq!(back, payload);
+        }
+    };
+    let mut live = h.connect("web").await;
+    round_trip(&mut live, b"one").await;
+    assert_eq!(echo.next_accept().await.ip().to_string(), "127.0.0.2");
+
+    let changes = h.reload(&with(r#""out": (source: "127.0.0.3")"#, "out")).await.unwrap();
+    let said: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    assert!(said.iter().any(|c| c.starts_with("egress out: source")), "{said:?}");
+    let mut next = h.connect("web").await;
+    round_trip(&mut next, b"two").await;
+    assert_eq!(
+        echo.next_accept().await.ip().to_string(),
+        "127.0.0.3",
+        "a new dial, the new source"
+    );
+
+    // A new egress, and the route moved to it.
+    let both = r#""out": (source: "127.0.0.3"), "alt": (source: "127.0.0.4")"#;
+    let changes = h.reload(&with(both, "alt")).await.unwrap();
+    let said: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    assert!(said.iter().any(|c| c == "egress alt: added"), "{said:?}");
+    let mut third = h.connect("web").await;
+    round_trip(&mut third, b"three").await;
+    assert_eq!(echo.next_accept().await.ip().to_string(), "127.0.0.4");
+
+    // The first session, from before both reloads, still runs on its own socket.
+    round_trip(&mut live, b"still here").await;
+    drop((live, next, third));
+    assert_eq!(h.shutdown().await.forced, 0);
+}

@@ -29,12 +29,24 @@ pub(crate) struct Link {
     pub up: bool,
     /// The lower layer is up: a carrier, a peer (IFF_LOWER_UP).
     pub carrier: bool,
+    /// A loopback device (IFF_LOOPBACK): the kernel holds every address of its prefixes local.
+    pub loopback: bool,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Addr {
     pub index: u32,
     pub ip: IpAddr,
+    pub prefix: u8,
+}
+
+impl Addr {
+    /// True when `ip` is this address, or within its prefix on a loopback device (where
+    /// 127.0.0.1/8 makes 127.0.0.2 as much the host's own as 127.0.0.1).
+    fn holds(&self, ip: IpAddr, kernel: &Kernel) -> bool {
+        let on_loopback = || (kernel.links.iter()).any(|l| l.index == self.index && l.loopback);
+        self.ip == ip || (on_loopback() && ipnet::IpNet::new(self.ip, self.prefix).is_ok_and(|net| net.contains(&ip)))
+    }
 }
 
 /// Why the kernel's state leaves `egress` unusable; `None` while it is usable.
@@ -56,7 +68,7 @@ pub(crate) fn judge(egress: &Egress, kernel: &Kernel) -> Option<String> {
         }
     }
     if let Some(source) = egress.source {
-        let Some(addr) = kernel.addrs.iter().find(|a| a.ip == source) else {
+        let Some(addr) = kernel.addrs.iter().find(|a| a.holds(source, kernel)) else {
             return Some(format!("source {source} is no longer on the host"));
         };
         if let Some(why) = kernel.links.iter().find(|l| l.index == addr.index).and_then(link_down) {
@@ -129,18 +141,28 @@ mod tests {
                     name: "lo".into(),
                     up: true,
                     carrier: true,
+                    loopback: true,
                 },
                 Link {
                     index: 2,
                     name: "up1".into(),
                     up: true,
                     carrier: true,
+                    loopback: false,
                 },
             ],
-            addrs: vec![Addr {
-                index: 2,
-                ip: "198.18.1.1".parse().unwrap(),
-            }],
+            addrs: vec![
+                Addr {
+                    index: 1,
+                    ip: "127.0.0.1".parse().unwrap(),
+                    prefix: 8,
+                },
+                Addr {
+                    index: 2,
+                    ip: "198.18.1.1".parse().unwrap(),
+                    prefix: 24,
+                },
+            ],
             routes: vec![2],
         }
     }
@@ -170,6 +192,12 @@ mod tests {
         let mut no_route = k.clone();
         no_route.routes.clear();
         assert_eq!(judge(&dev, &no_route).as_deref(), Some("no route leaves by up1"));
+        // On a loopback device the prefix is the host's; elsewhere only the address is.
+        assert_eq!(judge(&egress(None, Some("127.0.0.2")), &k), None);
+        assert_eq!(
+            judge(&egress(None, Some("198.18.1.2")), &k).as_deref(),
+            Some("source 198.18.1.2 is no longer on the host")
+        );
         let mut no_addr = k.clone();
         no_addr.addrs.clear();
         assert_eq!(

@@ -150,6 +150,7 @@ fn link_of(link: &LinkMessage) -> Link {
         name,
         up: flags.contains(LinkFlags::Up),
         carrier: flags.contains(LinkFlags::LowerUp),
+        loopback: flags.contains(LinkFlags::Loopback),
     }
 }
 
@@ -166,6 +167,7 @@ fn addr_of(addr: &AddressMessage) -> Option<Addr> {
     found.map(|ip: IpAddr| Addr {
         index: addr.header.index,
         ip,
+        prefix: addr.header.prefix_len,
     })
 }
 

@@ -130,9 +130,10 @@ impl Listener {
                     break;
                 }
             }
+            // A reload's context first: a client that comes after the reload gets it.
             let accepted = async { Ok(accept(&self.socket).await) };
             let accepted = match stop
-                .unless(rt::race(accepted, async { Err(control(&self.retarget).await) }))
+                .unless(rt::race(async { Err(control(&self.retarget).await) }, accepted))
                 .await
             {
                 Some(Ok(accepted)) => accepted,

@@ -269,8 +269,17 @@ impl RouteContext {
         (id, task)
     }
 
+    /// The name of the picked egress. A session that began before a reload added egresses
+    /// can be offered one its context does not list: it is named by its number then.
     fn egress_name(&self, pick: &Pick) -> Arc<str> {
-        self.egress_names[pick.egress.0].clone()
+        self.egress_named(pick.egress)
+    }
+
+    fn egress_named(&self, egress: crate::config::EgressId) -> Arc<str> {
+        match self.egress_names.get(egress.0) {
+            Some(name) => name.clone(),
+            None => format!("#{}", egress.0).into(),
+        }
     }
 
     /// Tries the balancer's pairs until `dial` succeeds or the route's attempts run out. Each

@@ -156,7 +156,7 @@ impl RouteContext {
                     Err(e) => return Err(refused(502, target, e.to_string())),
                 };
                 match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
-                    Ok(upstream) => return Ok((upstream, *addr, self.egress_names[egress.0].clone())),
+                    Ok(upstream) => return Ok((upstream, *addr, self.egress_named(egress))),
                     Err(e) => {
                         let status = if matches!(e, DialError::Timeout { .. }) {
                             504
