@@ -204,12 +204,34 @@ pub async fn sleep(duration: Duration) {
 }
 
 /// `future`'s output, or `None` when `limit` passed first.
-pub async fn timeout<F: Future>(limit: Duration, future: F) -> Option<F::Output> {
-    race(async { Some(future.await) }, async {
-        Timer::after(limit).await;
-        None
-    })
-    .await
+pub fn timeout<F: Future>(limit: Duration, future: F) -> Timeout<F> {
+    Timeout {
+        future,
+        timer: Timer::after(limit),
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`timeout`]'s future. A combinator rather than an `async fn`: that would hold `future`
+    /// twice, as its argument and inside the race it awaits, for as long as it runs (a whole
+    /// session, for some callers).
+    pub struct Timeout<F> {
+        #[pin]
+        future: F,
+        timer: Timer,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
+            return Poll::Ready(Some(output));
+        }
+        Pin::new(this.timer).poll(cx).map(|_| None)
+    }
 }
 
 /// The addresses `host` resolves to, by the system resolver on the blocking pool.
@@ -469,5 +491,26 @@ mod tests {
             assert_eq!((before, inner), (first, first), "one worker: one thread for everything");
         }
         drop(runtime);
+    }
+
+    #[test]
+    fn a_timeout_gives_the_output_in_time_none_after_and_holds_its_future_once() {
+        assert_eq!(block_on(timeout(Duration::from_secs(10), async { 7 })), Some(7));
+        let never = std::future::pending::<()>();
+        assert_eq!(block_on(timeout(Duration::from_millis(1), never)), None);
+        // A future of 4 KiB: the timeout around it is that and a timer, not twice that.
+        let big = async {
+            let buf = [1u8; 4096];
+            std::future::ready(()).await;
+            buf[4095]
+        };
+        let size = std::mem::size_of_val(&big);
+        let wrapped = timeout(Duration::from_secs(1), big);
+        assert!(
+            std::mem::size_of_val(&wrapped) < size + 256,
+            "{} for {size}",
+            std::mem::size_of_val(&wrapped)
+        );
+        assert_eq!(block_on(wrapped), Some(1));
     }
 }

@@ -86,7 +86,7 @@ pub(super) enum HalfError {
 /// what it read and ended, so a backend's complete answer reaches the client even when the
 /// backend then resets the upload. A direction whose source aborted ends the pair at once.
 #[derive(Default)]
-pub(super) struct Ending {
+struct Ending {
     gone: Option<(Direction, io::Error)>,
 }
 
@@ -248,7 +248,7 @@ impl Half {
 pub(super) type Progress = (u64, bool, bool);
 
 /// The idle and fin timeouts of a relayed pair.
-pub(super) struct Idle {
+struct Idle {
     timeouts: Timeouts,
     timer: Timer,
     last: Instant,
@@ -293,27 +293,28 @@ impl Idle {
     }
 }
 
-/// The relay of one pair by copying: a future that ends with how the pair ended.
-pub struct Pump<'a, A: ?Sized, B: ?Sized> {
-    client: &'a mut A,
-    backend: &'a mut B,
-    up: Half,
-    down: Half,
+/// What moves a pair's bytes, a direction at a time: by copying ([`Copier`]) or by splice.
+pub(super) trait Halves {
+    /// Polls one direction: Ready(Ok) once its reader has ended and its writer is closed.
+    fn poll_half(&mut self, direction: Direction, cx: &mut Context<'_>) -> Poll<Result<(), HalfError>>;
+    fn done(&self, direction: Direction) -> bool;
+    /// Bytes moved so far: (client to backend, backend to client).
+    fn bytes(&self) -> (u64, u64);
+}
+
+/// The relay of one pair: a future that ends with how the pair ended. `H` moves the bytes;
+/// how the pair ends (half-close, a gone destination, an abort) and the idle and fin
+/// timeouts are the same whichever way they move.
+pub struct Pair<H> {
+    halves: H,
     ending: Ending,
     idle: Idle,
 }
 
-impl<'a, A, B> Pump<'a, A, B>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
-    pub fn new(client: &'a mut A, backend: &'a mut B, timeouts: Timeouts) -> Self {
-        Pump {
-            client,
-            backend,
-            up: Half::default(),
-            down: Half::default(),
+impl<H: Halves> Pair<H> {
+    pub(super) fn with(halves: H, timeouts: Timeouts) -> Self {
+        Pair {
+            halves,
             ending: Ending::default(),
             idle: Idle::new(timeouts),
         }
@@ -321,44 +322,91 @@ where
 
     /// Bytes moved so far: (client to backend, backend to client).
     pub fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes, self.down.bytes)
+        self.halves.bytes()
+    }
+
+    pub(super) fn halves(&self) -> &H {
+        &self.halves
     }
 
     fn progress(&self) -> Progress {
-        (self.up.bytes + self.down.bytes, self.up.done, self.down.done)
-    }
-
-    fn poll_halves(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        if !self.up.done && self.ending.runs(Direction::Up) {
-            let polled = (self.up).poll(cx, Pin::new(&mut *self.client), Pin::new(&mut *self.backend));
-            if let Some(end) = self.ending.note(Direction::Up, polled) {
-                return Some(end);
-            }
-        }
-        if !self.down.done && self.ending.runs(Direction::Down) {
-            let polled = (self.down).poll(cx, Pin::new(&mut *self.backend), Pin::new(&mut *self.client));
-            if let Some(end) = self.ending.note(Direction::Down, polled) {
-                return Some(end);
-            }
-        }
-        self.ending.over(self.up.done, self.down.done)
+        let (up, down) = self.halves.bytes();
+        let done = |d| self.halves.done(d);
+        (up + down, done(Direction::Up), done(Direction::Down))
     }
 }
 
-impl<A, B> Future for Pump<'_, A, B>
-where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
-{
+impl<H: Halves + Unpin> Future for Pair<H> {
     type Output = End;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
         let before = this.progress();
-        if let Some(end) = this.poll_halves(cx) {
+        for direction in [Direction::Up, Direction::Down] {
+            if !this.halves.done(direction) && this.ending.runs(direction) {
+                let polled = this.halves.poll_half(direction, cx);
+                if let Some(end) = this.ending.note(direction, polled) {
+                    return Poll::Ready(end);
+                }
+            }
+        }
+        let (up, down) = (this.halves.done(Direction::Up), this.halves.done(Direction::Down));
+        if let Some(end) = this.ending.over(up, down) {
             return Poll::Ready(end);
         }
         let after = this.progress();
         this.idle.poll(cx, before, after)
+    }
+}
+
+/// A pair's bytes moved by copying, between any two streams.
+pub struct Copier<'a, A: ?Sized, B: ?Sized> {
+    client: &'a mut A,
+    backend: &'a mut B,
+    up: Half,
+    down: Half,
+}
+
+/// The relay of one pair by copying.
+pub type Pump<'a, A, B> = Pair<Copier<'a, A, B>>;
+
+impl<'a, A, B> Pump<'a, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    pub fn new(client: &'a mut A, backend: &'a mut B, timeouts: Timeouts) -> Self {
+        let halves = Copier {
+            client,
+            backend,
+            up: Half::default(),
+            down: Half::default(),
+        };
+        Pair::with(halves, timeouts)
+    }
+}
+
+impl<A, B> Halves for Copier<'_, A, B>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    fn poll_half(&mut self, direction: Direction, cx: &mut Context<'_>) -> Poll<Result<(), HalfError>> {
+        let (client, backend) = (Pin::new(&mut *self.client), Pin::new(&mut *self.backend));
+        match direction {
+            Direction::Up => self.up.poll(cx, client, backend),
+            Direction::Down => self.down.poll(cx, backend, client),
+        }
+    }
+
+    fn done(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Up => self.up.done,
+            Direction::Down => self.down.done,
+        }
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        (self.up.bytes, self.down.bytes)
     }
 }

@@ -6,7 +6,6 @@
 //! direction copies instead (counted), and nothing is lost.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -17,7 +16,7 @@ use std::task::{Context, Poll};
 use futures::ready;
 
 use super::Transfer;
-use super::pump::{BUDGET, Direction, End, Ending, Half, HalfError, Idle, Progress};
+use super::pump::{BUDGET, Direction, Half, HalfError, Halves, Pair};
 use crate::config::Timeouts;
 use crate::rt::{self, Async, TcpConn};
 
@@ -203,74 +202,64 @@ impl Drop for SpliceHalf {
     }
 }
 
-/// The relay of a TCP pair by splice: a future that ends with how the pair ended.
-pub struct SplicePump<'a> {
+/// A TCP pair's bytes moved by splice (by copying where there is no pipe to be had).
+pub struct Splicer<'a> {
     client: &'a TcpConn,
     backend: &'a TcpConn,
     up: SpliceHalf,
     down: SpliceHalf,
-    ending: Ending,
-    idle: Idle,
 }
+
+/// The relay of a TCP pair by splice.
+pub type SplicePump<'a> = Pair<Splicer<'a>>;
 
 impl<'a> SplicePump<'a> {
     pub fn new(client: &'a TcpConn, backend: &'a TcpConn, timeouts: Timeouts) -> Self {
-        SplicePump {
+        let halves = Splicer {
             client,
             backend,
             up: SpliceHalf::default(),
             down: SpliceHalf::default(),
-            ending: Ending::default(),
-            idle: Idle::new(timeouts),
-        }
-    }
-
-    /// Bytes moved so far: (client to backend, backend to client).
-    pub fn bytes(&self) -> (u64, u64) {
-        (self.up.bytes(), self.down.bytes())
+        };
+        Pair::with(halves, timeouts)
     }
 
     /// How the bytes moved: by splice at all, and with a fallback for want of a pipe.
     pub fn path(&self) -> Transfer {
-        let spliced = self.up.spliced + self.down.spliced > 0;
-        match (spliced, self.up.fell_back || self.down.fell_back) {
+        let Splicer { up, down, .. } = self.halves();
+        let spliced = up.spliced + down.spliced > 0;
+        match (spliced, up.fell_back || down.fell_back) {
             (_, true) => Transfer::SpliceThenCopy,
             (true, false) => Transfer::Splice,
             (false, false) => Transfer::Copy,
         }
     }
-
-    fn progress(&self) -> Progress {
-        (self.up.bytes() + self.down.bytes(), self.up.done(), self.down.done())
-    }
 }
 
-impl Future for SplicePump<'_> {
-    type Output = End;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
-        let this = self.get_mut();
-        let before = this.progress();
+impl Halves for Splicer<'_> {
+    fn poll_half(&mut self, direction: Direction, cx: &mut Context<'_>) -> Poll<Result<(), HalfError>> {
         // A direction that ends after the other one has ends the pair: the sockets are closed
         // next, and the close sends its FIN.
-        this.up.copy.last = this.down.done();
-        if !this.up.done() && this.ending.runs(Direction::Up) {
-            let polled = this.up.poll(cx, this.client, this.backend);
-            if let Some(end) = this.ending.note(Direction::Up, polled) {
-                return Poll::Ready(end);
+        match direction {
+            Direction::Up => {
+                self.up.copy.last = self.down.done();
+                self.up.poll(cx, self.client, self.backend)
+            }
+            Direction::Down => {
+                self.down.copy.last = self.up.done();
+                self.down.poll(cx, self.backend, self.client)
             }
         }
-        this.down.copy.last = this.up.done();
-        if !this.down.done() && this.ending.runs(Direction::Down) {
-            let polled = this.down.poll(cx, this.backend, this.client);
-            if let Some(end) = this.ending.note(Direction::Down, polled) {
-                return Poll::Ready(end);
-            }
+    }
+
+    fn done(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Up => self.up.done(),
+            Direction::Down => self.down.done(),
         }
-        if let Some(end) = this.ending.over(this.up.done(), this.down.done()) {
-            return Poll::Ready(end);
-        }
-        let after = this.progress();
-        this.idle.poll(cx, before, after)
+    }
+
+    fn bytes(&self) -> (u64, u64) {
+        (self.up.bytes(), self.down.bytes())
     }
 }
