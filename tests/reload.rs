@@ -295,3 +295,62 @@ async fn a_changed_egress_applies_to_new_dials_and_a_live_session_keeps_its_sock
     drop((live, next, third));
     assert_eq!(h.shutdown().await.forced, 0);
 }
+
+/// A port nobody listens on now (bound, then let go).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[async_std::test]
+async fn a_renamed_route_and_two_routes_that_swap_addresses_keep_their_sockets() {
+    let (a, b) = (Backend::named_echo("a").await, Backend::named_echo("b").await);
+    let (p, q) = (free_port(), free_port());
+    let two = |first: &str, at_p: SocketAddr, second: &str, at_q: SocketAddr| {
+        format!(
+            r#"(drain_timeout: "2s", routes: [(name: "{first}", listen: "127.0.0.1:{p}", backends: [(addr: "{at_p}")]),
+                (name: "{second}", listen: "127.0.0.1:{q}", backends: [(addr: "{at_q}")])])"#
+        )
+    };
+    let (on_p, on_q): (SocketAddr, SocketAddr) = (
+        format!("127.0.0.1:{p}").parse().unwrap(),
+        format!("127.0.0.1:{q}").parse().unwrap(),
+    );
+    let mut h = Harness::start(&two("web", a.addr, "api", b.addr));
+    assert_eq!(reached(on_p, 1).await, ["a"]);
+    let mut live = TcpStream::connect(on_p).await.unwrap();
+    live.write_all(b"before").await.unwrap();
+
+    // "web" becomes "www" on the same address: the socket stays open, and new clients get the
+    // new route (here: its backend b).
+    let changes = h.reload(&two("www", b.addr, "api", b.addr)).await.unwrap();
+    let said: Vec<String> = changes.iter().map(ToString::to_string).collect();
+    assert!(said.iter().any(|c| c.starts_with("route www: added")), "{said:?}");
+    assert_eq!(reached(on_p, 2).await, ["b", "b"]);
+    assert_eq!(h.relay().local_addr("www"), Some(on_p));
+
+    // The two routes swap addresses in one reload: each takes the other's socket.
+    h.reload(&format!(
+        r#"(drain_timeout: "2s", routes: [(name: "www", listen: "127.0.0.1:{q}", backends: [(addr: "{}")]),
+            (name: "api", listen: "127.0.0.1:{p}", backends: [(addr: "{}")])])"#,
+        b.addr, a.addr
+    ))
+    .await
+    .expect("a swap binds nothing new");
+    assert_eq!(
+        reached(on_p, 2).await,
+        ["a", "a"],
+        "api's backend, on web's old address"
+    );
+    assert_eq!(reached(on_q, 1).await, ["b"]);
+
+    // The session from before the rename ran on through both reloads, with its old route.
+    live.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    within(live.read_to_end(&mut got)).await.unwrap();
+    assert_eq!(got, b"a\nbefore");
+    assert_eq!(h.shutdown().await.forced, 0);
+}

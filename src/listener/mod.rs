@@ -32,6 +32,37 @@ pub(crate) enum Bound {
     Udp(Endpoint),
 }
 
+/// A second descriptor of a route's listening socket, which the relay keeps: a reload hands
+/// the socket to whichever route listens on its address next (a route renamed, or moved
+/// there), so the socket never closes and no client is refused.
+pub(crate) enum Held {
+    Tcp(TcpListener),
+    Udp(std::net::UdpSocket, bool),
+}
+
+impl Bound {
+    pub fn hold(&self) -> io::Result<Held> {
+        match self {
+            Bound::Tcp(socket) => Ok(Held::Tcp(socket.get_ref().try_clone()?)),
+            Bound::Udp(endpoint) => endpoint.duplicate().map(|(socket, pktinfo)| Held::Udp(socket, pktinfo)),
+        }
+    }
+}
+
+impl Held {
+    /// The held socket, ready for `route`'s listener (a TCP socket takes its backlog).
+    pub fn bound(&self, route: &Route) -> io::Result<Bound> {
+        match self {
+            Held::Tcp(socket) => {
+                let socket = socket.try_clone()?;
+                socket2::SockRef::from(&socket).listen(i32::try_from(route.backlog).unwrap_or(i32::MAX))?;
+                Ok(Bound::Tcp(Async::new(socket)?))
+            }
+            Held::Udp(socket, pktinfo) => Endpoint::from_socket(socket.try_clone()?, *pktinfo).map(Bound::Udp),
+        }
+    }
+}
+
 /// Binds a route's listening socket, as its protocol needs.
 pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
     let bound = match route.protocol {

@@ -58,6 +58,19 @@ impl Endpoint {
         self.socket.get_ref().local_addr()
     }
 
+    /// A second descriptor of the same socket, and whether it reads destinations: what
+    /// [`Endpoint::from_socket`] makes an endpoint of again.
+    pub fn duplicate(&self) -> io::Result<(UdpSocket, bool)> {
+        Ok((self.socket.get_ref().try_clone()?, self.pktinfo))
+    }
+
+    pub fn from_socket(socket: UdpSocket, pktinfo: bool) -> io::Result<Endpoint> {
+        Ok(Endpoint {
+            socket: Async::new(socket)?,
+            pktinfo,
+        })
+    }
+
     /// The next datagram: its length, sender and (on a wildcard socket) destination address.
     pub async fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<IpAddr>)> {
         if self.pktinfo {

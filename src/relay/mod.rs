@@ -114,6 +114,8 @@ struct RouteEntry {
     helpers: Trigger,
     /// The route's own `max_connections`, kept across reloads.
     gate: Option<Arc<limits::Gate>>,
+    /// Its listening socket, for the route that listens on its address after a reload.
+    held: Option<listener::Held>,
 }
 
 impl RouteEntry {
@@ -295,6 +297,7 @@ impl Relay {
             force,
             helpers,
             gate,
+            held: None,
         });
     }
 
@@ -336,6 +339,9 @@ impl Relay {
                     // A new slot: the old one's listener (on the old address) stops.
                     self.routes[i].retarget = Slot::new();
                     let (sessions, retarget) = (self.routes[i].sessions.clone(), self.routes[i].retarget.receiver());
+                    // Without a second descriptor (none left) the route still serves; a reload
+                    // that moves its address then binds anew.
+                    self.routes[i].held = socket.hold().ok();
                     let listen = self.start_listener(socket, sessions, retarget);
                     let name = &*self.routes[i].sessions.route_name;
                     log::info!(route = name, protocol:? = self.routes[i].sessions.route.protocol, addr:% = listen; "listening");

@@ -73,15 +73,28 @@ impl Relay {
             })
             .collect();
         let routes: Vec<Route> = new.routes.iter().cloned().map(|r| remap(r, &ids)).collect();
-        // Every new socket first: one that cannot be bound fails the reload untouched.
+        // Every new socket first: one that cannot be bound fails the reload untouched. A
+        // route on an address another route leaves (a rename, a move) takes that socket.
         let mut sockets = Vec::with_capacity(routes.len());
         for route in &routes {
             let kept = self
                 .route(&route.name)
                 .is_some_and(|e| same_socket(&e.sessions.route, route));
+            let inherited = || {
+                let leaves = |e: &&RouteEntry| {
+                    let stays =
+                        (routes.iter()).any(|r| r.name == e.sessions.route.name && same_socket(&e.sessions.route, r));
+                    route.listen.port() != 0 && same_socket(&e.sessions.route, route) && !stays
+                };
+                let donor = self.routes.iter().find(leaves)?;
+                self.enter(|| donor.held.as_ref()?.bound(route).ok())
+            };
             sockets.push(match kept {
                 true => None,
-                false => Some(self.enter(|| listener::bind(route))?),
+                false => match inherited() {
+                    Some(socket) => Some(socket),
+                    None => Some(self.enter(|| listener::bind(route))?),
+                },
             });
         }
         if egresses != self.egresses {
