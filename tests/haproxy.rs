@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Stdio};
 
 use harness::daemon::{TempFile, lines};
-use harness::{Harness, PATIENCE};
+use harness::{Harness, PATIENCE, free_port};
 
 /// Kills HAProxy when the test ends, however it ends.
 struct Haproxy(std::process::Child);
@@ -19,10 +19,6 @@ impl Drop for Haproxy {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// HAProxy with `frontends` (listen port, server address, server options), started and

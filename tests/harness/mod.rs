@@ -20,6 +20,12 @@ use relayd::{Config, Conn, Relay, SessionReport, ShutdownReport};
 /// The longest any single wait may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A loopback port free for TCP (bound, then let go) for tools that need a fixed one.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    listener.local_addr().unwrap().port()
+}
+
 /// A synthetic client's address, as reported in logs and session reports.
 pub const SYNTHETIC_PEER: &str = "192.0.2.1:40000";
 

@@ -1,0 +1,107 @@
+//! A real Prometheus server scrapes relayd's `/metrics` (it asks for OpenMetrics) and its
+//! queries give back what a known workload counted. `.ci/run` installs prometheus; elsewhere
+//! the test skips, saying why, if it is missing.
+
+mod harness;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use async_std::prelude::*;
+use harness::backend::Backend;
+use harness::daemon::TempFile;
+use harness::{Harness, PATIENCE, free_port, within};
+
+/// Stops Prometheus when the test ends, however it ends.
+struct Server(std::process::Child, std::path::PathBuf);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
+/// The value of an instant query's single sample (from Prometheus' JSON, by its shape:
+/// `"value":[<time>,"<value>"]`); `None` while there is none.
+fn query(port: u16, expr: &str) -> Option<String> {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5", "-G", "--data-urlencode"])
+        .arg(format!("query={expr}"))
+        .arg(format!("http://127.0.0.1:{port}/api/v1/query"))
+        .output()
+        .ok()?;
+    let body = String::from_utf8_lossy(&out.stdout).to_string();
+    let value = body.split(r#""value":["#).nth(1)?;
+    let value = value.split(']').next()?.split(',').nth(1)?;
+    Some(value.trim_matches('"').to_string())
+}
+
+#[async_std::test]
+async fn prometheus_scrapes_the_metrics_and_its_queries_count_the_workload() {
+    if Command::new("prometheus").arg("--version").output().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI=true, yet prometheus is missing (.ci/run installs it)"
+        );
+        eprintln!("SKIPPED: prometheus is needed (apt-get install prometheus)");
+        return;
+    }
+    let echo = Backend::echo().await;
+    let h = Harness::start(&format!(
+        r#"(status: "127.0.0.1:0", routes: [(name: "web", listen: "127.0.0.1:0", backends: [(addr: "{}")])])"#,
+        echo.addr
+    ));
+    for _ in 0..3 {
+        let mut client = h.connect("web").await;
+        client.write_all(b"hello").await.unwrap();
+        let mut echoed = [0u8; 5];
+        within(client.read_exact(&mut echoed)).await.unwrap();
+        assert_eq!(&echoed, b"hello");
+    }
+    h.relay().stats().until(|s| s.active() == 0).await;
+
+    let status = h.relay().status_addr().unwrap();
+    let config = TempFile::new(
+        "prometheus.yml",
+        &format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: relayd\n    static_configs:\n      - targets: [\"{status}\"]\n"
+        ),
+    );
+    let port = free_port();
+    let data = std::env::temp_dir().join(format!("relayd-prometheus-{}", std::process::id()));
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config.0.display()))
+        .arg(format!("--storage.tsdb.path={}", data.display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start prometheus");
+    let _server = Server(child, data);
+
+    // Bounded: Prometheus starts, scrapes once a second, and then answers.
+    let began = Instant::now();
+    let sessions = r#"relayd_sessions_opened_total{job="relayd",route="web"}"#;
+    while query(port, sessions).as_deref() != Some("3") {
+        assert!(began.elapsed() < 2 * PATIENCE, "Prometheus never saw 3 sessions");
+        async_std::task::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(query(port, r#"up{job="relayd"}"#).as_deref(), Some("1"));
+    let bytes = r#"sum(relayd_relayed_bytes_total{route="web"})"#;
+    assert_eq!(query(port, bytes).as_deref(), Some("30"), "5 bytes each way, 3 times");
+    let state = format!(
+        r#"relayd_backend_state{{route="web",backend="{}",state="up"}}"#,
+        echo.addr
+    );
+    assert_eq!(query(port, &state).as_deref(), Some("1"));
+    let connects = r#"sum(relayd_connect_duration_seconds_count{route="web"})"#;
+    assert_eq!(
+        query(port, connects).as_deref(),
+        Some("3"),
+        "the histogram is read as one"
+    );
+    assert_eq!(h.shutdown().await.forced, 0);
+}
