@@ -171,7 +171,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("relayd");
+        // relayd's own metrics under `relayd_`; the process's under the names every
+        // Prometheus client gives them (`process_open_fds`...), which dashboards expect.
+        let mut registry = Registry::default();
         let m = Metrics {
             registry: Registry::default(),
             sessions_opened: Family::default(),
@@ -196,7 +198,7 @@ impl Metrics {
             reload_ok_at: Gauge::default(),
             rendering: Mutex::new(()),
         };
-        let r = &mut registry;
+        let r = registry.sub_registry_with_prefix("relayd");
         let sessions = "Sessions (a UDP route's: its flows)";
         r.register(
             "sessions_opened",
@@ -273,13 +275,6 @@ impl Metrics {
             m.clients_refused.clone(),
         );
         r.register_collector(Box::new(m.standing.clone()));
-        r.register("open_fds", "Open file descriptors of the process", m.open_fds.clone());
-        r.register_with_unit(
-            "resident_memory",
-            "Resident memory of the process",
-            Unit::Bytes,
-            m.resident_bytes.clone(),
-        );
         r.register(
             "config_reloads",
             "Config reloads, by result (ok, failed: the running config was kept)",
@@ -298,14 +293,6 @@ impl Metrics {
         );
         m.reload_ok.set(1);
         m.reload_ok_at.set(epoch_seconds());
-        let started = Gauge::<i64>::default();
-        started.set(epoch_seconds());
-        r.register_with_unit(
-            "start_time",
-            "When the relay started, in seconds since the epoch",
-            Unit::Seconds,
-            started,
-        );
         let build = Family::<BuildLabels, Gauge>::default();
         let labels = BuildLabels {
             version: env!("CARGO_PKG_VERSION"),
@@ -317,6 +304,14 @@ impl Metrics {
             "The relayd build: 1, labelled with its version and git revision",
             build,
         );
+        let process = registry.sub_registry_with_prefix("process");
+        process.register("open_fds", "Open file descriptors", m.open_fds.clone());
+        let resident = m.resident_bytes.clone();
+        process.register_with_unit("resident_memory", "Resident memory", Unit::Bytes, resident);
+        let started = Gauge::<i64>::default();
+        started.set(epoch_seconds());
+        let start = "When the process started, in seconds since the epoch";
+        process.register_with_unit("start_time", start, Unit::Seconds, started);
         Metrics { registry, ..m }
     }
 
@@ -451,6 +446,9 @@ impl Metrics {
     }
 }
 
+/// Every state a backend can be in, each a series of `backend_state`.
+const STATES: [&str; 5] = ["up", "down", "trial", "draining", "retired"];
+
 /// The balancers' word on their backends and egresses: gauges of what is, and the counters
 /// they keep (ejections, checks), encoded from the newest snapshots at each scrape.
 #[derive(Debug, Default)]
@@ -461,7 +459,7 @@ impl Collector for Standing {
         let routes = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let backends =
             || (routes.iter()).flat_map(|r| r.backends.iter().map(move |b| (r.name.clone(), b.addr.to_string(), b)));
-        let state = |b: &BackendSnapshot| match b.state {
+        let now = |b: &BackendSnapshot| match b.state {
             HealthState::Up => "up",
             HealthState::Down => "down",
             HealthState::Trial => "trial",
@@ -471,10 +469,16 @@ impl Collector for Standing {
         encode(
             &mut encoder,
             "backend_state",
-            "1 for the state each backend is in (up, down, trial, draining, retired)",
-            backends().map(|(route, backend, b)| {
-                let state = state(b);
-                (StateLabels { route, backend, state }, ConstGauge::new(1))
+            "1 for the state each backend is in, 0 for the others (up, down, trial, draining, retired)",
+            backends().flat_map(|(route, backend, b)| {
+                STATES.map(|state| {
+                    let labels = StateLabels {
+                        route: route.clone(),
+                        backend: backend.clone(),
+                        state,
+                    };
+                    (labels, ConstGauge::new(i64::from(state == now(b))))
+                })
             }),
         )?;
         encode(

@@ -157,6 +157,8 @@ async fn metrics_count_a_known_workload_and_promtool_finds_nothing_to_fix() {
         (format!("relayd_connect_duration_seconds_count{{{live_b}}}"), 3.0),
         (format!(r#"relayd_backend_state{{{dead_b},state="down"}}"#), 1.0),
         (format!(r#"relayd_backend_state{{{live_b},state="up"}}"#), 1.0),
+        (format!(r#"relayd_backend_state{{{live_b},state="down"}}"#), 0.0),
+        (format!(r#"relayd_backend_state{{{dead_b},state="up"}}"#), 0.0),
         (format!("relayd_backend_ejections_total{{{dead_b}}}"), 1.0),
         (format!("relayd_backend_ejections_total{{{live_b}}}"), 0.0),
         (format!(r#"relayd_backend_checks_total{{{live_b},result="fail"}}"#), 0.0),
@@ -179,9 +181,11 @@ async fn metrics_count_a_known_workload_and_promtool_finds_nothing_to_fix() {
     for (name, value) in &want {
         assert_eq!(sample(body, name), Some(*value), "{name} in\n{body}");
     }
-    assert!(sample(body, "relayd_open_fds").is_some_and(|n| n > 0.0), "{body}");
+    let started = sample(body, "process_start_time_seconds").expect("the start time");
+    assert!(started > 1.6e9, "seconds since the epoch: {started}");
+    assert!(sample(body, "process_open_fds").is_some_and(|n| n > 0.0), "{body}");
     assert!(
-        sample(body, "relayd_resident_memory_bytes").is_some_and(|n| n > 0.0),
+        sample(body, "process_resident_memory_bytes").is_some_and(|n| n > 0.0),
         "{body}"
     );
     let build = body
