@@ -127,11 +127,44 @@ pub(crate) struct Ended<'a> {
     pub reason: &'static str,
     /// The status an HTTP CONNECT was refused with.
     pub refused: Option<u16>,
-    pub egress: Option<&'a str>,
-    /// Bytes and datagrams, up (client to backend) and down.
-    pub bytes: (u64, u64),
-    pub datagrams: (u64, u64),
     pub lasted: Duration,
+}
+
+/// A session's hold on the byte and datagram counters of its route and egress, counted as
+/// they move: a session of hours shows on the page while it runs, not only once it ends. The
+/// counters are looked up once, when the session starts; each count is then an atomic add.
+pub(crate) struct Meter {
+    /// Bytes up and down.
+    bytes: [Counter; 2],
+    /// Datagrams up and down (UDP flows only).
+    datagrams: Option<[Counter; 2]>,
+    /// The egress's bytes out and in, once the session has one.
+    egress: Option<[Counter; 2]>,
+    /// What was counted so far: bytes up, down, datagrams up, down.
+    counted: [u64; 4],
+}
+
+impl Meter {
+    /// The session's totals so far: what is new since the last call is counted.
+    pub fn moved(&mut self, bytes: (u64, u64), datagrams: (u64, u64)) {
+        let totals = [bytes.0, bytes.1, datagrams.0, datagrams.1];
+        let mut new = [0u64; 4];
+        for (i, total) in totals.into_iter().enumerate() {
+            new[i] = total.saturating_sub(self.counted[i]);
+            self.counted[i] = self.counted[i].max(total);
+        }
+        for (i, n) in new[..2].iter().enumerate().filter(|(_, n)| **n > 0) {
+            self.bytes[i].inc_by(*n);
+            if let Some(egress) = &self.egress {
+                egress[i].inc_by(*n);
+            }
+        }
+        if let Some(datagrams) = &self.datagrams {
+            for (i, n) in new[2..].iter().enumerate().filter(|(_, n)| **n > 0) {
+                datagrams[i].inc_by(*n);
+            }
+        }
+    }
 }
 
 /// The relay's metrics. Cheap to share (`Arc`); every family is lock-free to count into once
@@ -222,13 +255,13 @@ impl Metrics {
         );
         r.register_with_unit(
             "relayed",
-            "Bytes relayed by ended sessions, by direction (up: client to backend)",
+            "Bytes relayed, by direction (up: client to backend)",
             Unit::Bytes,
             m.bytes.clone(),
         );
         r.register(
             "udp_datagrams",
-            "UDP datagrams relayed by ended flows, by direction (up: client to backend)",
+            "UDP datagrams relayed, by direction (up: client to backend)",
             m.datagrams.clone(),
         );
         r.register_with_unit(
@@ -260,7 +293,7 @@ impl Metrics {
         );
         r.register_with_unit(
             "egress",
-            "Bytes through each egress by ended sessions (out: to backends)",
+            "Bytes through each egress (out: to backends)",
             Unit::Bytes,
             m.egress_bytes.clone(),
         );
@@ -354,34 +387,42 @@ impl Metrics {
             };
             self.connect_refusals.get_or_create(&labels).inc();
         }
-        let moved = [("up", "out", report.bytes.0), ("down", "in", report.bytes.1)];
-        for (direction, egress_direction, n) in moved.into_iter().filter(|m| m.2 > 0) {
-            let labels = DirectionLabels {
-                route: route.clone(),
-                direction,
-            };
-            self.bytes.get_or_create(&labels).inc_by(n);
-            if let Some(egress) = report.egress {
-                let labels = EgressBytesLabels {
-                    egress: egress.to_string(),
-                    direction: egress_direction,
-                };
-                self.egress_bytes.get_or_create(&labels).inc_by(n);
-            }
-        }
-        let datagrams = [("up", report.datagrams.0), ("down", report.datagrams.1)];
-        for (direction, n) in datagrams.into_iter().filter(|d| d.1 > 0) {
-            let labels = DirectionLabels {
-                route: route.clone(),
-                direction,
-            };
-            self.datagrams.get_or_create(&labels).inc_by(n);
-        }
         let labels = RouteLabels { route };
         self.sessions_active.get_or_create(&labels).dec();
         self.session_seconds
             .get_or_create(&labels)
             .observe(report.lasted.as_secs_f64());
+    }
+
+    /// A meter for a session of `route` (a UDP flow's counts datagrams too).
+    pub(crate) fn meter(&self, route: &str, udp: bool) -> Meter {
+        let counters = |family: &Family<DirectionLabels, Counter>| {
+            ["up", "down"].map(|direction| {
+                let labels = DirectionLabels {
+                    route: route.into(),
+                    direction,
+                };
+                family.get_or_create(&labels).clone()
+            })
+        };
+        Meter {
+            bytes: counters(&self.bytes),
+            datagrams: udp.then(|| counters(&self.datagrams)),
+            egress: None,
+            counted: [0; 4],
+        }
+    }
+
+    /// From now on `meter` counts its bytes for `egress` too (a flow that moves off an
+    /// egress counts for the next).
+    pub(crate) fn by_egress(&self, meter: &mut Meter, egress: &str) {
+        meter.egress = Some(["out", "in"].map(|direction| {
+            let labels = EgressBytesLabels {
+                egress: egress.into(),
+                direction,
+            };
+            self.egress_bytes.get_or_create(&labels).clone()
+        }));
     }
 
     pub(crate) fn client_refused(&self, route: &str) {

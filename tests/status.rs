@@ -314,3 +314,48 @@ async fn the_status_page_serves_on_a_unix_socket_and_its_config_page_hides_secre
     assert_eq!(h.shutdown().await.forced, 0);
     assert!(!path.exists(), "the socket file goes with the relay");
 }
+
+#[async_std::test]
+async fn bytes_and_datagrams_are_counted_while_a_session_lives() {
+    let echo = Backend::echo().await;
+    let udp = harness::udp::UdpBackend::echo().await;
+    let h = Harness::start(&format!(
+        r#"(status: "127.0.0.1:0", routes: [(name: "web", listen: "127.0.0.1:0", backends: [(addr: "{}")]),
+            (name: "dns", listen: "127.0.0.1:0", protocol: Udp, backends: [(addr: "{}")])])"#,
+        echo.addr, udp.addr
+    ));
+    let status = h.relay().status_addr().unwrap();
+    let mut live = h.connect("web").await;
+    let socket = harness::udp::client(h.addr("dns")).await;
+    let get = || fetch(status, b"GET /metrics HTTP/1.1\r\n\r\n");
+    for round in 1..=3u32 {
+        live.write_all(b"0123456789").await.unwrap();
+        let mut echoed = [0u8; 10];
+        harness::within(live.read_exact(&mut echoed)).await.unwrap();
+        assert_eq!(harness::udp::round_trip(&socket, b"ping").await, b"ping");
+        // Counted just after they are sent on: wait for the counts (bounded), not for a time.
+        let (tcp, datagrams, out) = (f64::from(10 * round), f64::from(round), f64::from(14 * round));
+        let want = [
+            (r#"relayd_relayed_bytes_total{route="web",direction="up"}"#, tcp),
+            (r#"relayd_relayed_bytes_total{route="web",direction="down"}"#, tcp),
+            (r#"relayd_sessions_active{route="web"}"#, 1.0),
+            (r#"relayd_udp_datagrams_total{route="dns",direction="up"}"#, datagrams),
+            (r#"relayd_udp_datagrams_total{route="dns",direction="down"}"#, datagrams),
+            (r#"relayd_egress_bytes_total{egress="default",direction="out"}"#, out),
+        ];
+        let began = std::time::Instant::now();
+        loop {
+            let page = get().await;
+            if want.iter().all(|(name, value)| sample(&page, name) == Some(*value)) {
+                break;
+            }
+            assert!(
+                began.elapsed() < harness::PATIENCE,
+                "round {round}: {want:?} in\n{page}"
+            );
+            async_std::task::yield_now().await;
+        }
+    }
+    drop(live);
+    assert_eq!(h.shutdown().await.forced, 0);
+}

@@ -256,9 +256,6 @@ impl RouteContext {
                     SessionEnd::Refused(status) => Some(status),
                     _ => None,
                 },
-                egress: report.egress.as_deref(),
-                bytes: (report.bytes_up, report.bytes_down),
-                datagrams: report.datagrams,
                 lasted: report.duration,
             });
             log_end(&report, &context);

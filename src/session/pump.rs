@@ -16,6 +16,7 @@ use futures::io::{AsyncRead, AsyncWrite};
 use futures::ready;
 
 use crate::config::Timeouts;
+use crate::metrics::Meter;
 use crate::rt::Timer;
 
 /// Bytes one read may take.
@@ -309,14 +310,17 @@ pub struct Pair<H> {
     halves: H,
     ending: Ending,
     idle: Idle,
+    /// The bytes are counted as they move.
+    meter: Meter,
 }
 
 impl<H: Halves> Pair<H> {
-    pub(super) fn with(halves: H, timeouts: Timeouts) -> Self {
+    pub(super) fn with(halves: H, timeouts: Timeouts, meter: Meter) -> Self {
         Pair {
             halves,
             ending: Ending::default(),
             idle: Idle::new(timeouts),
+            meter,
         }
     }
 
@@ -342,20 +346,30 @@ impl<H: Halves + Unpin> Future for Pair<H> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<End> {
         let this = self.get_mut();
         let before = this.progress();
+        let polled = this.poll_halves(cx, before);
+        if this.progress().0 != before.0 {
+            this.meter.moved(this.halves.bytes(), (0, 0));
+        }
+        polled
+    }
+}
+
+impl<H: Halves> Pair<H> {
+    fn poll_halves(&mut self, cx: &mut Context<'_>, before: Progress) -> Poll<End> {
         for direction in [Direction::Up, Direction::Down] {
-            if !this.halves.done(direction) && this.ending.runs(direction) {
-                let polled = this.halves.poll_half(direction, cx);
-                if let Some(end) = this.ending.note(direction, polled) {
+            if !self.halves.done(direction) && self.ending.runs(direction) {
+                let polled = self.halves.poll_half(direction, cx);
+                if let Some(end) = self.ending.note(direction, polled) {
                     return Poll::Ready(end);
                 }
             }
         }
-        let (up, down) = (this.halves.done(Direction::Up), this.halves.done(Direction::Down));
-        if let Some(end) = this.ending.over(up, down) {
+        let (up, down) = (self.halves.done(Direction::Up), self.halves.done(Direction::Down));
+        if let Some(end) = self.ending.over(up, down) {
             return Poll::Ready(end);
         }
-        let after = this.progress();
-        this.idle.poll(cx, before, after)
+        let after = self.progress();
+        self.idle.poll(cx, before, after)
     }
 }
 
@@ -375,14 +389,14 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    pub fn new(client: &'a mut A, backend: &'a mut B, timeouts: Timeouts) -> Self {
+    pub fn new(client: &'a mut A, backend: &'a mut B, timeouts: Timeouts, meter: Meter) -> Self {
         let halves = Copier {
             client,
             backend,
             up: Half::default(),
             down: Half::default(),
         };
-        Pair::with(halves, timeouts)
+        Pair::with(halves, timeouts, meter)
     }
 }
 

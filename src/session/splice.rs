@@ -18,6 +18,7 @@ use futures::ready;
 use super::Transfer;
 use super::pump::{BUDGET, Direction, Half, HalfError, Halves, Pair};
 use crate::config::Timeouts;
+use crate::metrics::Meter;
 use crate::rt::{self, Async, TcpConn};
 
 /// Pipes alive at once in the whole process (in use and kept); two descriptors each.
@@ -214,14 +215,14 @@ pub struct Splicer<'a> {
 pub type SplicePump<'a> = Pair<Splicer<'a>>;
 
 impl<'a> SplicePump<'a> {
-    pub fn new(client: &'a TcpConn, backend: &'a TcpConn, timeouts: Timeouts) -> Self {
+    pub fn new(client: &'a TcpConn, backend: &'a TcpConn, timeouts: Timeouts, meter: Meter) -> Self {
         let halves = Splicer {
             client,
             backend,
             up: SpliceHalf::default(),
             down: SpliceHalf::default(),
         };
-        Pair::with(halves, timeouts)
+        Pair::with(halves, timeouts, meter)
     }
 
     /// How the bytes moved: by splice at all, and with a fallback for want of a pipe.

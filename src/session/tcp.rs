@@ -201,17 +201,21 @@ impl RouteContext {
         log::debug!(route = &*self.route_name, session = report.id.0, client:% = report.peer,
             backend:? = report.backend; "session relaying");
         let timeouts = self.route.timeouts;
+        let mut meter = self.metrics.meter(&self.route_name, false);
+        if let Some(egress) = &report.egress {
+            self.metrics.by_egress(&mut meter, egress);
+        }
         let tcp_client = (client as &mut dyn Any)
             .downcast_mut::<TcpConn>()
             .filter(|_| self.splice);
         let end = if let Some(tcp_client) = tcp_client {
-            let mut pump = SplicePump::new(tcp_client, upstream, timeouts);
+            let mut pump = SplicePump::new(tcp_client, upstream, timeouts, meter);
             let end = self.force.unless(&mut pump).await;
             (report.bytes_up, report.bytes_down) = pump.bytes();
             report.path = pump.path();
             end
         } else {
-            let mut pump = Pump::new(client, upstream, timeouts);
+            let mut pump = Pump::new(client, upstream, timeouts, meter);
             let end = self.force.unless(&mut pump).await;
             (report.bytes_up, report.bytes_down) = pump.bytes();
             report.path = Transfer::Copy;

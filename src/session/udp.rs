@@ -15,6 +15,7 @@ use super::{Direction, RouteContext, SessionEnd, SessionId, SessionReport, Trans
 use crate::balancer::{Pick, Tried};
 use crate::dialer::UdpUpstream;
 use crate::error::Fault;
+use crate::metrics::Meter;
 use crate::net::Endpoint;
 use crate::rt::{JoinHandle, Timer};
 use crate::shutdown::DrainGuard;
@@ -68,6 +69,13 @@ enum Event {
     Tick,
 }
 
+/// What a flow carries from one backend (or egress) to the next: the client's latest datagram,
+/// which a failover resends, and the flow's meter.
+struct Carried {
+    last: Vec<u8>,
+    meter: Meter,
+}
+
 impl RouteContext {
     /// Starts a flow whose first datagram is `first`.
     pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
@@ -79,7 +87,11 @@ impl RouteContext {
         let started = Instant::now();
         let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
         // `pending`: what the next leg sends first (the datagram a failed backend never took).
-        let (mut tried, mut last) = (Vec::new(), first);
+        let mut tried = Vec::new();
+        let mut carried = Carried {
+            last: first,
+            meter: self.metrics.meter(&self.route_name, true),
+        };
         let mut pending = true;
         report.end = loop {
             let connect = Box::pin(self.reach_backend(id, flow.client, &mut tried, false, |pick| {
@@ -93,10 +105,9 @@ impl RouteContext {
             report.backend = Some(pick.addr);
             report.egress = Some(self.egress_name(&pick));
             report.path = Transfer::Datagrams;
-            match self
-                .relay_udp(&flow, &pick, &upstream, &mut last, pending, &mut report)
-                .await
-            {
+            self.metrics.by_egress(&mut carried.meter, &self.egress_name(&pick));
+            let leg = self.relay_udp(&flow, &pick, &upstream, &mut carried, pending, &mut report);
+            match leg.await {
                 Leg::Ended(end) => {
                     let _ = self.balancer.closed(pick.backend).await;
                     break end;
@@ -135,6 +146,7 @@ impl RouteContext {
                 id,
             })
             .await;
+        (carried.meter).moved((report.bytes_up, report.bytes_down), report.datagrams);
         report.duration = started.elapsed();
         report
     }
@@ -151,7 +163,7 @@ impl RouteContext {
         let _ = self.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
     }
 
-    /// Relays until the flow ends, its backend fails, or its egress goes. `last` is the
+    /// Relays until the flow ends, its backend fails, or its egress goes. `carried.last` is the
     /// client's latest datagram: sent first here when `pending`, and kept so that a failover
     /// can resend it.
     async fn relay_udp(
@@ -159,10 +171,11 @@ impl RouteContext {
         flow: &Flow,
         pick: &Pick,
         upstream: &UdpUpstream,
-        last: &mut Vec<u8>,
+        carried: &mut Carried,
         pending: bool,
         report: &mut SessionReport,
     ) -> Leg {
+        let Carried { last, meter } = carried;
         let socket = &upstream.socket;
         // With send_proxy, every datagram carries the v2 header (a backend may see any one
         // first): the flow's header, built once, then the payload.
@@ -172,7 +185,7 @@ impl RouteContext {
             crate::proto::datagram_header(flow.client, local)
         });
         if pending {
-            if let Err(e) = socket.send(&framed(&header, last)).await {
+            if let Err(e) = socket.send(&framed(&header, last.as_slice())).await {
                 return Leg::BackendFailed(e);
             }
             report.bytes_up += last.len() as u64;
@@ -191,6 +204,7 @@ impl RouteContext {
             timer.set_at(at.min(moved + quiet));
         }
         loop {
+            meter.moved((report.bytes_up, report.bytes_down), report.datagrams);
             match self.next_event(flow, upstream, &mut timer, stopping, client_gone).await {
                 Event::Force => return Leg::Ended(SessionEnd::Forced),
                 Event::EgressLost => return Leg::EgressLost,
