@@ -1,6 +1,6 @@
 //! Embedding relayd in an async-std program: build a config in code, start two backends and the
 //! relay (on one worker thread of its own), send a few connections through it (round robin shows
-//! in who answers), inject one synthetic session on an async-std Unix socket pair, relay a UDP
+//! in who answers), reload it with one backend fewer, inject one synthetic session on an async-std Unix socket pair, relay a UDP
 //! datagram, then shut down cleanly.
 //!
 //!     cargo run --example embed
@@ -56,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
             ],
             ..Config::default()
         };
-        let relay = Relay::start(&config)?;
+        let mut relay = Relay::start(&config)?;
         let addr = relay.local_addr("web").expect("the route exists");
         println!(
             "relay listening on {addr} with {} worker; backends a={a} b={b}",
@@ -69,6 +69,18 @@ async fn main() -> anyhow::Result<()> {
             client.read_to_string(&mut answer).await?;
             println!("connection {i}: {answer}");
         }
+
+        // A reload: "web" goes to b only. The listening socket stays; each change is listed.
+        let mut next = config.clone();
+        next.routes[0].backends.retain(|backend| backend.addr == b.to_string());
+        for change in relay.reload(next.validate()?).await? {
+            println!("reload: {change}");
+        }
+        let mut client = TcpStream::connect(addr).await?;
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await?;
+        drop(client);
+        println!("after the reload: {answer}");
 
         // A synthetic session: no socket on the listener, one end of an async-std Unix pair
         // instead (its close sends the FIN a relayed session needs).
