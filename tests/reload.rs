@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use async_std::net::TcpStream;
 use async_std::prelude::*;
 use harness::backend::Backend;
-use harness::{Harness, PATIENCE, free_port, within};
+use harness::{Harness, free_port, within};
 
 /// A config with a `web` route to `backends` (`addr` or `addr, weight`), and more routes.
 fn config(backends: &[(SocketAddr, u32)], more: &str) -> String {
@@ -224,7 +224,6 @@ async fn a_removed_route_stops_accepting_and_its_live_session_drains_to_the_dead
     .await;
     assert_eq!(refused, std::io::ErrorKind::ConnectionRefused);
     assert_eq!(reached(h.addr("kept"), 1).await, ["k"]);
-    let _ = PATIENCE;
     h.shutdown().await;
 }
 
