@@ -42,7 +42,7 @@ pub fn diff(old: &Settings, new: &Settings) -> Vec<Change> {
     for e in &new.egress {
         match old.egress.iter().find(|o| o.name == e.name) {
             None => out.say(format!("egress {}: added", e.name)),
-            Some(o) => egress(&mut out, o, e),
+            Some(o) => out.within(&format!("egress {}: ", e.name), o != e, |out| egress(out, o, e)),
         }
     }
     for o in old
@@ -55,7 +55,9 @@ pub fn diff(old: &Settings, new: &Settings) -> Vec<Change> {
     for r in &new.routes {
         match old.routes.iter().find(|o| o.name == r.name) {
             None => out.say(format!("route {}: added ({:?} on {})", r.name, r.protocol, r.listen)),
-            Some(o) => route(&mut out, (old, o), (new, r)),
+            Some(o) => out.within(&format!("route {}: ", r.name), o != r, |out| {
+                route(out, (old, o), (new, r))
+            }),
         }
     }
     for o in old
@@ -81,6 +83,17 @@ impl Changes {
             line,
             restart: self.restart,
         });
+    }
+
+    /// The changes `find` finds in one egress or route; when it finds none although the two
+    /// differ (a setting this file does not name yet), `changed` still says so, so that a
+    /// reload never skips what it cannot name.
+    fn within(&mut self, prefix: &str, differ: bool, find: impl FnOnce(&mut Self)) {
+        let before = self.list.len();
+        find(self);
+        if differ && self.list.len() == before {
+            self.say(format!("{prefix}changed"));
+        }
     }
 
     /// `prefix` `name`: `old → new` (or `changed`, for long values), when they differ.
@@ -212,6 +225,16 @@ mod tests {
             ]
         );
         assert!(lines(old, old).is_empty(), "the same file changes nothing");
+    }
+
+    #[test]
+    fn a_difference_no_field_names_is_still_a_change() {
+        let mut out = Changes::default();
+        out.within("route web: ", true, |_| {});
+        out.within("route api: ", false, |_| {});
+        out.within("route db: ", true, |out| out.say("route db: backlog 1 → 2".into()));
+        let said: Vec<String> = out.list.iter().map(Change::to_string).collect();
+        assert_eq!(said, ["route web: changed", "route db: backlog 1 → 2"]);
     }
 
     #[test]
