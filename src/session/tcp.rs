@@ -62,7 +62,10 @@ impl RouteContext {
             };
             // By TLS server name: the route the name picks serves the connection, with the
             // ClientHello read replayed to its backend first.
-            let hello = rt::timeout(sni.timeout, crate::proto::read_client_hello(&mut client)).await;
+            // Boxed: reading the hello needs a buffer of 2 KiB that no session should carry
+            // for its whole life (and a route without `sni` never allocates it).
+            let hello = Box::pin(crate::proto::read_client_hello(&mut client));
+            let hello = rt::timeout(sni.timeout, hello).await;
             let picked = match hello {
                 Some(Ok((name, hello))) => match self.sni_targets.get().and_then(|t| t.pick(name.as_deref())) {
                     Some(target) => Ok((target.clone(), hello)),
@@ -89,8 +92,9 @@ impl RouteContext {
     }
 
     /// Everything after the PROXY header (and the name): a place in line, the connect, the
-    /// relay, on this route's backends.
-    async fn serve_tcp<S>(
+    /// relay, on this route's backends. Not an `async fn`, for the reason `run_tcp` is not.
+    #[allow(clippy::manual_async_fn)]
+    fn serve_tcp<S>(
         self,
         id: SessionId,
         mut client: S,
@@ -98,11 +102,11 @@ impl RouteContext {
         named: Option<crate::proto::Named>,
         early: Vec<u8>,
         started: Instant,
-    ) -> SessionReport
+    ) -> impl Future<Output = SessionReport> + Send
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
-        {
+        async move {
             // Under max_connections, a connection waits in line (bounded) before any work.
             let Some(_passes) = self.passes(true).await else {
                 let mut report = SessionReport::new(id, self.route_name.clone(), peer);
