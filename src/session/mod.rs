@@ -262,7 +262,11 @@ impl RouteContext {
             drop((live, guard));
             report
         });
-        let task = crate::rt::spawn(finished);
+        // A UDP route's flows are woken by its listener, on the executor it runs on.
+        let task = match self.route.protocol {
+            crate::config::Protocol::Udp => crate::rt::spawn_shared(finished),
+            _ => crate::rt::spawn(finished),
+        };
         (id, task)
     }
 
