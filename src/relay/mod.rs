@@ -379,7 +379,7 @@ impl Relay {
                     sessions,
                     retarget,
                 };
-                (listener.local_addr(), rt::spawn_shared(listener.run(stop, guard)))
+                (listener.local_addr(), rt::spawn(listener.run(stop, guard)))
             }
         };
         let listen = listen.expect("a bound socket has a local address");

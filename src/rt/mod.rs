@@ -30,9 +30,6 @@ pub use async_io::{Async, Timer};
 /// go to the workers in turn.
 struct Pool {
     executors: Vec<Arc<async_executor::Executor<'static>>>,
-    /// One executor every worker also runs: a task on it runs on whichever worker is awake
-    /// (see [`spawn_shared`]).
-    shared: Arc<async_executor::Executor<'static>>,
     next: AtomicUsize,
 }
 
@@ -61,7 +58,6 @@ impl Runtime {
         let (stop, stopped) = flume::bounded::<()>(1);
         let pool = Arc::new(Pool {
             executors: (0..count).map(|_| Arc::new(async_executor::Executor::new())).collect(),
-            shared: Arc::new(async_executor::Executor::new()),
             next: AtomicUsize::new(0),
         });
         let mut runtime = Runtime {
@@ -74,10 +70,9 @@ impl Runtime {
             let thread = std::thread::Builder::new()
                 .name("relayd-worker".into())
                 .spawn(move || {
-                    let shared = pool.shared.clone();
                     CURRENT.set(Some(pool));
                     // An idle worker waits in async-io's reactor (or for the thread that does).
-                    let _closed = async_io::block_on(executor.run(shared.run(stopped.recv_async())));
+                    let _closed = async_io::block_on(executor.run(stopped.recv_async()));
                     CURRENT.set(None);
                 })?;
             runtime.threads.push(thread);
@@ -117,20 +112,6 @@ impl Pool {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.executors.len();
         JoinHandle(Some(self.executors[i].spawn(future)))
     }
-}
-
-/// Runs `future` as a task of the current runtime's shared executor: polled by whichever
-/// worker is awake when it is woken, rather than always by one. For tasks that mostly wake
-/// each other (a UDP listener and its flows): the worker that hands a datagram on can run
-/// the flow itself, with no other thread to wake. A TCP session, woken by its own sockets,
-/// keeps its thread and its caches with [`spawn`].
-pub fn spawn_shared<F>(future: F) -> JoinHandle<F::Output>
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    let current = CURRENT.with_borrow(|c| c.clone());
-    JoinHandle(Some(current.unwrap_or_else(fallback).shared.spawn(future)))
 }
 
 impl Drop for Runtime {
@@ -508,18 +489,6 @@ mod tests {
         for (before, after, inner) in seen {
             assert_eq!(before, after, "a task moved to another thread");
             assert_eq!((before, inner), (first, first), "one worker: one thread for everything");
-        }
-        drop(runtime);
-    }
-
-    #[test]
-    fn shared_tasks_run_on_the_runtimes_own_workers() {
-        let runtime = Runtime::new(std::num::NonZeroUsize::new(2)).unwrap();
-        let workers: Vec<_> = (0..8)
-            .map(|_| runtime.enter(|| spawn_shared(async { std::thread::current().name().map(String::from) })))
-            .collect();
-        for name in block_on(futures::future::join_all(workers)) {
-            assert_eq!(name.as_deref(), Some("relayd-worker"));
         }
         drop(runtime);
     }

@@ -262,11 +262,7 @@ impl RouteContext {
             drop((live, guard));
             report
         });
-        // A UDP route's flows are woken by its listener, on the executor it runs on.
-        let task = match self.route.protocol {
-            crate::config::Protocol::Udp => crate::rt::spawn_shared(finished),
-            _ => crate::rt::spawn(finished),
-        };
+        let task = crate::rt::spawn(finished);
         (id, task)
     }
 
