@@ -38,6 +38,28 @@ fn query(port: u16, expr: &str) -> Option<String> {
     Some(value.trim_matches('"').to_string())
 }
 
+/// A listener Prometheus scrapes in place of the status page: it passes each scrape on to
+/// `status` and tells the receiver once the answer has gone back.
+async fn scrapes_of(status: std::net::SocketAddr) -> (std::net::SocketAddr, flume::Receiver<()>) {
+    let front = async_std::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = front.local_addr().unwrap();
+    let (done, scraped) = flume::bounded(8);
+    async_std::task::spawn(async move {
+        while let Ok((scraper, _)) = front.accept().await {
+            let Ok(page) = async_std::net::TcpStream::connect(status).await else {
+                continue;
+            };
+            let request = async_std::io::copy(scraper.clone(), page.clone());
+            let answer = async_std::io::copy(page.clone(), scraper.clone());
+            let _ = futures::future::select(Box::pin(request), Box::pin(answer)).await;
+            // The status page answers and closes: the scrape is over.
+            let _ = scraper.shutdown(std::net::Shutdown::Both);
+            let _ = done.try_send(());
+        }
+    });
+    (addr, scraped)
+}
+
 #[async_std::test]
 async fn prometheus_scrapes_the_metrics_and_its_queries_count_the_workload() {
     if Command::new("prometheus").arg("--version").output().is_err() {
@@ -63,10 +85,11 @@ async fn prometheus_scrapes_the_metrics_and_its_queries_count_the_workload() {
     h.relay().stats().until(|s| s.active() == 0).await;
 
     let status = h.relay().status_addr().unwrap();
+    let (front, scraped) = scrapes_of(status).await;
     let config = TempFile::new(
         "prometheus.yml",
         &format!(
-            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: relayd\n    static_configs:\n      - targets: [\"{status}\"]\n"
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: relayd\n    static_configs:\n      - targets: [\"{front}\"]\n"
         ),
     );
     let port = free_port();
@@ -82,12 +105,12 @@ async fn prometheus_scrapes_the_metrics_and_its_queries_count_the_workload() {
         .expect("start prometheus");
     let _server = Server(child, data);
 
-    // Bounded: Prometheus starts, scrapes once a second, and then answers.
+    // After each scrape (bounded waits), until Prometheus answers with what it scraped.
     let began = Instant::now();
     let sessions = r#"relayd_sessions_opened_total{job="relayd",route="web"}"#;
     while query(port, sessions).as_deref() != Some("3") {
         assert!(began.elapsed() < 2 * PATIENCE, "Prometheus never saw 3 sessions");
-        async_std::task::sleep(std::time::Duration::from_millis(100)).await;
+        within(scraped.recv_async()).await.expect("the forwarder runs");
     }
     assert_eq!(query(port, r#"up{job="relayd"}"#).as_deref(), Some("1"));
     let bytes = r#"sum(relayd_relayed_bytes_total{route="web"})"#;

@@ -55,7 +55,7 @@ impl Held {
         match self {
             Held::Tcp(socket) => {
                 let socket = socket.try_clone()?;
-                socket2::SockRef::from(&socket).listen(i32::try_from(route.backlog).unwrap_or(i32::MAX))?;
+                listen(socket2::SockRef::from(&socket), route.backlog)?;
                 Ok(Bound::Tcp(Async::new(socket)?))
             }
             Held::Udp(socket, pktinfo) => Endpoint::from_socket(socket.try_clone()?, *pktinfo).map(Bound::Udp),
@@ -87,8 +87,13 @@ pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32, device: Option<&str>) -> 
         socket.bind_device(Some(device.as_bytes()))?;
     }
     socket.bind(&addr.into())?;
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))?;
+    listen(socket2::SockRef::from(&socket), backlog)?;
     Async::new(TcpListener::from(socket))
+}
+
+/// listen(2) with `backlog`: on a listening socket too, where it sets the backlog anew.
+fn listen(socket: socket2::SockRef<'_>, backlog: u32) -> io::Result<()> {
+    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))
 }
 
 /// The one back-off of every receive loop (TCP routes, UDP routes, the status page): after a
@@ -171,10 +176,7 @@ impl Listener {
                 Some(Err(Control::Retarget(sessions))) => {
                     let backlog = sessions.route.backlog;
                     if backlog != self.sessions.route.backlog {
-                        // listen(2) again on a listening socket sets its backlog anew.
-                        let set = socket2::SockRef::from(self.socket.get_ref())
-                            .listen(i32::try_from(backlog).unwrap_or(i32::MAX));
-                        if let Err(e) = set {
+                        if let Err(e) = listen(socket2::SockRef::from(self.socket.get_ref()), backlog) {
                             log::warn!(route = &*route, err:% = e; "cannot change the backlog");
                         }
                     }
