@@ -62,6 +62,25 @@ async fn two_hundred_clients_each_get_their_own_replies_in_order() {
 }
 
 #[async_std::test]
+async fn a_burst_of_replies_to_one_request_arrives_whole_and_in_order() {
+    // 32 replies at once wait together in the flow's backend socket; every one must come out,
+    // whichever way the flow learns that its socket has something to read.
+    let burst = UdpBackend::burst(32).await;
+    let h = Harness::start(&config(&[udp("u", &[burst.addr], "")]));
+    let socket = client(h.addr("u")).await;
+    let mut buf = vec![0u8; 65536];
+    for request in 0..20u8 {
+        socket.send(&[request]).await.unwrap();
+        for i in 0..32u8 {
+            let n = within(socket.recv(&mut buf)).await.expect("receive from the relay");
+            assert_eq!(&buf[..n], [i, request], "request {request}, reply {i}");
+        }
+    }
+    assert_eq!(h.relay().stats().total(), 1, "one flow");
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
 async fn datagrams_of_every_size_pass_whole() {
     let echo = UdpBackend::echo().await;
     let h = Harness::start(&config(&[udp("u", &[echo.addr], "")]));

@@ -269,6 +269,25 @@ pub fn poll_write_with<T, R>(
     poll_with(socket, cx, op, Async::poll_writable)
 }
 
+/// As [`poll_read_with`], but `op` runs only once the reactor has said the socket is readable:
+/// for a socket that is rarely readable when it is polled, such as a UDP flow's backend socket,
+/// polled again after every request it has not answered yet. The registration lives in the
+/// socket, so polling again while it waits costs neither a system call nor a re-arm; a try
+/// first would cost a failed `recv` per request.
+pub fn poll_read_when_ready<T, R>(
+    socket: &Async<T>,
+    cx: &mut Context<'_>,
+    mut op: impl FnMut(&T) -> io::Result<R>,
+) -> Poll<io::Result<R>> {
+    loop {
+        futures::ready!(socket.poll_readable(cx))?;
+        match op(socket.get_ref()) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
 fn poll_with<T, R>(
     socket: &Async<T>,
     cx: &mut Context<'_>,

@@ -17,7 +17,7 @@ use crate::dialer::UdpUpstream;
 use crate::error::Fault;
 use crate::metrics::Meter;
 use crate::net::Endpoint;
-use crate::rt::{JoinHandle, Timer};
+use crate::rt::{self, JoinHandle, Timer};
 use crate::shutdown::DrainGuard;
 
 /// The largest UDP payload, plus one so that a truncated read cannot pass unnoticed.
@@ -270,7 +270,6 @@ impl RouteContext {
         let mut lost = pin!(upstream.lost.wait());
         let mut stop = pin!(self.stop.wait());
         let mut client = pin!(flow.queue.recv_async());
-        let mut backend = pin!(upstream.socket.read_with(|socket| forward(socket, flow)));
         poll_fn(|cx| {
             if force.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::Force);
@@ -286,7 +285,8 @@ impl RouteContext {
                     return Poll::Ready(Event::Client(datagram.ok()));
                 }
             }
-            if let Poll::Ready(result) = backend.as_mut().poll(cx) {
+            if let Poll::Ready(result) = rt::poll_read_when_ready(&upstream.socket, cx, |socket| forward(socket, flow))
+            {
                 return Poll::Ready(Event::Backend(result));
             }
             Pin::new(&mut *timer).poll(cx).map(|_| Event::Tick)

@@ -14,15 +14,22 @@ pub struct UdpBackend {
 }
 
 impl UdpBackend {
-    async fn serve(echo: bool) -> UdpBackend {
+    /// Answers every datagram with `replies` copies of it, each behind its index (one byte).
+    async fn serve(replies: u8) -> UdpBackend {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind a UDP backend");
         let addr = socket.local_addr().unwrap();
         let (tx, seen) = flume::unbounded();
         task::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, peer)) = socket.recv_from(&mut buf).await {
-                if echo {
-                    let _ = socket.send_to(&buf[..n], peer).await;
+                // Sent back to back: they wait together in the relay's socket.
+                for i in 0..replies {
+                    let reply = if replies == 1 {
+                        buf[..n].to_vec()
+                    } else {
+                        [&[i], &buf[..n]].concat()
+                    };
+                    let _ = socket.send_to(&reply, peer).await;
                 }
                 let _ = tx.send((peer, buf[..n].to_vec()));
             }
@@ -32,12 +39,17 @@ impl UdpBackend {
 
     /// Sends every datagram back to its sender.
     pub async fn echo() -> UdpBackend {
-        UdpBackend::serve(true).await
+        UdpBackend::serve(1).await
+    }
+
+    /// Answers every datagram with `n` datagrams at once: the index (one byte), then the request.
+    pub async fn burst(n: u8) -> UdpBackend {
+        UdpBackend::serve(n).await
     }
 
     /// Takes datagrams and never answers.
     pub async fn sink() -> UdpBackend {
-        UdpBackend::serve(false).await
+        UdpBackend::serve(0).await
     }
 
     /// The next datagram this backend got (bounded wait).
