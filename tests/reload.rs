@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use async_std::net::TcpStream;
 use async_std::prelude::*;
 use harness::backend::Backend;
+use harness::udp::{UdpBackend, client, round_trip, udp_sockets_on};
 use harness::{Harness, free_port, within};
 
 /// A config with a `web` route to `backends` (`addr` or `addr, weight`), and more routes.
@@ -348,5 +349,56 @@ async fn a_renamed_route_and_two_routes_that_swap_addresses_keep_their_sockets()
     let mut got = Vec::new();
     within(live.read_to_end(&mut got)).await.unwrap();
     assert_eq!(got, b"before");
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_udp_route_keeps_its_worker_sockets_and_takes_a_new_max_flows_on_every_one() {
+    let echo = UdpBackend::echo().await;
+    let port = free_port();
+    let cfg = |name: &str, max: u32| {
+        format!(
+            r#"(workers: 2, routes: [(name: "{name}", listen: "127.0.0.1:{port}", protocol: Udp, max_flows: {max},
+                backends: [(addr: "{}")])])"#,
+            echo.addr
+        )
+    };
+    let mut h = Harness::start(&cfg("dns", 1));
+    let relay: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    assert_eq!(udp_sockets_on(port), 2);
+    let (a, b) = (client(relay).await, client(relay).await);
+    assert_eq!(round_trip(&a, b"a").await, b"a");
+    b.send(b"b").await.unwrap();
+    let stats = h.relay().stats();
+    within(stats.until(|s| s.udp_over_limit() == 1)).await;
+
+    // A raised max_flows reaches the listeners of both sockets, wherever b's datagrams land.
+    h.reload(&cfg("dns", 2)).await.unwrap();
+    assert_eq!(round_trip(&b, b"b").await, b"b", "room for a second flow");
+    assert_eq!(round_trip(&a, b"a").await, b"a");
+
+    // Renamed, the route takes the sockets over: none is bound anew, none is left behind.
+    let changes = h.reload(&cfg("dns2", 2)).await.unwrap();
+    assert!(
+        changes.iter().any(|c| c.to_string().starts_with("route dns2: added")),
+        "{changes:?}"
+    );
+    assert_eq!(udp_sockets_on(port), 2, "the same two sockets");
+    assert_eq!(round_trip(&a, b"a once more").await, b"a once more");
+    assert_eq!(round_trip(&b, b"b once more").await, b"b once more");
+    assert_eq!(h.relay().local_addr("dns2"), Some(relay));
+
+    // A new backend reaches the listeners of both sockets: twelve new clients, which the
+    // kernel shares between them, all get it.
+    let other = UdpBackend::echo().await;
+    h.reload(&cfg("dns2", 20).replace(&echo.addr.to_string(), &other.addr.to_string()))
+        .await
+        .unwrap();
+    for i in 0..12u8 {
+        let c = client(relay).await;
+        assert_eq!(round_trip(&c, &[i]).await, [i]);
+    }
+    let seen: BTreeSet<SocketAddr> = other.drain().into_iter().map(|(from, _)| from).collect();
+    assert_eq!(seen.len(), 12, "every new flow on the new backend");
     assert_eq!(h.shutdown().await.forced, 0);
 }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use async_std::task;
-use harness::udp::{UdpBackend, client, round_trip, unreachable_addr};
+use harness::udp::{UdpBackend, client, round_trip, udp_sockets_on, unreachable_addr};
 use harness::{Harness, config, route, within};
 use rand::{Rng, SeedableRng};
 
@@ -149,6 +149,60 @@ async fn a_datagram_beyond_max_flows_is_dropped_and_counted() {
     );
     assert_eq!((stats.total(), stats.active()), (2, 2));
     assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn each_worker_listens_on_its_own_socket_and_max_flows_holds_across_them() {
+    let echo = UdpBackend::echo().await;
+    let text = config(&[udp("u", &[echo.addr], "max_flows: 3")]).replacen('(', "(workers: 2, ", 1);
+    let h = Harness::start(&text);
+    let relay = h.addr("u");
+    assert_eq!(
+        udp_sockets_on(relay.port()),
+        2,
+        "one socket for each of the two workers"
+    );
+    // Twelve clients, which the kernel shares between the two sockets by their address: the
+    // two listeners admit three flows between them, no more.
+    let clients: Vec<_> = futures::future::join_all((0..12).map(|_| client(relay))).await;
+    for c in &clients {
+        c.send(b"hello").await.unwrap();
+    }
+    let stats = h.relay().stats();
+    within(stats.until(|s| s.udp_over_limit() == 9)).await;
+    assert_eq!(
+        (stats.total(), stats.active()),
+        (3, 3),
+        "max_flows counts every socket's flows"
+    );
+    assert_eq!(h.shutdown().await.forced, 0);
+}
+
+#[async_std::test]
+async fn a_udp_address_someone_else_has_fails_the_start_with_its_name() {
+    // SO_REUSEPORT lets the relay's own sockets share the address, never with a stranger:
+    // neither a plain socket's nor another relay's.
+    let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let taken = stranger.local_addr().unwrap();
+    let start = |addr: std::net::SocketAddr| {
+        let text = format!(
+            r#"(workers: 2, routes: [(name: "dns", listen: "{addr}", protocol: Udp, backends: [(addr: "127.0.0.1:9")])])"#
+        );
+        relayd::Relay::start(&relayd::Config::parse(&text, "test").unwrap())
+    };
+    let err = start(taken).err().expect("the address is taken").to_string();
+    assert!(err.contains("route dns") && err.contains(&taken.to_string()), "{err}");
+    drop(stranger);
+
+    let first = start(taken).expect("the address is free now");
+    let err = start(taken).err().expect("the first relay has the address").to_string();
+    assert!(err.contains("route dns") && err.contains(&taken.to_string()), "{err}");
+    assert_eq!(
+        udp_sockets_on(taken.port()),
+        2,
+        "the first relay's two sockets, no third"
+    );
+    drop(first);
 }
 
 #[async_std::test]

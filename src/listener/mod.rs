@@ -26,10 +26,10 @@ use crate::shutdown::{DrainGuard, Signal};
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// A route's bound listening socket.
+/// A route's bound listening socket: for UDP, one per worker (see [`Endpoint::bind_group`]).
 pub(crate) enum Bound {
     Tcp(Async<TcpListener>),
-    Udp(Endpoint),
+    Udp(Vec<Endpoint>),
 }
 
 /// A second descriptor of a route's listening socket, which the relay keeps: a reload hands
@@ -37,14 +37,18 @@ pub(crate) enum Bound {
 /// there), so the socket never closes and no client is refused.
 pub(crate) enum Held {
     Tcp(TcpListener),
-    Udp(std::net::UdpSocket, bool),
+    Udp(Vec<(std::net::UdpSocket, bool)>),
 }
 
 impl Bound {
     pub fn hold(&self) -> io::Result<Held> {
         match self {
             Bound::Tcp(socket) => Ok(Held::Tcp(socket.get_ref().try_clone()?)),
-            Bound::Udp(endpoint) => endpoint.duplicate().map(|(socket, pktinfo)| Held::Udp(socket, pktinfo)),
+            Bound::Udp(group) => group
+                .iter()
+                .map(Endpoint::duplicate)
+                .collect::<io::Result<_>>()
+                .map(Held::Udp),
         }
     }
 }
@@ -58,7 +62,10 @@ impl Held {
                 listen(socket2::SockRef::from(&socket), route.backlog)?;
                 Ok(Bound::Tcp(Async::new(socket)?))
             }
-            Held::Udp(socket, pktinfo) => Endpoint::from_socket(socket.try_clone()?, *pktinfo).map(Bound::Udp),
+            Held::Udp(group) => (group.iter())
+                .map(|(socket, pktinfo)| Endpoint::from_socket(socket.try_clone()?, *pktinfo))
+                .collect::<io::Result<_>>()
+                .map(Bound::Udp),
         }
     }
 }
@@ -69,7 +76,9 @@ pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
         Protocol::Tcp | Protocol::HttpConnect => {
             bind_tcp(route.listen, route.backlog, route.listen_device.as_deref()).map(Bound::Tcp)
         }
-        Protocol::Udp => Endpoint::bind(route.listen, route.listen_device.as_deref()).map(Bound::Udp),
+        Protocol::Udp => {
+            Endpoint::bind_group(route.listen, route.listen_device.as_deref(), rt::worker_count()).map(Bound::Udp)
+        }
     };
     bound.map_err(|source| StartError::Listen {
         what: format!("route {}", route.name),

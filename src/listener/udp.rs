@@ -1,5 +1,6 @@
-//! UDP Listener actor, one per UDP route: owns the listening socket's receive side and the flow
-//! table (client address → flow). Only this task touches the table: flows tell it when they end.
+//! UDP Listener actor, one per worker of each UDP route: owns its socket's receive side and the
+//! table of the flows the kernel gives that socket (client address → flow), whose tasks run on
+//! the same worker. Only this task touches the table: flows tell it when they end.
 //! Nothing waits here on a flow: a full flow queue or a full table drops the datagram and counts
 //! it, as UDP allows, so one slow flow never stalls the others.
 
@@ -9,6 +10,7 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use crate::limits::Gate;
 use crate::logging::Squelch;
 use crate::net::Endpoint;
 use crate::rt;
@@ -24,6 +26,9 @@ pub(crate) struct UdpListener {
     pub sessions: RouteContext,
     /// As the TCP listener's: a reload's new context, or (dropped) the route's removal.
     pub retarget: flume::Receiver<RouteContext>,
+    /// The route's `max_flows`, which the listeners of its sockets share: each flow holds a
+    /// pass.
+    pub room: Arc<Gate>,
 }
 
 struct Entry {
@@ -48,10 +53,6 @@ struct Flows {
 }
 
 impl UdpListener {
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.endpoint.local_addr()
-    }
-
     /// Receives until `stop` fires. Dropping the table then closes every flow's queue; the flows
     /// finish on their own (see `session::udp`).
     pub async fn run(mut self, stop: Signal, guard: DrainGuard) {
@@ -70,7 +71,10 @@ impl UdpListener {
         loop {
             match self.next(&mut buf, &ended, &stop).await {
                 Event::Stop | Event::Control(super::Control::Stop) => break,
-                Event::Control(super::Control::Retarget(sessions)) => self.sessions = sessions,
+                Event::Control(super::Control::Retarget(sessions)) => {
+                    self.room.set_max(sessions.route.max_flows.get() as u64);
+                    self.sessions = sessions
+                }
                 Event::Ended(end) => {
                     if flows.table.get(&end.client).is_some_and(|e| e.id == end.id) {
                         flows.table.remove(&end.client);
@@ -133,10 +137,11 @@ impl UdpListener {
         let max = self.sessions.route.max_flows.get();
         // A new flow needs room under max_flows, the descriptor budget and max_connections;
         // a datagram does not wait in line.
-        let room = flows.table.len() < max && self.sessions.has_room();
-        let passes = room
-            .then(|| self.sessions.gates.iter().map(|g| g.try_enter()).collect())
-            .flatten();
+        let passes = self.sessions.has_room().then(|| {
+            let gates = std::iter::once(&self.room).chain(&self.sessions.gates);
+            gates.map(|g| g.try_enter()).collect::<Option<Vec<_>>>()
+        });
+        let passes = passes.flatten();
         let Some(passes) = passes else {
             let dropped = self.sessions.stats.over_limit();
             self.sessions.metrics.udp_dropped(route, "over_max_flows");

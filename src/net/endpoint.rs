@@ -30,8 +30,26 @@ pub(crate) struct Endpoint {
 struct Control([u8; CONTROL]);
 
 impl Endpoint {
-    pub fn bind(addr: SocketAddr, device: Option<&str>) -> io::Result<Endpoint> {
+    /// `count` sockets on `addr`, one for each worker, which the kernel shares the clients
+    /// between by their address (SO_REUSEPORT, as nginx's `listen … udp reuseport`): a client
+    /// always lands on the same socket, so each worker keeps its own flows, on its own thread.
+    ///
+    /// The address is first bound without SO_REUSEPORT, which fails if anyone else has it
+    /// (another relayd too), and which picks the port when `addr` asks for port 0; the group
+    /// binds it once that probe has let go.
+    pub fn bind_group(addr: SocketAddr, device: Option<&str>, count: usize) -> io::Result<Vec<Endpoint>> {
+        if count <= 1 {
+            return Ok(vec![Endpoint::bind(addr, device, false)?]);
+        }
+        let addr = Endpoint::bind(addr, device, false)?.local_addr()?;
+        (0..count).map(|_| Endpoint::bind(addr, device, true)).collect()
+    }
+
+    fn bind(addr: SocketAddr, device: Option<&str>, shared: bool) -> io::Result<Endpoint> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
+        if shared {
+            socket.set_reuse_port(true)?;
+        }
         if let Some(device) = device {
             socket.bind_device(Some(device.as_bytes()))?;
         }
@@ -229,7 +247,7 @@ mod tests {
 
     #[test]
     fn a_wildcard_endpoint_answers_from_the_address_the_client_wrote_to() {
-        let endpoint = Endpoint::bind("0.0.0.0:0".parse().unwrap(), None).unwrap();
+        let endpoint = Endpoint::bind("0.0.0.0:0".parse().unwrap(), None, false).unwrap();
         let port = endpoint.local_addr().unwrap().port();
         // 127.0.0.2 is ours too, but the kernel would answer a wildcard socket from 127.0.0.1.
         let to = SocketAddr::new("127.0.0.2".parse().unwrap(), port);
@@ -239,7 +257,7 @@ mod tests {
 
     #[test]
     fn a_dual_stack_wildcard_endpoint_answers_v6_and_v4_clients_from_their_destination() {
-        let endpoint = match Endpoint::bind("[::]:0".parse().unwrap(), None) {
+        let endpoint = match Endpoint::bind("[::]:0".parse().unwrap(), None, false) {
             Ok(endpoint) => endpoint,
             Err(e) => return eprintln!("SKIPPED: no IPv6 on this host: {e}"),
         };
@@ -256,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_specific_endpoint_needs_no_pktinfo() {
-        let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), None).unwrap();
+        let endpoint = Endpoint::bind("127.0.0.1:0".parse().unwrap(), None, false).unwrap();
         let (_, local) = exchange(&endpoint, "127.0.0.1:0", endpoint.local_addr().unwrap());
         assert_eq!(local, None);
     }

@@ -77,25 +77,30 @@ pub struct Relay {
     pages: Option<Slot<Arc<Pages>>>,
 }
 
-/// A one-value mailbox whose newest value wins: how the relay hands a running actor its new
-/// parts without waiting on it. Dropping it tells the actor there will be no more.
-struct Slot<T>(flume::Sender<T>, flume::Receiver<T>);
+/// One-value mailboxes whose newest value wins, one for each actor of a kind (a UDP route has
+/// a listener per worker): how the relay hands running actors their new parts without waiting
+/// on them. Dropping it tells the actors there will be no more.
+struct Slot<T>(Vec<(flume::Sender<T>, flume::Receiver<T>)>);
 
-impl<T> Slot<T> {
+impl<T: Clone> Slot<T> {
     fn new() -> Self {
+        Slot(Vec::new())
+    }
+
+    /// The mailbox of one more actor.
+    fn receiver(&mut self) -> flume::Receiver<T> {
         let (tx, rx) = flume::bounded(1);
-        Slot(tx, rx)
+        self.0.push((tx, rx.clone()));
+        rx
     }
 
-    fn receiver(&self) -> flume::Receiver<T> {
-        self.1.clone()
-    }
-
-    /// Puts `value` in, in place of one the actor has not taken yet (the relay is the only
-    /// sender, so there is room once the stale one is out).
+    /// Puts `value` in every mailbox, in place of one its actor has not taken yet (the relay
+    /// is the only sender, so there is room once the stale one is out).
     fn put(&self, value: T) {
-        let _ = self.1.try_recv();
-        let _ = self.0.try_send(value);
+        for (tx, rx) in &self.0 {
+            let _ = rx.try_recv();
+            let _ = tx.try_send(value.clone());
+        }
     }
 }
 
@@ -181,7 +186,7 @@ impl Relay {
         let (force, force_signal) = shutdown::signal();
         let mailbox = settings.mailbox.get();
         let (dialer, dialer_task, news) = DialerHandle::spawn(&settings.egress, mailbox);
-        let balancers = Slot::new();
+        let mut balancers = Slot::new();
         let fan_out = rt::spawn(egress_news(news, balancers.receiver()));
         // The descriptors there are decide how many sessions can be served at once.
         let budget = Arc::new(limits::Budget::new());
@@ -336,13 +341,14 @@ impl Relay {
             match how {
                 Serve::Hand => self.routes[i].retarget.put(self.routes[i].sessions.clone()),
                 Serve::Listen(socket) => {
-                    // A new slot: the old one's listener (on the old address) stops.
-                    self.routes[i].retarget = Slot::new();
-                    let (sessions, retarget) = (self.routes[i].sessions.clone(), self.routes[i].retarget.receiver());
+                    // A new slot; once it replaces the old one, the listeners on the old
+                    // address stop.
+                    let (sessions, mut retarget) = (self.routes[i].sessions.clone(), Slot::new());
                     // Without a second descriptor (none left) the route still serves; a reload
                     // that moves its address then binds anew.
                     self.routes[i].held = socket.hold().ok();
-                    let listen = self.start_listener(socket, sessions, retarget);
+                    let listen = self.start_listener(socket, sessions, &mut retarget);
+                    self.routes[i].retarget = retarget;
                     let name = &*self.routes[i].sessions.route_name;
                     log::info!(route = name, protocol:? = self.routes[i].sessions.route.protocol, addr:% = listen; "listening");
                     self.routes[i].listen = listen;
@@ -351,13 +357,14 @@ impl Relay {
         }
     }
 
-    /// Spawns the listener that serves `socket` with `sessions` (then whatever `retarget`
-    /// brings); returns the address it listens on.
+    /// Spawns the listeners that serve `socket` with `sessions` (then whatever `retarget`
+    /// brings): a UDP route's, one on each worker, share its `max_flows`. Returns the address
+    /// they listen on.
     fn start_listener(
         &mut self,
         socket: Bound,
         sessions: RouteContext,
-        retarget: flume::Receiver<RouteContext>,
+        retarget: &mut Slot<RouteContext>,
     ) -> SocketAddr {
         let guard = self
             .drain
@@ -369,21 +376,30 @@ impl Relay {
                 let listener = Listener {
                     socket,
                     sessions,
-                    retarget,
+                    retarget: retarget.receiver(),
                 };
-                (listener.local_addr(), rt::spawn(listener.run(stop, guard)))
+                (listener.local_addr(), Some(rt::spawn(listener.run(stop, guard))))
             }
-            Bound::Udp(endpoint) => {
-                let listener = UdpListener {
-                    endpoint: Arc::new(endpoint),
-                    sessions,
-                    retarget,
-                };
-                (listener.local_addr(), rt::spawn(listener.run(stop, guard)))
+            Bound::Udp(group) => {
+                let room = limits::Gate::new(sessions.route.max_flows.get() as u64);
+                // A group has a socket for every worker, one at least, all on one address.
+                let listen = group[0].local_addr();
+                for (worker, endpoint) in group.into_iter().enumerate() {
+                    let listener = UdpListener {
+                        endpoint: Arc::new(endpoint),
+                        sessions: sessions.clone(),
+                        retarget: retarget.receiver(),
+                        room: room.clone(),
+                    };
+                    // Its flows run where it does (see rt::spawn_here).
+                    let task = rt::spawn_on(worker, listener.run(stop.clone(), guard.clone()));
+                    self.tasks.push(task);
+                }
+                (listen, None)
             }
         };
         let listen = listen.expect("a bound socket has a local address");
-        self.tasks.push(task);
+        self.tasks.extend(task);
         listen
     }
 
@@ -406,7 +422,7 @@ impl Relay {
     }
 
     fn start_status(&mut self, socket: StatusSocket) {
-        let pages = Slot::new();
+        let mut pages = Slot::new();
         let status = Status {
             socket,
             pages: self.pages(),

@@ -27,7 +27,7 @@ pub use async_io::{Async, Timer};
 
 /// Executor threads, each running its own executor: a task runs on the thread it was given
 /// for its whole life, so its sockets, buffers and state stay in that core's cache. New tasks
-/// go to the workers in turn.
+/// go to the workers in turn, unless they are placed ([`spawn_on`], [`spawn_here`]).
 struct Pool {
     executors: Vec<Arc<async_executor::Executor<'static>>>,
     next: AtomicUsize,
@@ -46,6 +46,8 @@ pub struct Runtime {
 thread_local! {
     /// The runtime whose worker this thread is, or that it has entered.
     static CURRENT: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
+    /// The executor of the worker this thread is.
+    static HERE: RefCell<Option<Arc<async_executor::Executor<'static>>>> = const { RefCell::new(None) };
 }
 
 impl Runtime {
@@ -71,6 +73,7 @@ impl Runtime {
                 .name("relayd-worker".into())
                 .spawn(move || {
                     CURRENT.set(Some(pool));
+                    HERE.set(Some(executor.clone()));
                     // An idle worker waits in async-io's reactor (or for the thread that does).
                     let _closed = async_io::block_on(executor.run(stopped.recv_async()));
                     CURRENT.set(None);
@@ -183,6 +186,38 @@ where
 {
     let current = CURRENT.with_borrow(|c| c.clone());
     current.unwrap_or_else(fallback).spawn(future)
+}
+
+/// The current runtime's worker threads: how many sockets a UDP route listens on.
+pub fn worker_count() -> usize {
+    CURRENT
+        .with_borrow(|c| c.clone())
+        .unwrap_or_else(fallback)
+        .executors
+        .len()
+}
+
+/// Runs `future` on worker `i` (modulo their count) of the current runtime.
+pub fn spawn_on<F>(i: usize, future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let pool = CURRENT.with_borrow(|c| c.clone()).unwrap_or_else(fallback);
+    JoinHandle(Some(pool.executors[i % pool.executors.len()].spawn(future)))
+}
+
+/// Runs `future` on the worker thread this is (on a thread that is none, as [`spawn`]): for a
+/// task that trades with the one spawning it at every step.
+pub fn spawn_here<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match HERE.with_borrow(|h| h.clone()) {
+        Some(executor) => JoinHandle(Some(executor.spawn(future))),
+        None => spawn(future),
+    }
 }
 
 /// Runs `future` as a task nobody waits for (it answers through a channel of its own).

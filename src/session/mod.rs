@@ -210,12 +210,13 @@ impl std::ops::Deref for RouteContext {
 }
 
 impl RouteContext {
-    /// Runs `session` as a task counted live until it ends; the handle yields its report.
-    fn spawn<F>(
+    /// `session` as a task's future, counted live until it ends, which yields its report; the
+    /// caller spawns it where it should run.
+    fn session_task<F>(
         &self,
         guard: DrainGuard,
         session: impl FnOnce(SessionId) -> F,
-    ) -> (SessionId, crate::rt::JoinHandle<SessionReport>)
+    ) -> (SessionId, impl Future<Output = SessionReport> + Send + 'static)
     where
         F: Future<Output = SessionReport> + Send + 'static,
     {
@@ -262,8 +263,7 @@ impl RouteContext {
             drop((live, guard));
             report
         });
-        let task = crate::rt::spawn(finished);
-        (id, task)
+        (id, finished)
     }
 
     /// The name of the picked egress. A session that began before a reload added egresses

@@ -32,8 +32,10 @@ impl RouteContext {
     {
         let ctx = self.clone();
         match self.route.protocol {
-            Protocol::HttpConnect => self.spawn(guard, move |id| ctx.run_tunnel(id, client, peer)).1,
-            Protocol::Tcp | Protocol::Udp => self.spawn(guard, move |id| ctx.run_tcp(id, client, peer)).1,
+            Protocol::HttpConnect => rt::spawn(self.session_task(guard, move |id| ctx.run_tunnel(id, client, peer)).1),
+            Protocol::Tcp | Protocol::Udp => {
+                rt::spawn(self.session_task(guard, move |id| ctx.run_tcp(id, client, peer)).1)
+            }
         }
     }
 

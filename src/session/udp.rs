@@ -80,7 +80,10 @@ impl RouteContext {
     /// Starts a flow whose first datagram is `first`.
     pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
         let ctx = self.clone();
-        self.spawn(guard, move |id| ctx.run_udp(id, flow, first))
+        // On its listener's worker: the datagrams it is handed, and the replies it sends out of
+        // the listener's socket, never wake another thread.
+        let (id, task) = self.session_task(guard, move |id| ctx.run_udp(id, flow, first));
+        (id, rt::spawn_here(task))
     }
 
     async fn run_udp(self, id: SessionId, flow: Flow, first: Vec<u8>) -> SessionReport {

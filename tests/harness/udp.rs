@@ -83,3 +83,13 @@ pub async fn round_trip(socket: &UdpSocket, request: &[u8]) -> Vec<u8> {
     buf.truncate(n);
     buf
 }
+
+/// The sockets bound to `port` on 127.0.0.1 for UDP, as the kernel lists them (a descriptor
+/// the relay holds a second time is still one socket).
+pub fn udp_sockets_on(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/udp").expect("/proc/net/udp");
+    let local = format!("0100007F:{port:04X}");
+    (table.lines().skip(1))
+        .filter(|l| l.split_whitespace().nth(1) == Some(local.as_str()))
+        .count()
+}
