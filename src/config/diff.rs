@@ -140,14 +140,14 @@ fn egress_names(settings: &Settings, ids: &[super::EgressId]) -> Vec<String> {
         .collect()
 }
 
-fn route(out: &mut Changes, (olds, old): (&Settings, &Route), (news, new): (&Settings, &Route)) {
+fn route(out: &mut Changes, (old_cfg, old): (&Settings, &Route), (new_cfg, new): (&Settings, &Route)) {
     let at = format!("route {}: ", old.name);
     out.field(&at, "listen", &old.listen, &new.listen);
     out.field(&at, "protocol", &old.protocol, &new.protocol);
     out.field(&at, "listen_device", &old.listen_device, &new.listen_device);
     out.field(&at, "backlog", &old.backlog, &new.backlog);
     out.field(&at, "balance", &old.balance, &new.balance);
-    let (og, ng) = (egress_names(olds, &old.egress), egress_names(news, &new.egress));
+    let (og, ng) = (egress_names(old_cfg, &old.egress), egress_names(new_cfg, &new.egress));
     out.field(&at, "egress", &og, &ng);
     out.field(&at, "egress_strategy", &old.egress_strategy, &new.egress_strategy);
     out.field(&at, "connect_timeout", &old.connect_timeout, &new.connect_timeout);
@@ -166,7 +166,7 @@ fn route(out: &mut Changes, (olds, old): (&Settings, &Route), (news, new): (&Set
     for b in &new.backends {
         match old.backends.iter().find(|o| o.addr == b.addr) {
             None => out.say(format!("{at}backend {} added", b.addr)),
-            Some(o) => backend(out, &at, (olds, o), (news, b)),
+            Some(o) => backend(out, &at, (old_cfg, o), (new_cfg, b)),
         }
     }
     for o in old
@@ -178,10 +178,10 @@ fn route(out: &mut Changes, (olds, old): (&Settings, &Route), (news, new): (&Set
     }
 }
 
-fn backend(out: &mut Changes, at: &str, (olds, old): (&Settings, &Backend), (news, new): (&Settings, &Backend)) {
+fn backend(out: &mut Changes, at: &str, (old_cfg, old): (&Settings, &Backend), (new_cfg, new): (&Settings, &Backend)) {
     let at = format!("{at}backend {} ", old.addr);
     out.field(&at, "weight", &old.weight, &new.weight);
-    let (og, ng) = (egress_names(olds, &old.egress), egress_names(news, &new.egress));
+    let (og, ng) = (egress_names(old_cfg, &old.egress), egress_names(new_cfg, &new.egress));
     out.field(&at, "egress", &og, &ng);
 }
 

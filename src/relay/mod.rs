@@ -185,9 +185,9 @@ impl Relay {
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let mailbox = settings.mailbox.get();
-        let (dialer, dialer_task, news) = DialerHandle::spawn(&settings.egress, mailbox);
+        let (dialer, dialer_task, egress_changes) = DialerHandle::spawn(&settings.egress, mailbox);
         let mut balancers = Slot::new();
-        let fan_out = rt::spawn(egress_news(news, balancers.receiver()));
+        let fan_out = rt::spawn(egress_news(egress_changes, balancers.receiver()));
         // The descriptors there are decide how many sessions can be served at once.
         let budget = Arc::new(limits::Budget::new());
         let (soft, hard) = limits::nofile().unwrap_or_default();
