@@ -26,7 +26,7 @@ use crate::shutdown::{DrainGuard, Signal};
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
-/// A route's bound listening socket: for UDP, one per worker (see [`Endpoint::bind_group`]).
+/// A route's bound listening socket: for UDP, one per worker (see [`udp_group`]).
 pub(crate) enum Bound {
     Tcp(Async<TcpListener>),
     Udp(Vec<Endpoint>),
@@ -72,19 +72,35 @@ impl Held {
 
 /// Binds a route's listening socket, as its protocol needs.
 pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
+    let (addr, device) = (route.listen, route.listen_device.as_deref());
     let bound = match route.protocol {
-        Protocol::Tcp | Protocol::HttpConnect => {
-            bind_tcp(route.listen, route.backlog, route.listen_device.as_deref()).map(Bound::Tcp)
-        }
-        Protocol::Udp => {
-            Endpoint::bind_group(route.listen, route.listen_device.as_deref(), rt::worker_count()).map(Bound::Udp)
-        }
+        Protocol::Tcp | Protocol::HttpConnect => bind_tcp(addr, route.backlog, device).map(Bound::Tcp),
+        Protocol::Udp => udp_group(addr, device).map(Bound::Udp),
     };
     bound.map_err(|source| StartError::Listen {
         what: format!("route {}", route.name),
         addr: route.listen.to_string(),
         source,
     })
+}
+
+/// A UDP route's sockets on `addr`, one for each worker. The kernel shares the clients between
+/// them (SO_REUSEPORT, as nginx's `listen … udp reuseport`) by their address, so a client
+/// always lands on the same socket: each worker keeps its own clients' flows and serves them on
+/// its own thread, and a datagram is handed to its flow without waking another. (TCP routes
+/// keep one socket: a group gave no more connections per second there, and a closing member
+/// resets the connections waiting in its queue.)
+///
+/// The address is first bound by a probe without SO_REUSEPORT, which fails if anyone else has
+/// it (another relayd too), and which picks the port when `addr` asks for port 0; the group
+/// binds it once the probe has let go.
+fn udp_group(addr: SocketAddr, device: Option<&str>) -> io::Result<Vec<Endpoint>> {
+    let count = rt::worker_count();
+    if count <= 1 {
+        return Ok(vec![Endpoint::bind(addr, device, false)?]);
+    }
+    let addr = Endpoint::bind(addr, device, false)?.local_addr()?;
+    (0..count).map(|_| Endpoint::bind(addr, device, true)).collect()
 }
 
 /// A listening TCP socket with SO_REUSEADDR (a restart need not wait out TIME_WAIT) and a real
@@ -153,10 +169,6 @@ pub(crate) async fn control(retarget: &flume::Receiver<RouteContext>) -> Control
 }
 
 impl Listener {
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.socket.get_ref().local_addr()
-    }
-
     /// Accepts until `stop` fires or the route is removed; each session gets a clone of `guard`.
     pub async fn run(mut self, stop: Signal, guard: DrainGuard) {
         let route = self.sessions.route_name.clone();

@@ -30,26 +30,10 @@ pub(crate) struct Endpoint {
 struct Control([u8; CONTROL]);
 
 impl Endpoint {
-    /// `count` sockets on `addr`, one for each worker, which the kernel shares the clients
-    /// between by their address (SO_REUSEPORT, as nginx's `listen … udp reuseport`): a client
-    /// always lands on the same socket, so each worker keeps its own flows, on its own thread.
-    ///
-    /// The address is first bound without SO_REUSEPORT, which fails if anyone else has it
-    /// (another relayd too), and which picks the port when `addr` asks for port 0; the group
-    /// binds it once that probe has let go.
-    pub fn bind_group(addr: SocketAddr, device: Option<&str>, count: usize) -> io::Result<Vec<Endpoint>> {
-        if count <= 1 {
-            return Ok(vec![Endpoint::bind(addr, device, false)?]);
-        }
-        let addr = Endpoint::bind(addr, device, false)?.local_addr()?;
-        (0..count).map(|_| Endpoint::bind(addr, device, true)).collect()
-    }
-
-    fn bind(addr: SocketAddr, device: Option<&str>, shared: bool) -> io::Result<Endpoint> {
+    /// A listening UDP socket; `shared`: one of a route's group (SO_REUSEPORT).
+    pub fn bind(addr: SocketAddr, device: Option<&str>, shared: bool) -> io::Result<Endpoint> {
         let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, None)?;
-        if shared {
-            socket.set_reuse_port(true)?;
-        }
+        socket.set_reuse_port(shared)?;
         if let Some(device) = device {
             socket.bind_device(Some(device.as_bytes()))?;
         }

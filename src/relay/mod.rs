@@ -371,14 +371,16 @@ impl Relay {
             .guard()
             .expect("a relay that is not stopping hands out guards");
         let stop = self.common.stop.clone();
-        let (listen, task) = match socket {
+        let listen = match socket {
             Bound::Tcp(socket) => {
+                let listen = socket.get_ref().local_addr();
                 let listener = Listener {
                     socket,
                     sessions,
                     retarget: retarget.receiver(),
                 };
-                (listener.local_addr(), Some(rt::spawn(listener.run(stop, guard))))
+                self.tasks.push(rt::spawn(listener.run(stop, guard)));
+                listen
             }
             Bound::Udp(group) => {
                 let room = limits::Gate::new(sessions.route.max_flows.get() as u64);
@@ -395,12 +397,10 @@ impl Relay {
                     let task = rt::spawn_on(worker, listener.run(stop.clone(), guard.clone()));
                     self.tasks.push(task);
                 }
-                (listen, None)
+                listen
             }
         };
-        let listen = listen.expect("a bound socket has a local address");
-        self.tasks.extend(task);
-        listen
+        listen.expect("a bound socket has a local address")
     }
 
     /// Health checks, when the route has them; re-resolution, when it has name backends.

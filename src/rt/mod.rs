@@ -17,7 +17,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -29,6 +29,8 @@ pub use async_io::{Async, Timer};
 /// for its whole life, so its sockets, buffers and state stay in that core's cache. New tasks
 /// go to the workers in turn, unless they are placed ([`spawn_on`], [`spawn_here`]).
 struct Pool {
+    /// Tells this pool's workers from another relay's.
+    id: u64,
     executors: Vec<Arc<async_executor::Executor<'static>>>,
     next: AtomicUsize,
 }
@@ -46,8 +48,8 @@ pub struct Runtime {
 thread_local! {
     /// The runtime whose worker this thread is, or that it has entered.
     static CURRENT: RefCell<Option<Arc<Pool>>> = const { RefCell::new(None) };
-    /// The executor of the worker this thread is.
-    static HERE: RefCell<Option<Arc<async_executor::Executor<'static>>>> = const { RefCell::new(None) };
+    /// The worker this thread is: its pool's id and its number there.
+    static HERE: std::cell::Cell<Option<(u64, usize)>> = const { std::cell::Cell::new(None) };
 }
 
 impl Runtime {
@@ -58,7 +60,9 @@ impl Runtime {
             |n| n.get(),
         );
         let (stop, stopped) = flume::bounded::<()>(1);
+        static IDS: AtomicU64 = AtomicU64::new(0);
         let pool = Arc::new(Pool {
+            id: IDS.fetch_add(1, Ordering::Relaxed),
             executors: (0..count).map(|_| Arc::new(async_executor::Executor::new())).collect(),
             next: AtomicUsize::new(0),
         });
@@ -67,13 +71,13 @@ impl Runtime {
             stop: Some(stop),
             threads: Vec::with_capacity(count),
         };
-        for executor in pool.executors.clone() {
+        for (i, executor) in pool.executors.clone().into_iter().enumerate() {
             let (pool, stopped) = (pool.clone(), stopped.clone());
             let thread = std::thread::Builder::new()
                 .name("relayd-worker".into())
                 .spawn(move || {
+                    HERE.set(Some((pool.id, i)));
                     CURRENT.set(Some(pool));
-                    HERE.set(Some(executor.clone()));
                     // An idle worker waits in async-io's reactor (or for the thread that does).
                     let _closed = async_io::block_on(executor.run(stopped.recv_async()));
                     CURRENT.set(None);
@@ -214,9 +218,11 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    match HERE.with_borrow(|h| h.clone()) {
-        Some(executor) => JoinHandle(Some(executor.spawn(future))),
-        None => spawn(future),
+    let current = CURRENT.with_borrow(|c| c.clone()).unwrap_or_else(fallback);
+    match HERE.get() {
+        // A worker that has entered another relay's runtime spawns there as anyone would.
+        Some((pool, i)) if pool == current.id => JoinHandle(Some(current.executors[i].spawn(future))),
+        _ => current.spawn(future),
     }
 }
 
@@ -519,6 +525,30 @@ mod tests {
         }));
         go.send(()).unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(10)), Ok(42));
+    }
+
+    #[test]
+    fn spawn_here_stays_on_the_worker_unless_another_runtime_is_entered() {
+        let (a, b) = (
+            Runtime::new(std::num::NonZeroUsize::new(4)),
+            Runtime::new(std::num::NonZeroUsize::new(1)),
+        );
+        let (a, b) = (Arc::new(a.unwrap()), Arc::new(b.unwrap()));
+        let b_thread = block_on(b.spawn(async { std::thread::current().id() }));
+        for worker in 0..4 {
+            let b = b.clone();
+            let (here, placed, there) = block_on(a.enter(|| {
+                spawn_on(worker, async move {
+                    let here = std::thread::current().id();
+                    let placed = spawn_here(async { std::thread::current().id() }).await;
+                    // An embedder's call into relay b from a's worker: b's runtime, not a's.
+                    let there = b.enter(|| spawn_here(async { std::thread::current().id() }));
+                    (here, placed, there.await)
+                })
+            }));
+            assert_eq!(placed, here, "worker {worker}: spawned on its own thread");
+            assert_eq!(there, b_thread, "worker {worker}: the entered runtime's thread");
+        }
     }
 
     #[test]
