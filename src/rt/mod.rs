@@ -188,17 +188,17 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let current = CURRENT.with_borrow(|c| c.clone());
-    current.unwrap_or_else(fallback).spawn(future)
+    current().spawn(future)
+}
+
+/// The runtime this thread is a worker of or has entered; the default one elsewhere.
+fn current() -> Arc<Pool> {
+    CURRENT.with_borrow(|c| c.clone()).unwrap_or_else(fallback)
 }
 
 /// The current runtime's worker threads: how many sockets a UDP route listens on.
 pub fn worker_count() -> usize {
-    CURRENT
-        .with_borrow(|c| c.clone())
-        .unwrap_or_else(fallback)
-        .executors
-        .len()
+    current().executors.len()
 }
 
 /// Runs `future` on worker `i` (modulo their count) of the current runtime.
@@ -207,7 +207,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let pool = CURRENT.with_borrow(|c| c.clone()).unwrap_or_else(fallback);
+    let pool = current();
     JoinHandle(Some(pool.executors[i % pool.executors.len()].spawn(future)))
 }
 
@@ -218,7 +218,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let current = CURRENT.with_borrow(|c| c.clone()).unwrap_or_else(fallback);
+    let current = current();
     match HERE.get() {
         // A worker that has entered another relay's runtime spawns there as anyone would.
         Some((pool, i)) if pool == current.id => JoinHandle(Some(current.executors[i].spawn(future))),
