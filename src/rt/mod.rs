@@ -17,7 +17,7 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -367,33 +367,42 @@ impl HalfClose for UnixStream {
 ///
 /// async-io's `Async` only flushes on close; a session needs the FIN. (async-std's own
 /// `TcpStream` and `UnixStream` do shut down on close, so they can be injected as they are.)
-pub struct Conn<S>(Async<S>);
+pub struct Conn<S> {
+    socket: Async<S>,
+    /// The last read took less than it asked for, so the socket was empty: the next read waits
+    /// for the reactor's word instead of trying first (a try would almost always fail, and a
+    /// pair polls both directions whenever either has moved).
+    drained: AtomicBool,
+}
 
 impl<S: std::os::fd::AsFd> Conn<S> {
     /// Registers a connected socket with the reactor (it is made non-blocking).
     pub fn new(socket: S) -> io::Result<Self> {
-        Async::new(socket).map(Conn)
+        Async::new(socket).map(Conn::from_async)
     }
 
     /// Registers a socket that is non-blocking already.
     pub(crate) fn new_nonblocking(socket: S) -> io::Result<Self> {
-        Async::new_nonblocking(socket).map(Conn)
+        Async::new_nonblocking(socket).map(Conn::from_async)
     }
 
     /// The underlying socket.
     pub fn get_ref(&self) -> &S {
-        self.0.get_ref()
+        self.socket.get_ref()
     }
 
     /// The socket as the reactor knows it, for readiness-driven system calls (splice).
     pub(crate) fn as_async(&self) -> &Async<S> {
-        &self.0
+        &self.socket
     }
 }
 
 impl<S> Conn<S> {
     pub(crate) fn from_async(socket: Async<S>) -> Self {
-        Conn(socket)
+        Conn {
+            socket,
+            drained: AtomicBool::new(false),
+        }
     }
 }
 
@@ -438,7 +447,14 @@ where
     for<'a> &'a S: Read,
 {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &self.0).poll_read(cx, buf)
+        let read = |socket: &S| Read::read(&mut &*socket, buf);
+        let n = futures::ready!(if self.drained.load(Ordering::Relaxed) {
+            poll_read_when_ready(&self.socket, cx, read)
+        } else {
+            poll_read_with(&self.socket, cx, read)
+        })?;
+        self.drained.store(n < buf.len(), Ordering::Relaxed);
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -448,16 +464,16 @@ where
     for<'a> &'a S: Write,
 {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut &self.0).poll_write(cx, buf)
+        Pin::new(&mut &self.socket).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut &self.0).poll_flush(cx)
+        Pin::new(&mut &self.socket).poll_flush(cx)
     }
 
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        futures::ready!(Pin::new(&mut &self.0).poll_flush(cx))?;
-        match self.0.get_ref().shutdown_write() {
+        futures::ready!(Pin::new(&mut &self.socket).poll_flush(cx))?;
+        match self.socket.get_ref().shutdown_write() {
             // The peer already went away: nothing is left to close.
             Err(e) if e.kind() == io::ErrorKind::NotConnected => Poll::Ready(Ok(())),
             other => Poll::Ready(other),
@@ -596,5 +612,35 @@ mod tests {
             std::mem::size_of_val(&wrapped)
         );
         assert_eq!(block_on(wrapped), Some(1));
+    }
+    #[test]
+    fn a_conn_tries_the_socket_after_a_full_read_and_waits_for_the_reactor_after_a_short_one() {
+        use futures::{AsyncReadExt, AsyncWriteExt};
+        let (near, far) = UnixStream::pair().unwrap();
+        let (near, mut far) = (Conn::new(near).unwrap(), Conn::new(far).unwrap());
+        block_on(async {
+            far.write_all(b"0123456789").await.unwrap();
+            let mut buf = [0u8; 4];
+            // A full read: the socket may hold more, so the next read tries it at once.
+            (&near).read_exact(&mut buf).await.unwrap();
+            assert_eq!(&buf, b"0123");
+            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+            let first = Pin::new(&mut &near).poll_read(&mut cx, &mut buf);
+            assert!(matches!(first, Poll::Ready(Ok(4))), "{first:?}");
+            // A short read drains it: the next read does not try the socket (that would
+            // almost always fail) but waits for the reactor, and still gets what arrives.
+            let mut big = [0u8; 64];
+            assert_eq!((&near).read(&mut big).await.unwrap(), 2);
+            far.write_all(b"later").await.unwrap();
+            let waits = Pin::new(&mut &near).poll_read(&mut cx, &mut big);
+            assert!(waits.is_pending(), "tried the socket first: {waits:?}");
+            let n = timeout(Duration::from_secs(10), (&near).read(&mut big)).await;
+            assert_eq!(n.map(|n| n.unwrap()), Some(5));
+            assert_eq!(&big[..5], b"later");
+            // End of stream reads as 0 once drained too.
+            far.close().await.unwrap();
+            let end = timeout(Duration::from_secs(10), (&near).read(&mut big)).await;
+            assert_eq!(end.map(|n| n.unwrap()), Some(0));
+        });
     }
 }
