@@ -132,8 +132,13 @@ impl RouteContext {
                     let counted = self.balancer.counted(pick.backend);
                     report.backend = Some(pick.addr);
                     report.egress = Some(self.egress_name(&pick));
-                    let reached = named.map_or_else(|| self.reached(&client), |(_, reached)| reached);
-                    let first = self.send_proxy(peer, reached, &early, &mut upstream);
+                    // The address the client reached is asked of its socket only for a header
+                    // that names it: a system call less per connection everywhere else.
+                    let header = (self.route.send_proxy).map(|version| {
+                        let reached = named.map_or_else(|| self.reached(&client), |(_, reached)| reached);
+                        crate::proto::proxy_header(version, peer, reached)
+                    });
+                    let first = send_first(header, &early, &mut upstream);
                     report.bytes_up += early.len() as u64;
                     report.end = match first.await {
                         Ok(()) => self.relay(&mut client, &mut upstream, &mut report).await,
@@ -154,23 +159,6 @@ impl RouteContext {
         ((client as &dyn Any).downcast_ref::<TcpConn>())
             .and_then(|c| c.get_ref().local_addr().ok())
             .unwrap_or(self.route.listen)
-    }
-
-    /// What goes to the backend before the relay: the PROXY protocol header, when the route
-    /// sends one, then the bytes that came behind the client's own header.
-    async fn send_proxy(
-        &self,
-        peer: SocketAddr,
-        reached: SocketAddr,
-        early: &[u8],
-        upstream: &mut TcpConn,
-    ) -> std::io::Result<()> {
-        if let Some(version) = self.route.send_proxy {
-            upstream
-                .write_all(&crate::proto::proxy_header(version, peer, reached))
-                .await?;
-        }
-        upstream.write_all(early).await
     }
 
     /// The client and destination a trusted proxy names in its header (none for LOCAL), and
@@ -277,4 +265,13 @@ async fn linger<S: AsyncRead + AsyncWrite + Unpin>(side: &mut S) {
         }
     });
     drained.await;
+}
+
+/// What goes to the backend before the relay: the PROXY protocol header, when the route sends
+/// one, then the bytes that came behind the client's own header.
+async fn send_first(header: Option<Vec<u8>>, early: &[u8], upstream: &mut TcpConn) -> std::io::Result<()> {
+    if let Some(header) = header {
+        upstream.write_all(&header).await?;
+    }
+    upstream.write_all(early).await
 }
