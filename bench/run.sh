@@ -234,7 +234,8 @@ done
 
 cp "$RESULTS" "$ROOT/bench/RESULTS.tsv"
 python3 "$ROOT/bench/report.py" "$RESULTS" "$ROOT/bench/RESULTS.md" \
-    "bench/run.sh (RUNS=$RUNS SECS=$SECS IDLE=$IDLE)" "$CORES" \
-    "$("$RELAYD" --version 2>/dev/null || echo "relayd $(git rev-parse --short HEAD)")" \
+    "${AB:+AB=$AB }${ONLY:+ONLY=\"$ONLY\" }bench/run.sh (RUNS=$RUNS SECS=$SECS IDLE=$IDLE)" "$CORES" \
+    "$("$RELAYD" --version 2>/dev/null || echo relayd) at $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' with changes')" \
+    ${AB:+"relayd-b: $("$AB" --version 2>/dev/null || echo relayd), $AB"} \
     "$(haproxy -v | head -1)" "$(nginx -v 2>&1)" "$(socat -V | sed -n 2p)" "$(iperf3 --version | head -1)"
 echo "wrote bench/RESULTS.md"
