@@ -312,7 +312,8 @@ pub fn poll_write_with<T, R>(
 
 /// As [`poll_read_with`], but `op` runs only once the reactor has said the socket is readable:
 /// for a socket that is rarely readable when it is polled, such as a UDP flow's backend socket,
-/// polled again after every request it has not answered yet. The registration lives in the
+/// polled again after every request it has not answered yet, or a [`Conn`] whose last read
+/// emptied it. The registration lives in the
 /// socket, so polling again while it waits costs neither a system call nor a re-arm; a try
 /// first would cost a failed `recv` per request.
 pub fn poll_read_when_ready<T, R>(
@@ -613,6 +614,7 @@ mod tests {
         );
         assert_eq!(block_on(wrapped), Some(1));
     }
+
     #[test]
     fn a_conn_tries_the_socket_after_a_full_read_and_waits_for_the_reactor_after_a_short_one() {
         use futures::{AsyncReadExt, AsyncWriteExt};
