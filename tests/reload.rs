@@ -394,9 +394,13 @@ async fn a_udp_route_keeps_its_worker_sockets_and_takes_a_new_max_flows_on_every
     h.reload(&cfg("dns2", 20).replace(&echo.addr.to_string(), &other.addr.to_string()))
         .await
         .unwrap();
+    // (Each client is kept open, so that none gets the port of one before it: a reused port
+    // would be the earlier client's flow.)
+    let mut clients = Vec::new();
     for i in 0..12u8 {
         let c = client(relay).await;
         assert_eq!(round_trip(&c, &[i]).await, [i]);
+        clients.push(c);
     }
     let seen: BTreeSet<SocketAddr> = other.drain().into_iter().map(|(from, _)| from).collect();
     assert_eq!(seen.len(), 12, "every new flow on the new backend");

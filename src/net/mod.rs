@@ -1,6 +1,6 @@
 //! Sockets below the actors: the UDP endpoint that receives with its destination address
-//! (IP_PKTINFO) and replies from it, and the one raw `setsockopt` for the flags socket2 does
-//! not wrap. Listeners, sessions and the Dialer use them, so they sit beneath all three.
+//! (IP_PKTINFO) and replies from it, the one raw `setsockopt` for the flags socket2 does
+//! not wrap, and the two queue lengths a closing session asks of a TCP socket. Listeners, sessions and the Dialer use them, so they sit beneath all three.
 
 mod endpoint;
 
@@ -23,4 +23,23 @@ pub(crate) fn set_flag(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_
         )
     };
     crate::rt::check(rc).map(drop)
+}
+
+/// Bytes in a TCP socket's send queue that its peer has not acknowledged yet (SIOCOUTQ):
+/// 0 once everything written has reached the peer's kernel.
+pub(crate) fn unacked(socket: &impl AsRawFd) -> io::Result<usize> {
+    queue_len(socket, libc::TIOCOUTQ)
+}
+
+/// Bytes received on a TCP socket and not read yet (SIOCINQ): closing the socket with any
+/// makes the kernel reset the connection, which throws its send queue away.
+pub(crate) fn unread(socket: &impl AsRawFd) -> io::Result<usize> {
+    queue_len(socket, libc::FIONREAD)
+}
+
+fn queue_len(socket: &impl AsRawFd, request: libc::Ioctl) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: a valid fd, and a request (SIOCOUTQ, SIOCINQ) that writes one int.
+    let rc = unsafe { libc::ioctl(socket.as_raw_fd(), request, &mut n) };
+    crate::rt::check(rc).map(|_| n.max(0) as usize)
 }

@@ -485,6 +485,17 @@ where
 /// A relayed TCP connection, accepted or dialed.
 pub type TcpConn = Conn<TcpStream>;
 
+/// The TCP socket under a session's stream, when it is one: accepted or dialed by the relay,
+/// or an embedder's async-std `TcpStream` handed to [`crate::Relay::inject`]. Other streams
+/// (Unix sockets) have no send queue to wait for and no reset to pass on.
+pub(crate) fn tcp_socket(stream: &dyn std::any::Any) -> Option<socket2::SockRef<'_>> {
+    if let Some(conn) = stream.downcast_ref::<TcpConn>() {
+        return Some(socket2::SockRef::from(conn.get_ref()));
+    }
+    let injected = stream.downcast_ref::<Injected<async_std::net::TcpStream>>()?;
+    Some(socket2::SockRef::from(&injected.0))
+}
+
 /// An injected stream, whose `poll_close` also ends its write direction when it is one of
 /// async-std's sockets: theirs only flush on close, and a relayed FIN must reach the peer.
 /// Other streams close as they close.

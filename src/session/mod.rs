@@ -83,6 +83,11 @@ pub struct SessionReport {
     pub duration: Duration,
     pub end: SessionEnd,
     pub path: Transfer,
+    /// Bytes the relay had passed to one side that it had not acknowledged yet when the other
+    /// side reset or went away (0 when nothing was in flight, or no reset came). They were
+    /// delivered before the close, unless the bounded wait for them ran out: what was then
+    /// thrown away is not counted in `bytes_up`/`bytes_down`.
+    pub in_flight: u64,
 }
 
 impl SessionReport {
@@ -99,7 +104,25 @@ impl SessionReport {
             duration: Duration::ZERO,
             end: SessionEnd::Forced,
             path: Transfer::NotRelayed,
+            in_flight: 0,
         }
+    }
+
+    /// Notes what was in flight towards the side `direction` writes to when the pair ended,
+    /// and takes out of its count what the close throws away (`discards`: it resets).
+    fn settle(&mut self, direction: Direction, delivered: tcp::Delivered, discards: bool) {
+        self.in_flight = delivered.in_flight;
+        if !discards || delivered.left == 0 {
+            return;
+        }
+        let bytes = match direction {
+            Direction::Up => &mut self.bytes_up,
+            Direction::Down => &mut self.bytes_down,
+        };
+        *bytes = bytes.saturating_sub(delivered.left);
+        log::warn!(route = &*self.route, session = self.id.0, client:% = self.peer, direction = direction.word(),
+            undelivered = delivered.left, in_flight = delivered.in_flight;
+            "session closed with bytes its peer never acknowledged");
     }
 }
 
@@ -448,7 +471,7 @@ fn log_end(r: &SessionReport, route: &RouteContext) {
     let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
     let egress = r.egress.as_deref().unwrap_or("-");
     log::log!(level, route = &*r.route, session = r.id.0, client:% = r.peer, backend = backend.as_str(),
-        egress = egress, bytes_up = r.bytes_up, bytes_down = r.bytes_down,
+        egress = egress, bytes_up = r.bytes_up, bytes_down = r.bytes_down, in_flight = r.in_flight,
         duration_ms = r.duration.as_millis() as u64, end = r.end.word(), why = why, held_back = held;
         "session closed");
 }

@@ -58,6 +58,16 @@ pub enum Direction {
     Down,
 }
 
+impl Direction {
+    /// A stable word for logs.
+    pub fn word(self) -> &'static str {
+        match self {
+            Direction::Up => "up",
+            Direction::Down => "down",
+        }
+    }
+}
+
 /// How a relayed pair ended.
 #[derive(Debug)]
 pub enum End {
@@ -82,42 +92,60 @@ pub(super) enum HalfError {
     Write(io::Error),
 }
 
-/// The one rule both pair drivers end by. A direction whose destination is gone stops (its
-/// source's bytes have nowhere to go), but the other direction runs on until it has delivered
-/// what it read and ended, so a backend's complete answer reaches the client even when the
-/// backend then resets the upload. A direction whose source aborted ends the pair at once.
+/// The one rule both pair drivers end by. A direction whose destination is gone has nowhere
+/// to put its source's bytes: from then on it reads and drops them, so a client that uploads
+/// while it waits for its answer is not stalled, while the other direction runs on until it
+/// has delivered what it read and ended: a backend's complete answer reaches the client even
+/// when the backend then resets the upload. A direction whose source aborted ends the pair at
+/// once (the session then passes the abort on, once what was in flight has arrived).
 #[derive(Default)]
 struct Ending {
+    /// The first direction whose destination went away, and how.
     gone: Option<(Direction, io::Error)>,
+    /// Directions whose destination went away, up and down: they only read and drop.
+    dropping: [bool; 2],
+}
+
+/// What one direction's poll means for the pair.
+enum Noted {
+    Running,
+    /// Its destination just went away: it drops what it reads from now on.
+    Gone,
+    Ends(End),
 }
 
 impl Ending {
-    /// True while `direction` should still be polled.
-    pub fn runs(&self, direction: Direction) -> bool {
-        self.gone.as_ref().is_none_or(|(d, _)| *d != direction)
-    }
-
-    /// Folds one direction's poll into the ending; `Some` when the pair ends now.
-    pub fn note(&mut self, direction: Direction, polled: Poll<Result<(), HalfError>>) -> Option<End> {
+    /// Folds one direction's poll into the ending.
+    pub fn note(&mut self, direction: Direction, polled: Poll<Result<(), HalfError>>) -> Noted {
         match polled {
-            Poll::Ready(Err(HalfError::Read(e))) => Some(End::Aborted(direction, e)),
+            Poll::Ready(Err(HalfError::Read(e))) => Noted::Ends(End::Aborted(direction, e)),
             Poll::Ready(Err(HalfError::Write(e))) => {
                 self.gone.get_or_insert((direction, e));
-                None
+                self.dropping[direction as usize] = true;
+                Noted::Gone
             }
-            _ => None,
+            _ => Noted::Running,
         }
     }
 
     /// `Some` once both directions are over: each ended, or its destination is gone.
     pub fn over(&mut self, up_done: bool, down_done: bool) -> Option<End> {
-        let up = up_done || !self.runs(Direction::Up);
-        let down = down_done || !self.runs(Direction::Down);
+        let up = up_done || self.dropping[Direction::Up as usize];
+        let down = down_done || self.dropping[Direction::Down as usize];
         (up && down).then(|| match self.gone.take() {
             Some((direction, e)) => End::Failed(direction, e),
             None => End::Done,
         })
     }
+}
+
+/// The thread's scratch buffer for one read; a reader that is itself a relay on this thread
+/// would find it taken, and gets a buffer of its own for this read.
+fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    SCRATCH_BUF.with(|scratch| match scratch.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        Err(_) => f(&mut vec![0; SCRATCH]),
+    })
 }
 
 /// One direction by copying: read, write on, and close the writer at end of stream.
@@ -133,12 +161,30 @@ pub(super) struct Half {
     /// The other direction has ended, so this one's end ends the pair: the writer is about to
     /// be closed, and closing it sends the FIN without a shutdown of its own.
     pub last: bool,
+    /// The writer is gone: what is read is dropped.
+    dropping: bool,
+    /// Bytes read and dropped.
+    pub dropped: u64,
 }
 
 impl Half {
     /// Nothing read is waiting for the writer.
     pub fn is_flushed(&self) -> bool {
         self.pending.is_none()
+    }
+
+    /// Bulk data flows, nothing is held back, and it all goes somewhere: a kernel may move it.
+    pub fn may_splice(&self) -> bool {
+        self.filled && self.is_flushed() && !self.dropping
+    }
+
+    /// The writer is gone: from now on the reader's bytes are read and dropped (what was held
+    /// for the writer too).
+    pub fn drop_input(&mut self) {
+        self.dropping = true;
+        if let Some((buf, _)) = self.pending.take() {
+            give_back(buf);
+        }
     }
 
     /// Ready(Ok) once `r` has ended and `w` has been closed (the FIN passed on).
@@ -152,6 +198,9 @@ impl Half {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
+        if self.dropping {
+            return self.poll_drop(cx, r);
+        }
         let write = HalfError::Write;
         for _ in 0..BUDGET {
             ready!(self.flush_pending(cx, w.as_mut())).map_err(write)?;
@@ -210,18 +259,7 @@ impl Half {
         R: AsyncRead + ?Sized,
         W: AsyncWrite + ?Sized,
     {
-        SCRATCH_BUF.with(|scratch| {
-            // A reader that is itself a relay on this thread would find the scratch taken:
-            // it then gets a buffer of its own for this read.
-            let mut own;
-            let mut borrowed = scratch.try_borrow_mut();
-            let buf: &mut [u8] = match borrowed.as_deref_mut() {
-                Ok(buf) => buf,
-                Err(_) => {
-                    own = vec![0; SCRATCH];
-                    &mut own
-                }
-            };
+        with_scratch(|buf| {
             let n = ready!(r.as_mut().poll_read(cx, buf)).map_err(HalfError::Read)?;
             if n == 0 {
                 self.eof = true;
@@ -242,6 +280,24 @@ impl Half {
             }
             Poll::Ready(Ok(()))
         })
+    }
+
+    /// Reads and drops until the reader ends (Ready(Ok)) or fails.
+    fn poll_drop<R: AsyncRead + ?Sized>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut r: Pin<&mut R>,
+    ) -> Poll<Result<(), HalfError>> {
+        for _ in 0..BUDGET {
+            let n = ready!(with_scratch(|buf| r.as_mut().poll_read(cx, buf))).map_err(HalfError::Read)?;
+            if n == 0 {
+                (self.eof, self.done) = (true, true);
+                return Poll::Ready(Ok(()));
+            }
+            self.dropped += n as u64;
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 }
 
@@ -301,6 +357,10 @@ pub(super) trait Halves {
     fn done(&self, direction: Direction) -> bool;
     /// Bytes moved so far: (client to backend, backend to client).
     fn bytes(&self) -> (u64, u64);
+    /// The direction's destination is gone: it reads and drops from now on.
+    fn drop_input(&mut self, direction: Direction);
+    /// Bytes read and dropped, both ways.
+    fn dropped(&self) -> u64;
 }
 
 /// The relay of one pair: a future that ends with how the pair ended. `H` moves the bytes;
@@ -336,7 +396,11 @@ impl<H: Halves> Pair<H> {
     fn progress(&self) -> Progress {
         let (up, down) = self.halves.bytes();
         let done = |d| self.halves.done(d);
-        (up + down, done(Direction::Up), done(Direction::Down))
+        (
+            up + down + self.halves.dropped(),
+            done(Direction::Up),
+            done(Direction::Down),
+        )
     }
 }
 
@@ -357,10 +421,16 @@ impl<H: Halves + Unpin> Future for Pair<H> {
 impl<H: Halves> Pair<H> {
     fn poll_halves(&mut self, cx: &mut Context<'_>, before: Progress) -> Poll<End> {
         for direction in [Direction::Up, Direction::Down] {
-            if !self.halves.done(direction) && self.ending.runs(direction) {
+            if !self.halves.done(direction) {
                 let polled = self.halves.poll_half(direction, cx);
-                if let Some(end) = self.ending.note(direction, polled) {
-                    return Poll::Ready(end);
+                match self.ending.note(direction, polled) {
+                    Noted::Running => {}
+                    Noted::Gone => {
+                        self.halves.drop_input(direction);
+                        // Polled again soon, now to read and drop.
+                        cx.waker().wake_by_ref();
+                    }
+                    Noted::Ends(end) => return Poll::Ready(end),
                 }
             }
         }
@@ -422,5 +492,16 @@ where
 
     fn bytes(&self) -> (u64, u64) {
         (self.up.bytes, self.down.bytes)
+    }
+
+    fn drop_input(&mut self, direction: Direction) {
+        match direction {
+            Direction::Up => self.up.drop_input(),
+            Direction::Down => self.down.drop_input(),
+        }
+    }
+
+    fn dropped(&self) -> u64 {
+        self.up.dropped + self.down.dropped
     }
 }

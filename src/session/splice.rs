@@ -120,7 +120,7 @@ impl SpliceHalf {
         if !self.splicing {
             let (mut r, mut w) = (src, dst);
             let polled = self.copy.poll(cx, Pin::new(&mut r), Pin::new(&mut w));
-            if polled.is_pending() && self.copy.filled && self.copy.is_flushed() {
+            if polled.is_pending() && self.copy.may_splice() {
                 // Bulk data, and nothing held back: from here on the kernel moves it.
                 (self.splicing, self.copy.filled) = (true, false);
                 cx.waker().wake_by_ref();
@@ -194,12 +194,26 @@ impl SpliceHalf {
     }
 }
 
-impl Drop for SpliceHalf {
-    fn drop(&mut self) {
-        // A pipe with bytes still in it cannot be reused: close it, and free its place.
+impl SpliceHalf {
+    /// The destination is gone: what is in the pipe has nowhere to go, and what the source
+    /// still sends is read and dropped, by copying.
+    fn drop_input(&mut self) {
+        self.close_pipe();
+        (self.in_pipe, self.splicing) = (0, false);
+        self.copy.drop_input();
+    }
+
+    /// A pipe with bytes still in it cannot be reused: it is closed, and its place freed.
+    fn close_pipe(&mut self) {
         if self.pipe.take().is_some() {
             PIPES.fetch_sub(1, Ordering::Relaxed);
         }
+    }
+}
+
+impl Drop for SpliceHalf {
+    fn drop(&mut self) {
+        self.close_pipe();
     }
 }
 
@@ -262,5 +276,16 @@ impl Halves for Splicer<'_> {
 
     fn bytes(&self) -> (u64, u64) {
         (self.up.bytes(), self.down.bytes())
+    }
+
+    fn drop_input(&mut self, direction: Direction) {
+        match direction {
+            Direction::Up => self.up.drop_input(),
+            Direction::Down => self.down.drop_input(),
+        }
+    }
+
+    fn dropped(&self) -> u64 {
+        self.up.copy.dropped + self.down.copy.dropped
     }
 }

@@ -16,13 +16,16 @@ use crate::config::Protocol;
 use crate::rt::{self, JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
 
-/// A lingering close ends when the peer has been silent this long,
-const LINGER_QUIET: Duration = Duration::from_secs(5);
-/// or after this long in all,
-const LINGER_MAX: Duration = Duration::from_secs(30);
-/// or once this much has been read and dropped.
-const LINGER_BYTES: usize = 64 << 20;
-const LINGER_READ: usize = 16 << 10;
+/// A closing side that has neither sent nor acknowledged anything for this long is given up
+/// on (nginx's `lingering_timeout`),
+const SETTLE_QUIET: Duration = Duration::from_secs(5);
+/// and so is one still busy after this long in all (nginx's `lingering_time`).
+const SETTLE_MAX: Duration = Duration::from_secs(30);
+/// How long apart a closing side's send queue is looked at while it sends nothing: the first
+/// look soon, then ever further apart.
+const SETTLE_LOOK: std::ops::Range<Duration> = Duration::from_millis(1)..Duration::from_millis(50);
+/// What one read of a closing side's upload may take (and drop).
+const SETTLE_READ: usize = 64 << 10;
 
 impl RouteContext {
     /// Starts a session for `client`; the handle yields its report.
@@ -141,12 +144,12 @@ impl RouteContext {
                     let first = send_first(header, &early, &mut upstream);
                     report.bytes_up += early.len() as u64;
                     report.end = match first.await {
-                        Ok(()) => self.relay(&mut client, &mut upstream, &mut report).await,
+                        Ok(()) => self.relay(&mut client, upstream, &mut report).await,
                         Err(e) => SessionEnd::Failed(Direction::Up, e),
                     };
-                    // Closed now, then counted out: a pair that ended both ways left its last
-                    // FIN to the close.
-                    drop((upstream, client, counted));
+                    // Closed now, then counted out (the backend's socket closed as the pair
+                    // ended): a pair that ended both ways left its last FIN to the close.
+                    drop((client, counted));
                 }
             }
             report.duration = started.elapsed();
@@ -182,13 +185,8 @@ impl RouteContext {
     }
 
     /// Relays until the pair ends: by splice when both ends are TCP sockets (and splice is on),
-    /// by copying otherwise (an injected stream, for one).
-    pub(super) async fn relay<S>(
-        &self,
-        client: &mut S,
-        upstream: &mut TcpConn,
-        report: &mut SessionReport,
-    ) -> SessionEnd
+    /// by copying otherwise (an injected stream, for one); then closes the pair as it ended.
+    pub(super) async fn relay<S>(&self, client: &mut S, mut upstream: TcpConn, report: &mut SessionReport) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
@@ -203,13 +201,13 @@ impl RouteContext {
             .downcast_mut::<TcpConn>()
             .filter(|_| self.splice);
         let end = if let Some(tcp_client) = tcp_client {
-            let mut pump = SplicePump::new(tcp_client, upstream, timeouts, meter);
+            let mut pump = SplicePump::new(tcp_client, &upstream, timeouts, meter);
             let end = self.force.unless(&mut pump).await;
             (report.bytes_up, report.bytes_down) = pump.bytes();
             report.path = pump.path();
             end
         } else {
-            let mut pump = Pump::new(client, upstream, timeouts, meter);
+            let mut pump = Pump::new(client, &mut upstream, timeouts, meter);
             let end = self.force.unless(&mut pump).await;
             (report.bytes_up, report.bytes_down) = pump.bytes();
             report.path = Transfer::Copy;
@@ -217,54 +215,130 @@ impl RouteContext {
         };
         match end {
             None => SessionEnd::Forced,
-            Some(End::Done) => SessionEnd::Done,
-            Some(End::Idle) => SessionEnd::IdleTimeout,
-            Some(End::Fin) => SessionEnd::FinTimeout,
-            Some(End::Aborted(direction, e)) => {
-                // A reset is passed on as a reset: a truncated stream must not look complete.
-                match direction {
-                    Direction::Up => reset(upstream),
-                    Direction::Down => reset(client),
-                }
-                SessionEnd::Aborted(direction, e)
-            }
-            Some(End::Failed(direction, e)) => {
-                // The backend is gone after its whole answer went out: the client has its FIN,
-                // and reading what it still uploads lets the answer reach it before the close.
-                if direction == Direction::Up {
-                    Box::pin(linger(client)).await;
-                }
-                SessionEnd::Failed(direction, e)
-            }
+            Some(end) => self
+                .force
+                .unless(close(end, client, upstream, report))
+                .await
+                .unwrap_or(SessionEnd::Forced),
         }
+    }
+}
+
+/// Carries out how a relayed pair ended, whichever way its bytes moved: the one place that
+/// decides what reaches whom at the end. Nothing already taken from one side is thrown away
+/// because the other side failed: a reset is passed on, and the client of a backend that went
+/// away is closed, only once the side still served has acknowledged what it was sent (see
+/// [`deliver`]). The pump itself holds nothing by then: a direction reads only once it has
+/// passed on all it read before (its buffer or pipe is empty), so what is in flight is in
+/// the socket's send queue.
+async fn close<S>(end: End, client: &mut S, upstream: TcpConn, report: &mut SessionReport) -> SessionEnd
+where
+    S: AsyncRead + AsyncWrite + Unpin + Any,
+{
+    match end {
+        End::Done => SessionEnd::Done,
+        End::Idle => SessionEnd::IdleTimeout,
+        End::Fin => SessionEnd::FinTimeout,
+        End::Aborted(direction, e) => {
+            // A reset is passed on as a reset, so a truncated stream does not look complete,
+            // but only once what came before it has arrived: a reset (SO_LINGER 0) throws the
+            // socket's send queue away.
+            match direction {
+                Direction::Up => {
+                    let mut upstream = upstream;
+                    let delivered = deliver(&mut upstream).await;
+                    report.settle(direction, delivered, true);
+                    reset(&upstream);
+                }
+                Direction::Down => {
+                    drop(upstream);
+                    let delivered = deliver(client).await;
+                    report.settle(direction, delivered, true);
+                    reset(client);
+                }
+            }
+            SessionEnd::Aborted(direction, e)
+        }
+        End::Failed(Direction::Up, e) => {
+            // The backend is gone after its whole answer went out, and the client has its FIN.
+            // A client still uploading would be reset by the close (its input unread), and the
+            // reset would throw away the end of the answer: the close waits until the client
+            // has it all, reading and dropping the upload meanwhile, as nginx's lingering close.
+            drop(upstream);
+            let _ = client.close().await;
+            let delivered = deliver(client).await;
+            let resets = rt::tcp_socket(client).is_some_and(|s| crate::net::unread(&*s).unwrap_or(0) > 0);
+            report.settle(Direction::Down, delivered, resets);
+            SessionEnd::Failed(Direction::Up, e)
+        }
+        End::Failed(Direction::Down, e) => SessionEnd::Failed(Direction::Down, e),
     }
 }
 
 /// Closing `side` will reset it (SO_LINGER 0) instead of ending it with a FIN. Only a TCP
 /// socket can say so; any other stream just closes.
-fn reset<S: Any>(side: &mut S) {
-    if let Some(conn) = (side as &mut dyn Any).downcast_mut::<TcpConn>() {
-        let _ = socket2::SockRef::from(conn.get_ref()).set_linger(Some(Duration::ZERO));
+fn reset<S: Any>(side: &S) {
+    if let Some(socket) = rt::tcp_socket(side) {
+        let _ = socket.set_linger(Some(Duration::ZERO));
     }
 }
 
-/// A lingering close, as HAProxy and nginx do: `side`'s write direction is shut down (its FIN
-/// is out), then what it still sends is read and dropped until it closes too, goes quiet, or
-/// the bounds pass. Closing a socket with unread input resets it, and a reset drops whatever
-/// the peer had not read yet: the end of the answer.
-async fn linger<S: AsyncRead + AsyncWrite + Unpin>(side: &mut S) {
-    let _ = side.close().await;
-    let mut buf = vec![0u8; LINGER_READ];
-    let drained = rt::timeout(LINGER_MAX, async {
-        let mut total = 0;
-        while total < LINGER_BYTES {
-            match rt::timeout(LINGER_QUIET, side.read(&mut buf)).await {
-                Some(Ok(n)) if n > 0 => total += n,
-                _ => break,
-            }
+/// What a closing side still had to receive when its pair ended, and what of it was left
+/// unacknowledged when the wait for it ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Delivered {
+    pub in_flight: u64,
+    pub left: u64,
+}
+
+/// Waits until `side` has acknowledged every byte it was sent (its socket's send queue is
+/// empty, SIOCOUTQ), reading and dropping whatever it still sends meanwhile, so that a peer
+/// that writes before it reads gets to its read and can take the rest. Nothing but time
+/// bounds the wait: it ends early when `side` resets, and gives up after [`SETTLE_QUIET`]
+/// without progress (nothing read, nothing acknowledged) or [`SETTLE_MAX`] in all, as nginx's
+/// `lingering_timeout` and `lingering_time`. Reading on (rather than letting the upload's
+/// window close) costs a lingering session some reads, but a client that sends its whole
+/// request before it reads an answer would otherwise never read it; the descriptors stay
+/// bounded by the time bounds, and the session is counted live until then. A stream that is
+/// no TCP socket (a Unix socket injected) delivers what it was given at once.
+async fn deliver<S: AsyncRead + Unpin + Any>(side: &mut S) -> Delivered {
+    let queued = |side: &S| rt::tcp_socket(side).map(|s| crate::net::unacked(&*s).unwrap_or(0) as u64);
+    let Some(mut left) = queued(side) else {
+        return Delivered::default();
+    };
+    let in_flight = left;
+    let started = Instant::now();
+    let mut progressed = started;
+    let mut look = SETTLE_LOOK.start;
+    let mut reading = true;
+    let mut buf = Vec::new();
+    while left > 0 {
+        let now = Instant::now();
+        if now - progressed >= SETTLE_QUIET || now - started >= SETTLE_MAX {
+            break;
         }
-    });
-    drained.await;
+        // No readiness event says "all acknowledged": the queue is looked at after each
+        // read, and every `look` (doubling up to a bound) while nothing comes in.
+        if reading {
+            buf.resize(SETTLE_READ, 0);
+            match rt::timeout(look, side.read(&mut buf)).await {
+                Some(Ok(0)) => reading = false,
+                Some(Ok(_)) => progressed = Instant::now(),
+                // Reset by its peer: nothing more reaches it.
+                Some(Err(_)) => break,
+                None => look = (look * 2).min(SETTLE_LOOK.end),
+            }
+        } else {
+            rt::sleep(look).await;
+            look = (look * 2).min(SETTLE_LOOK.end);
+        }
+        let now_left = queued(side).unwrap_or(0);
+        if now_left < left {
+            progressed = Instant::now();
+        }
+        left = now_left;
+    }
+    Delivered { in_flight, left }
 }
 
 /// What goes to the backend before the relay: the PROXY protocol header, when the route sends
