@@ -16,11 +16,20 @@ use crate::config::Protocol;
 use crate::rt::{self, JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
 
-/// A closing side that has neither sent nor acknowledged anything for this long is given up
-/// on (nginx's `lingering_timeout`),
-const SETTLE_QUIET: Duration = Duration::from_secs(5);
-/// and so is one still busy after this long in all (nginx's `lingering_time`).
-const SETTLE_MAX: Duration = Duration::from_secs(30);
+/// How long a closing side is waited for (see [`deliver`]).
+#[derive(Debug, Clone, Copy)]
+struct Patience {
+    /// Given up on after this long in which it neither sent nor acknowledged anything (nginx's
+    /// `lingering_timeout`),
+    quiet: Duration,
+    /// or after this long in all (nginx's `lingering_time`).
+    most: Duration,
+}
+
+const SETTLE: Patience = Patience {
+    quiet: Duration::from_secs(5),
+    most: Duration::from_secs(30),
+};
 /// How long apart a closing side's send queue is looked at while it sends nothing: the first
 /// look soon, then ever further apart.
 const SETTLE_LOOK: std::ops::Range<Duration> = Duration::from_millis(1)..Duration::from_millis(50);
@@ -246,13 +255,13 @@ where
             match direction {
                 Direction::Up => {
                     let mut upstream = upstream;
-                    let delivered = deliver(&mut upstream).await;
+                    let delivered = deliver(&mut upstream, SETTLE).await;
                     report.settle(direction, delivered, true);
                     reset(&upstream);
                 }
                 Direction::Down => {
                     drop(upstream);
-                    let delivered = deliver(client).await;
+                    let delivered = deliver(client, SETTLE).await;
                     report.settle(direction, delivered, true);
                     reset(client);
                 }
@@ -266,7 +275,7 @@ where
             // has it all, reading and dropping the upload meanwhile, as nginx's lingering close.
             drop(upstream);
             let _ = client.close().await;
-            let delivered = deliver(client).await;
+            let delivered = deliver(client, SETTLE).await;
             let resets = rt::tcp_socket(client).is_some_and(|s| crate::net::unread(&*s).unwrap_or(0) > 0);
             report.settle(Direction::Down, delivered, resets);
             SessionEnd::Failed(Direction::Up, e)
@@ -294,14 +303,14 @@ pub(super) struct Delivered {
 /// Waits until `side` has acknowledged every byte it was sent (its socket's send queue is
 /// empty, SIOCOUTQ), reading and dropping whatever it still sends meanwhile, so that a peer
 /// that writes before it reads gets to its read and can take the rest. Nothing but time
-/// bounds the wait: it ends early when `side` resets, and gives up after [`SETTLE_QUIET`]
-/// without progress (nothing read, nothing acknowledged) or [`SETTLE_MAX`] in all, as nginx's
+/// bounds the wait: it ends early when `side` resets, and gives up after `patience.quiet`
+/// without progress (nothing read, nothing acknowledged) or `patience.most` in all, as nginx's
 /// `lingering_timeout` and `lingering_time`. Reading on (rather than letting the upload's
 /// window close) costs a lingering session some reads, but a client that sends its whole
 /// request before it reads an answer would otherwise never read it; the descriptors stay
 /// bounded by the time bounds, and the session is counted live until then. A stream that is
 /// no TCP socket (a Unix socket injected) delivers what it was given at once.
-async fn deliver<S: AsyncRead + Unpin + Any>(side: &mut S) -> Delivered {
+async fn deliver<S: AsyncRead + Unpin + Any>(side: &mut S, patience: Patience) -> Delivered {
     let queued = |side: &S| rt::tcp_socket(side).map(|s| crate::net::unacked(&*s).unwrap_or(0) as u64);
     let Some(mut left) = queued(side) else {
         return Delivered::default();
@@ -314,7 +323,7 @@ async fn deliver<S: AsyncRead + Unpin + Any>(side: &mut S) -> Delivered {
     let mut buf = Vec::new();
     while left > 0 {
         let now = Instant::now();
-        if now - progressed >= SETTLE_QUIET || now - started >= SETTLE_MAX {
+        if now - progressed >= patience.quiet || now - started >= patience.most {
             break;
         }
         // No readiness event says "all acknowledged": the queue is looked at after each
@@ -348,4 +357,79 @@ async fn send_first(header: Option<Vec<u8>>, early: &[u8], upstream: &mut TcpCon
         upstream.write_all(&header).await?;
     }
     upstream.write_all(early).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::time::{Duration, Instant};
+
+    use super::{Delivered, Patience, deliver};
+    use crate::rt::{self, TcpConn};
+
+    /// The relay's end of a connection, with as much written to it as its send queue takes
+    /// while the peer (whose receive buffer is small) reads nothing; and the peer.
+    fn loaded() -> (TcpConn, TcpStream, usize) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket.set_recv_buffer_size(16 << 10).unwrap();
+        socket.connect(&listener.local_addr().unwrap().into()).unwrap();
+        let (mut relay_side, _) = listener.accept().unwrap();
+        relay_side.set_nonblocking(true).unwrap();
+        let mut written = 0;
+        while let Ok(n) = relay_side.write(&[b'a'; 64 << 10]) {
+            written += n;
+        }
+        (TcpConn::new(relay_side).unwrap(), socket.into(), written)
+    }
+
+    const LONG: Patience = Patience {
+        quiet: Duration::from_secs(20),
+        most: Duration::from_secs(20),
+    };
+
+    #[test]
+    fn deliver_waits_until_the_peer_has_acknowledged_every_byte() {
+        let (mut relay_side, mut peer, written) = loaded();
+        let reader = std::thread::spawn(move || {
+            let mut got = vec![0; written];
+            peer.read_exact(&mut got).map(|_| peer)
+        });
+        let delivered = rt::block_on(deliver(&mut relay_side, LONG));
+        assert!(delivered.in_flight > 0, "bytes were in flight: {delivered:?}");
+        assert_eq!(delivered.left, 0, "and all of them were acknowledged");
+        reader.join().unwrap().expect("the peer read every byte written");
+    }
+
+    #[test]
+    fn deliver_gives_up_on_a_peer_that_takes_nothing_after_its_quiet_time() {
+        let (mut relay_side, _peer, _) = loaded();
+        let short = Patience {
+            quiet: Duration::from_millis(50),
+            most: Duration::from_secs(20),
+        };
+        let Delivered { in_flight, left } = rt::block_on(deliver(&mut relay_side, short));
+        // (Its kernel may still take what its receive buffer has room for.)
+        assert!(left > 0 && left <= in_flight, "{in_flight} in flight, {left} left");
+    }
+
+    #[test]
+    fn deliver_ends_when_the_peer_resets() {
+        let (mut relay_side, peer, _) = loaded();
+        socket2::SockRef::from(&peer).set_linger(Some(Duration::ZERO)).unwrap();
+        drop(peer);
+        let started = Instant::now();
+        rt::block_on(deliver(&mut relay_side, LONG));
+        assert!(
+            started.elapsed() < LONG.quiet,
+            "ended by the reset, not by its patience"
+        );
+    }
+
+    #[test]
+    fn a_stream_that_is_no_tcp_socket_has_nothing_in_flight() {
+        let (mut a, _b) = crate::rt::Conn::pair().unwrap();
+        assert_eq!(rt::block_on(deliver(&mut a, LONG)), Delivered::default());
+    }
 }
