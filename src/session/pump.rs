@@ -102,8 +102,6 @@ pub(super) enum HalfError {
 struct Ending {
     /// The first direction whose destination went away, and how.
     gone: Option<(Direction, io::Error)>,
-    /// Directions whose destination went away, up and down: they only read and drop.
-    dropping: [bool; 2],
 }
 
 /// What one direction's poll means for the pair.
@@ -121,7 +119,6 @@ impl Ending {
             Poll::Ready(Err(HalfError::Read(e))) => Noted::Ends(End::Aborted(direction, e)),
             Poll::Ready(Err(HalfError::Write(e))) => {
                 self.gone.get_or_insert((direction, e));
-                self.dropping[direction as usize] = true;
                 Noted::Gone
             }
             _ => Noted::Running,
@@ -129,10 +126,8 @@ impl Ending {
     }
 
     /// `Some` once both directions are over: each ended, or its destination is gone.
-    pub fn over(&mut self, up_done: bool, down_done: bool) -> Option<End> {
-        let up = up_done || self.dropping[Direction::Up as usize];
-        let down = down_done || self.dropping[Direction::Down as usize];
-        (up && down).then(|| match self.gone.take() {
+    pub fn over(&mut self, up_over: bool, down_over: bool) -> Option<End> {
+        (up_over && down_over).then(|| match self.gone.take() {
             Some((direction, e)) => End::Failed(direction, e),
             None => End::Done,
         })
@@ -162,7 +157,7 @@ pub(super) struct Half {
     /// be closed, and closing it sends the FIN without a shutdown of its own.
     pub last: bool,
     /// The writer is gone: what is read is dropped.
-    dropping: bool,
+    pub dropping: bool,
     /// Bytes read and dropped.
     pub dropped: u64,
 }
@@ -359,6 +354,8 @@ pub(super) trait Halves {
     fn bytes(&self) -> (u64, u64);
     /// The direction's destination is gone: it reads and drops from now on.
     fn drop_input(&mut self, direction: Direction);
+    /// True once `direction` only reads and drops.
+    fn dropping(&self, direction: Direction) -> bool;
     /// Bytes read and dropped, both ways.
     fn dropped(&self) -> u64;
 }
@@ -434,8 +431,8 @@ impl<H: Halves> Pair<H> {
                 }
             }
         }
-        let (up, down) = (self.halves.done(Direction::Up), self.halves.done(Direction::Down));
-        if let Some(end) = self.ending.over(up, down) {
+        let over = |d| self.halves.done(d) || self.halves.dropping(d);
+        if let Some(end) = self.ending.over(over(Direction::Up), over(Direction::Down)) {
             return Poll::Ready(end);
         }
         let after = self.progress();
@@ -498,6 +495,13 @@ where
         match direction {
             Direction::Up => self.up.drop_input(),
             Direction::Down => self.down.drop_input(),
+        }
+    }
+
+    fn dropping(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Up => self.up.dropping,
+            Direction::Down => self.down.dropping,
         }
     }
 

@@ -285,6 +285,13 @@ impl Halves for Splicer<'_> {
         }
     }
 
+    fn dropping(&self, direction: Direction) -> bool {
+        match direction {
+            Direction::Up => self.up.copy.dropping,
+            Direction::Down => self.down.copy.dropping,
+        }
+    }
+
     fn dropped(&self) -> u64 {
         self.up.copy.dropped + self.down.copy.dropped
     }

@@ -74,7 +74,7 @@ impl RouteContext {
                 report.backend = Some(tunnel.target);
                 report.egress = Some(tunnel.egress);
                 report.end = match answer(&mut client, &mut tunnel.upstream, &tunnel.early).await {
-                    Ok(()) => self.relay(&mut client, tunnel.upstream, &mut report).await,
+                    Ok(()) => self.relay(&mut client, &mut tunnel.upstream, &mut report).await,
                     Err(end) => end,
                 };
                 report.bytes_up += tunnel.early.len() as u64;
