@@ -11,7 +11,8 @@
 //! # Layout
 //! - [`config`]: the RON file structs and their validation into typed [`Settings`].
 //! - [`acl`] and [`http`]: what CONNECT routes allow, and the little HTTP they speak;
-//!   [`proto`]: the PROXY protocol header sent to backends.
+//!   [`proto`]: the PROXY protocol header, read from a proxy in front and sent to backends, and
+//!   the TLS ClientHello an `sni` route reads its server name from.
 //! - [`relay`]: wiring and the stop sequence.
 //! - `listener`, `balancer`, `dialer`, `session`: one module per actor; `checker`: the
 //!   active health checks.

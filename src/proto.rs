@@ -1,6 +1,7 @@
-//! Wire formats relayd speaks besides HTTP CONNECT's: the PROXY protocol header of HAProxy's
-//! specification, parsed and built with the `ppp` crate: read from a trusted proxy in front
-//! (`accept_proxy`), written to backends (`send_proxy`).
+//! Wire formats relayd reads or speaks besides HTTP CONNECT's: the PROXY protocol header of
+//! HAProxy's specification, parsed and built with the `ppp` crate, read from a trusted proxy in
+//! front (`accept_proxy`) and written to backends (`send_proxy`); and the TLS ClientHello, read
+//! with `tls-parser` for the server name an `sni` route picks its target route by.
 
 use std::net::SocketAddr;
 

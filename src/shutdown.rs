@@ -1,7 +1,7 @@
 //! Stop signals and the session drain.
 //!
 //! A [`Signal`] fires when its one [`Trigger`] is dropped: every cloned [`Signal::wait`] then
-//! returns. RouteContext hold a [`DrainGuard`] (an unused sender); when the last guard is gone,
+//! returns. Sessions hold a [`DrainGuard`] (an unused sender); when the last guard is gone,
 //! [`Drain::wait`] returns, so the relay knows every session has ended without keeping a list
 //! of them.
 

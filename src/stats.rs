@@ -21,17 +21,17 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// RouteContext (TCP connections and UDP flows) opened so far; also the next session's id.
+    /// Sessions (TCP connections and UDP flows) opened so far; also the next session's id.
     pub fn total(&self) -> u64 {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// RouteContext live now.
+    /// Sessions live now.
     pub fn active(&self) -> u64 {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// RouteContext closed by the relay because they outlived the drain deadline.
+    /// Sessions closed by the relay because they outlived the drain deadline.
     pub fn forced(&self) -> u64 {
         self.forced.load(Ordering::Relaxed)
     }
@@ -46,7 +46,7 @@ impl Stats {
         self.udp_dropped.load(Ordering::Relaxed)
     }
 
-    /// RouteContext closed at once because no backend (or no egress) was up or reachable.
+    /// Sessions closed at once because no backend (or no egress) was up or reachable.
     pub fn no_backend(&self) -> u64 {
         self.no_backend.load(Ordering::Relaxed)
     }
@@ -56,17 +56,17 @@ impl Stats {
         self.health_changes.load(Ordering::Relaxed)
     }
 
-    /// RouteContext whose bytes moved by splice(2) only.
+    /// Sessions whose bytes moved by splice(2) only.
     pub fn spliced(&self) -> u64 {
         self.spliced.load(Ordering::Relaxed)
     }
 
-    /// RouteContext whose bytes moved through userspace buffers.
+    /// Sessions whose bytes moved through userspace buffers.
     pub fn copied(&self) -> u64 {
         self.copied.load(Ordering::Relaxed)
     }
 
-    /// RouteContext that started by splice and had to copy for want of a pipe.
+    /// Sessions that started by splice and had to copy for want of a pipe.
     pub fn splice_fallbacks(&self) -> u64 {
         self.splice_fallbacks.load(Ordering::Relaxed)
     }

@@ -1,6 +1,6 @@
 //! Balancer actor, one per route: picks a (backend, egress) pair for each new session and owns
 //! every piece of balancing state: cursors, counts, backend health, and its view of egress
-//! health. RouteContext ask with [`BalancerHandle::pick`] and report how their connects and
+//! health. Sessions ask with [`BalancerHandle::pick`] and report how their connects and
 //! sessions ended; the health checker, the resolver and the Dialer send it what they learn.
 
 mod health;
@@ -33,6 +33,33 @@ pub struct Pick {
     /// the session reports it. Otherwise only failures are reported: the pick itself counted
     /// the session.
     pub report_success: bool,
+}
+
+/// Why the Balancer had no pair to offer a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NoPick {
+    /// No backend in service: none resolved, or all draining.
+    NoneInService,
+    /// The session has tried every backend.
+    EveryBackendTried,
+    /// Every backend it has not tried is out (ejected by its failures or checks).
+    NoneHealthy,
+    /// The egresses of the backends left are down: the first of them, and why.
+    EgressDown { egress: Arc<str>, why: Arc<str> },
+    /// The session has tried every egress that is up.
+    EveryEgressTried,
+}
+
+impl std::fmt::Display for NoPick {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoPick::NoneInService => f.write_str("no backend in service (none resolved, or all draining)"),
+            NoPick::EveryBackendTried => f.write_str("every backend tried"),
+            NoPick::NoneHealthy => f.write_str("no healthy backend"),
+            NoPick::EgressDown { egress, why } => write!(f, "egress {egress} down: {why}"),
+            NoPick::EveryEgressTried => f.write_str("every egress tried"),
+        }
+    }
 }
 
 /// What a session has tried and must not be offered again: a backend by one egress (that way
@@ -97,7 +124,7 @@ pub(crate) enum BalancerMsg {
     Pick {
         client: IpAddr,
         tried: Vec<Tried>,
-        reply: flume::Sender<Result<Pick, String>>,
+        reply: flume::Sender<Result<Pick, NoPick>>,
     },
     /// A session's dial (or a UDP flow's first answer) failed, with whose fault and why, or
     /// succeeded where that is news ([`Pick::report_success`]).
@@ -116,7 +143,7 @@ pub(crate) enum BalancerMsg {
     /// there is none.
     Egress {
         avoid: Vec<EgressId>,
-        reply: flume::Sender<Result<EgressId, String>>,
+        reply: flume::Sender<Result<EgressId, NoPick>>,
     },
     /// The Dialer's word on an egress (`Some(why)`: down), numbered so that late news changes
     /// nothing.
@@ -173,7 +200,7 @@ impl BalancerHandle {
 
     /// The next pair for a session from `client` that has `tried` these; `Err(why)` when no
     /// usable pair is left (every backend or egress is down: fail fast).
-    pub async fn pick(&self, client: IpAddr, tried: &[Tried]) -> Result<Result<Pick, String>, Gone> {
+    pub async fn pick(&self, client: IpAddr, tried: &[Tried]) -> Result<Result<Pick, NoPick>, Gone> {
         let tried = tried.to_vec();
         self.ask(|reply| BalancerMsg::Pick { client, tried, reply }).await
     }
@@ -200,7 +227,7 @@ impl BalancerHandle {
     }
 
     /// An egress for a client-chosen target, other than `avoid`.
-    pub async fn egress(&self, avoid: &[EgressId]) -> Result<Result<EgressId, String>, Gone> {
+    pub async fn egress(&self, avoid: &[EgressId]) -> Result<Result<EgressId, NoPick>, Gone> {
         let avoid = avoid.to_vec();
         self.ask(|reply| BalancerMsg::Egress { avoid, reply }).await
     }
@@ -301,7 +328,7 @@ struct Balancer {
 
 /// A pick waiting for the first lookup of the route's names: who asked, what they tried, and
 /// where the answer goes.
-type HeldPick = (IpAddr, Vec<Tried>, flume::Sender<Result<Pick, String>>);
+type HeldPick = (IpAddr, Vec<Tried>, flume::Sender<Result<Pick, NoPick>>);
 
 /// Picks held at most while names are first resolved; past it, they are answered at once.
 const HELD_MAX: usize = 1024;

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::{BackendId, Balancer, Entry, Pick, Tried};
+use super::{BackendId, Balancer, Entry, NoPick, Pick, Tried};
 use crate::config::{Balance, EgressId, EgressStrategy};
 
 use std::net::{IpAddr, SocketAddr};
@@ -143,7 +143,7 @@ impl Balancer {
     }
 
     /// An egress of the route for a target a client named (CONNECT), other than `avoid`.
-    pub(super) fn client_egress(&mut self, avoid: &[EgressId]) -> Result<EgressId, String> {
+    pub(super) fn client_egress(&mut self, avoid: &[EgressId]) -> Result<EgressId, NoPick> {
         let list = self.route_egress.clone();
         let usable: Vec<EgressId> = (list.iter().copied())
             .filter(|g| self.egress_usable(*g) && !avoid.contains(g))
@@ -152,15 +152,16 @@ impl Balancer {
     }
 
     /// Why none of `list` is usable: the first one down and why, or that each was tried.
-    fn egresses_down(&self, list: &[EgressId]) -> String {
+    fn egresses_down(&self, list: &[EgressId]) -> NoPick {
         let down = list.iter().find_map(|g| {
-            let why = self.egresses.get(g.0)?.down.as_ref()?;
-            Some(format!("egress {} down: {why}", self.egress_names[g.0]))
+            let why = self.egresses.get(g.0)?.down.clone()?;
+            let egress = self.egress_names[g.0].clone();
+            Some(NoPick::EgressDown { egress, why })
         });
-        down.unwrap_or_else(|| "every egress tried".into())
+        down.unwrap_or(NoPick::EveryEgressTried)
     }
 
-    pub(super) fn pick(&mut self, client: IpAddr, tried: &[Tried]) -> Result<Pick, String> {
+    pub(super) fn pick(&mut self, client: IpAddr, tried: &[Tried]) -> Result<Pick, NoPick> {
         let now = Instant::now();
         let failed = |id: BackendId| tried.iter().any(|t| t.backend == id && t.egress.is_none());
         let usable: Vec<usize> = (self.entries.iter().enumerate())
@@ -193,21 +194,21 @@ impl Balancer {
         })
     }
 
-    /// Why no pair is left, in words for the session's log line.
-    fn why_none(&self, tried: &[Tried], now: Instant) -> String {
+    /// Why no pair is left.
+    fn why_none(&self, tried: &[Tried], now: Instant) -> NoPick {
         let serving: Vec<&Entry> = (self.entries.iter()).filter(|e| !e.retired && e.weight > 0).collect();
         if serving.is_empty() {
-            return "no backend in service (none resolved, or all draining)".into();
+            return NoPick::NoneInService;
         }
         let untried: Vec<&Entry> = (serving.iter().copied())
             .filter(|e| !tried.iter().any(|t| t.backend == e.id && t.egress.is_none()))
             .collect();
         if untried.is_empty() {
-            return "every backend tried".into();
+            return NoPick::EveryBackendTried;
         }
         let healthy: Vec<&Entry> = (untried.iter().copied()).filter(|e| e.health.usable(now)).collect();
         if healthy.is_empty() {
-            return "no healthy backend".into();
+            return NoPick::NoneHealthy;
         }
         let lists: Vec<EgressId> = healthy
             .iter()

@@ -39,7 +39,7 @@ fn failed_connects_take_a_backend_out_and_sessions_only_get_healthy_ones() {
         b.connected(entry, refused());
         b.connected(entry, refused());
     }
-    assert_eq!(b.pick(CLIENT, &[]), Err("no healthy backend".into()));
+    assert_eq!(b.pick(CLIENT, &[]), Err(NoPick::NoneHealthy));
 }
 
 fn refused() -> Result<(), (Fault, String)> {
@@ -87,7 +87,10 @@ fn an_egress_is_out_on_the_dialers_word_only_and_says_why() {
     b.egress_news(a, Some("carrier lost on up1".into()), 4);
     assert_eq!(
         b.pick(CLIENT, &[]),
-        Err("egress a down: carrier lost on up1".into()),
+        Err(NoPick::EgressDown {
+            egress: "a".into(),
+            why: "carrier lost on up1".into()
+        }),
         "no egress up: fail fast, and say why"
     );
 }
@@ -109,12 +112,12 @@ fn a_pair_that_failed_is_not_offered_again_but_the_backend_is_by_another_egress(
             egress: Some(EgressId(2)),
         },
     ];
-    assert_eq!(b.pick(CLIENT, &both), Err("every egress tried".into()));
+    assert_eq!(b.pick(CLIENT, &both), Err(NoPick::EveryEgressTried));
     let failed = [Tried {
         backend: first.backend,
         egress: None,
     }];
-    assert_eq!(b.pick(CLIENT, &failed), Err("every backend tried".into()));
+    assert_eq!(b.pick(CLIENT, &failed), Err(NoPick::EveryBackendTried));
 }
 
 #[test]

@@ -148,7 +148,7 @@ impl Backoff {
 
 pub(crate) struct Listener {
     pub socket: Async<TcpListener>,
-    pub sessions: RouteContext,
+    pub context: RouteContext,
     /// A reload's new context for the route: the sessions accepted from then on get it. The
     /// listener stops when the sender is dropped (the route was removed).
     pub retarget: flume::Receiver<RouteContext>,
@@ -163,7 +163,7 @@ pub(crate) enum Control {
 /// The next word on `retarget`; `Stop` once its sender is gone.
 pub(crate) async fn control(retarget: &flume::Receiver<RouteContext>) -> Control {
     match retarget.recv_async().await {
-        Ok(sessions) => Control::Retarget(sessions),
+        Ok(context) => Control::Retarget(context),
         Err(_) => Control::Stop,
     }
 }
@@ -171,19 +171,19 @@ pub(crate) async fn control(retarget: &flume::Receiver<RouteContext>) -> Control
 impl Listener {
     /// Accepts until `stop` fires or the route is removed; each session gets a clone of `guard`.
     pub async fn run(mut self, stop: Signal, guard: DrainGuard) {
-        let route = self.sessions.route_name.clone();
+        let route = self.context.route_name.clone();
         let mut backoff = Backoff::default();
         let at_cap = crate::logging::Squelch::default();
         loop {
-            if !self.sessions.has_room() {
+            if !self.context.has_room() {
                 // At the descriptor budget: what is not accepted waits in the kernel's backlog,
                 // rather than being accepted only to be dropped for want of a socket.
                 if let Some(held) = at_cap.admit() {
-                    log::warn!(route = &*route, max_sessions = self.sessions.budget.cap(), held_back = held;
+                    log::warn!(route = &*route, max_sessions = self.context.budget.cap(), held_back = held;
                         "session cap reached, accepting again once sessions end");
                 }
-                let stats = self.sessions.stats.clone();
-                if stop.unless(stats.until(|_| self.sessions.has_room())).await.is_none() {
+                let stats = self.context.stats.clone();
+                if stop.unless(stats.until(|_| self.context.has_room())).await.is_none() {
                     break;
                 }
             }
@@ -194,14 +194,14 @@ impl Listener {
                 .await
             {
                 Some(Ok(accepted)) => accepted,
-                Some(Err(Control::Retarget(sessions))) => {
-                    let backlog = sessions.route.backlog;
-                    if backlog != self.sessions.route.backlog {
+                Some(Err(Control::Retarget(context))) => {
+                    let backlog = context.route.backlog;
+                    if backlog != self.context.route.backlog {
                         if let Err(e) = listen(socket2::SockRef::from(self.socket.get_ref()), backlog) {
                             log::warn!(route = &*route, err:% = e; "cannot change the backlog");
                         }
                     }
-                    self.sessions = sessions;
+                    self.context = context;
                     continue;
                 }
                 Some(Err(Control::Stop)) | None => break,
@@ -209,21 +209,21 @@ impl Listener {
             match accepted {
                 Ok((stream, peer)) => {
                     backoff.reset();
-                    if !self.sessions.admits(peer) {
+                    if !self.context.admits(peer) {
                         // Closed before any work: no session, no dial.
                         drop(stream);
                         continue;
                     }
                     // Small writes (prompts, handshakes) go out at once, as they came in.
                     let _ = stream.get_ref().set_nodelay(true);
-                    drop(self.sessions.open(stream, peer, guard.clone()));
+                    drop(self.context.open(stream, peer, guard.clone()));
                 }
                 Err(e) if is_transient(&e) => {
                     log::debug!(route = &*route, err:% = e; "accept: connection gone before it was taken");
                 }
                 Err(e) => {
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
-                        self.sessions.budget.refresh();
+                        self.context.budget.refresh();
                     }
                     log::warn!(route = &*route, err:% = e, backoff_ms = backoff.next.as_millis() as u64; "accept failed, backing off");
                     backoff.wait(&stop).await;

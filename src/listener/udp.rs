@@ -23,7 +23,7 @@ const FLOW_QUEUE: usize = 64;
 pub(crate) struct UdpListener {
     pub endpoint: Arc<Endpoint>,
     /// The context new flows get; live flows keep the one they started with.
-    pub sessions: RouteContext,
+    pub context: RouteContext,
     /// As the TCP listener's: a reload's new context, or (dropped) the route's removal.
     pub retarget: flume::Receiver<RouteContext>,
     /// The route's `max_flows`, which the listeners of its sockets share: each flow holds a
@@ -56,7 +56,7 @@ impl UdpListener {
     /// Receives until `stop` fires. Dropping the table then closes every flow's queue; the flows
     /// finish on their own (see `session::udp`).
     pub async fn run(mut self, stop: Signal, guard: DrainGuard) {
-        let max = self.sessions.route.max_flows.get();
+        let max = self.context.route.max_flows.get();
         // One notice per flow; the loop reads notices before datagrams, so a flow rarely waits here.
         let (ended_tx, ended) = flume::bounded(max);
         let mut flows = Flows {
@@ -71,9 +71,9 @@ impl UdpListener {
         loop {
             match self.next(&mut buf, &ended, &stop).await {
                 Event::Stop | Event::Control(super::Control::Stop) => break,
-                Event::Control(super::Control::Retarget(sessions)) => {
-                    self.room.set_max(sessions.route.max_flows.get() as u64);
-                    self.sessions = sessions
+                Event::Control(super::Control::Retarget(context)) => {
+                    self.room.set_max(context.route.max_flows.get() as u64);
+                    self.context = context
                 }
                 Event::Ended(end) => {
                     if flows.table.get(&end.client).is_some_and(|e| e.id == end.id) {
@@ -85,13 +85,13 @@ impl UdpListener {
                     self.deliver(&mut flows, &buf[..n], client, local)
                 }
                 Event::Datagram(Err(e)) => {
-                    log::warn!(route = &*self.sessions.route_name, err:% = e, backoff_ms = backoff.next.as_millis() as u64;
+                    log::warn!(route = &*self.context.route_name, err:% = e, backoff_ms = backoff.next.as_millis() as u64;
                         "udp receive failed, backing off");
                     backoff.wait(&stop).await;
                 }
             }
         }
-        log::info!(route = &*self.sessions.route_name, flows = flows.table.len(); "listener stopped");
+        log::info!(route = &*self.context.route_name, flows = flows.table.len(); "listener stopped");
     }
 
     /// Stop first, then reloads and flow ends, then datagrams: a flood cannot starve the
@@ -114,13 +114,13 @@ impl UdpListener {
     }
 
     fn deliver(&self, flows: &mut Flows, datagram: &[u8], client: SocketAddr, local: Option<IpAddr>) {
-        let route = &*self.sessions.route_name;
+        let route = &*self.context.route_name;
         if let Some(entry) = flows.table.get(&client) {
             match entry.queue.try_send(datagram.to_vec()) {
                 Ok(()) => return,
                 Err(flume::TrySendError::Full(_)) => {
-                    let dropped = self.sessions.stats.dropped();
-                    self.sessions.metrics.udp_dropped(route, "flow_queue_full");
+                    let dropped = self.context.stats.dropped();
+                    self.context.metrics.udp_dropped(route, "flow_queue_full");
                     if let Some(held) = flows.full.admit() {
                         log::warn!(route = route, client:% = client, dropped_total = dropped, held_back = held;
                             "flow queue full, datagram dropped");
@@ -131,22 +131,22 @@ impl UdpListener {
                 Err(flume::TrySendError::Disconnected(_)) => drop(flows.table.remove(&client)),
             }
         }
-        if !self.sessions.admits(client) {
+        if !self.context.admits(client) {
             return;
         }
-        let max = self.sessions.route.max_flows.get();
+        let max = self.context.route.max_flows.get();
         // A new flow needs room under max_flows, the descriptor budget and max_connections;
         // a datagram does not wait in line.
-        let passes = self.sessions.has_room().then(|| {
-            let gates = std::iter::once(&self.room).chain(&self.sessions.gates);
+        let passes = self.context.has_room().then(|| {
+            let gates = std::iter::once(&self.room).chain(&self.context.gates);
             gates.map(|g| g.try_enter()).collect::<Option<Vec<_>>>()
         });
         let passes = passes.flatten();
         let Some(passes) = passes else {
-            let dropped = self.sessions.stats.over_limit();
-            self.sessions.metrics.udp_dropped(route, "over_max_flows");
+            let dropped = self.context.stats.over_limit();
+            self.context.metrics.udp_dropped(route, "over_max_flows");
             if let Some(held) = flows.over_limit.admit() {
-                let cap = self.sessions.budget.cap();
+                let cap = self.context.budget.cap();
                 log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped,
                     held_back = held;
                     "max_flows (or max_connections, or the relay's session cap) reached, datagram dropped");
@@ -162,7 +162,7 @@ impl UdpListener {
             queue,
             ended: flows.ended_tx.clone(),
         };
-        let (id, task) = self.sessions.open_flow(flow, datagram.to_vec(), flows.guard.clone());
+        let (id, task) = self.context.open_flow(flow, datagram.to_vec(), flows.guard.clone());
         drop(task);
         flows.table.insert(client, Entry { id, queue: queue_tx });
     }

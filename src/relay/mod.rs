@@ -108,7 +108,7 @@ impl<T: Clone> Slot<T> {
 struct RouteEntry {
     listen: SocketAddr,
     /// The context new sessions get (live ones keep theirs).
-    sessions: RouteContext,
+    context: RouteContext,
     /// To the route's listener: a reload's context; dropped, the listener stops.
     retarget: Slot<RouteContext>,
     /// The route's stop (its listener's and UDP flows' end) and force (its sessions' end)
@@ -127,9 +127,9 @@ impl RouteEntry {
     /// What the status page and snapshots show of the route.
     fn view(&self) -> RouteView {
         RouteView {
-            name: self.sessions.route_name.clone(),
+            name: self.context.route_name.clone(),
             listen: self.listen,
-            balancer: self.sessions.balancer.clone(),
+            balancer: self.context.balancer.clone(),
         }
     }
 }
@@ -261,20 +261,20 @@ impl Relay {
     }
 
     fn balancer_handles(&self) -> Vec<BalancerHandle> {
-        self.routes.iter().map(|r| r.sessions.balancer.clone()).collect()
+        self.routes.iter().map(|r| r.context.balancer.clone()).collect()
     }
 
     /// Gives every route with `sni` that `fresh` says has a new context the contexts of the
     /// routes its names pick (validation made sure they exist).
     fn link_sni_routes(&self, fresh: impl Fn(&str) -> bool) {
-        let by_name = |name: &str| self.route(name).map(|r| r.sessions.clone());
-        for entry in self.routes.iter().filter(|r| fresh(&r.sessions.route_name)) {
-            let Some(sni) = &entry.sessions.route.sni else { continue };
+        let by_name = |name: &str| self.route(name).map(|r| r.context.clone());
+        for entry in self.routes.iter().filter(|r| fresh(&r.context.route_name)) {
+            let Some(sni) = &entry.context.route.sni else { continue };
             let rules = (sni.rules.iter())
                 .filter_map(|(pattern, name)| Some((pattern.clone(), by_name(name)?)))
                 .collect();
             let default = sni.default.as_deref().and_then(by_name);
-            let _ = entry.sessions.sni_targets.set(SniTargets { rules, default });
+            let _ = entry.context.sni_targets.set(SniTargets { rules, default });
         }
     }
 
@@ -293,10 +293,10 @@ impl Relay {
         let gate = route.max_connections.map(|n| limits::Gate::new(n.get() as u64));
         let helpers = self.start_helpers(&route, &balancer);
         let listen = route.listen;
-        let sessions = self.context(route, balancer, (stop_signal, force_signal), gate.clone());
+        let context = self.context(route, balancer, (stop_signal, force_signal), gate.clone());
         self.routes.push(RouteEntry {
             listen,
-            sessions,
+            context,
             retarget: Slot::new(),
             stop,
             force,
@@ -339,31 +339,31 @@ impl Relay {
     fn serve(&mut self, serve: Vec<(usize, Serve)>) {
         for (i, how) in serve {
             match how {
-                Serve::Hand => self.routes[i].retarget.put(self.routes[i].sessions.clone()),
+                Serve::Hand => self.routes[i].retarget.put(self.routes[i].context.clone()),
                 Serve::Listen(socket) => {
                     // A new slot; once it replaces the old one, the listeners on the old
                     // address stop.
-                    let (sessions, mut retarget) = (self.routes[i].sessions.clone(), Slot::new());
+                    let (context, mut retarget) = (self.routes[i].context.clone(), Slot::new());
                     // Without a second descriptor (none left) the route still serves; a reload
                     // that moves its address then binds anew.
                     self.routes[i].held = socket.hold().ok();
-                    let listen = self.start_listener(socket, sessions, &mut retarget);
+                    let listen = self.start_listener(socket, context, &mut retarget);
                     self.routes[i].retarget = retarget;
-                    let name = &*self.routes[i].sessions.route_name;
-                    log::info!(route = name, protocol:? = self.routes[i].sessions.route.protocol, addr:% = listen; "listening");
+                    let name = &*self.routes[i].context.route_name;
+                    log::info!(route = name, protocol:? = self.routes[i].context.route.protocol, addr:% = listen; "listening");
                     self.routes[i].listen = listen;
                 }
             }
         }
     }
 
-    /// Spawns the listeners that serve `socket` with `sessions` (then whatever `retarget`
+    /// Spawns the listeners that serve `socket` with `context` (then whatever `retarget`
     /// brings): a UDP route's, one on each worker, share its `max_flows`. Returns the address
     /// they listen on.
     fn start_listener(
         &mut self,
         socket: Bound,
-        sessions: RouteContext,
+        context: RouteContext,
         retarget: &mut Slot<RouteContext>,
     ) -> SocketAddr {
         let guard = self
@@ -376,20 +376,20 @@ impl Relay {
                 let listen = socket.get_ref().local_addr();
                 let listener = Listener {
                     socket,
-                    sessions,
+                    context,
                     retarget: retarget.receiver(),
                 };
                 self.tasks.push(rt::spawn(listener.run(stop, guard)));
                 listen
             }
             Bound::Udp(group) => {
-                let room = limits::Gate::new(sessions.route.max_flows.get() as u64);
+                let room = limits::Gate::new(context.route.max_flows.get() as u64);
                 // A group has a socket for every worker, one at least, all on one address.
                 let listen = group[0].local_addr();
                 for (worker, endpoint) in group.into_iter().enumerate() {
                     let listener = UdpListener {
                         endpoint: Arc::new(endpoint),
-                        sessions: sessions.clone(),
+                        context: context.clone(),
                         retarget: retarget.receiver(),
                         room: room.clone(),
                     };
@@ -450,7 +450,7 @@ impl Relay {
     }
 
     fn route(&self, name: &str) -> Option<&RouteEntry> {
-        self.routes.iter().find(|r| &*r.sessions.route_name == name)
+        self.routes.iter().find(|r| &*r.context.route_name == name)
     }
 
     /// The address a route listens on (useful with port 0).
@@ -479,11 +479,11 @@ impl Relay {
         let entry = self
             .route(route)
             .ok_or_else(|| InjectError::UnknownRoute(route.to_string()))?;
-        if entry.sessions.route.protocol == Protocol::Udp {
+        if entry.context.route.protocol == Protocol::Udp {
             return Err(InjectError::NotAStreamRoute(route.to_string()));
         }
         let guard = self.drain.guard().ok_or(InjectError::ShuttingDown)?;
-        Ok(self.enter(|| entry.sessions.open(rt::Injected(stream), peer, guard)))
+        Ok(self.enter(|| entry.context.open(rt::Injected(stream), peer, guard)))
     }
 
     fn enter<T>(&self, f: impl FnOnce() -> T) -> T {

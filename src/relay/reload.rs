@@ -79,12 +79,12 @@ impl Relay {
         for route in &routes {
             let kept = self
                 .route(&route.name)
-                .is_some_and(|e| same_socket(&e.sessions.route, route));
+                .is_some_and(|e| same_socket(&e.context.route, route));
             let inherited = || {
                 let leaves = |e: &&RouteEntry| {
                     let stays =
-                        (routes.iter()).any(|r| r.name == e.sessions.route.name && same_socket(&e.sessions.route, r));
-                    route.listen.port() != 0 && same_socket(&e.sessions.route, route) && !stays
+                        (routes.iter()).any(|r| r.name == e.context.route.name && same_socket(&e.context.route, r));
+                    route.listen.port() != 0 && same_socket(&e.context.route, route) && !stays
                 };
                 let donor = self.routes.iter().find(leaves)?;
                 self.enter(|| donor.held.as_ref()?.bound(route).ok())
@@ -107,7 +107,7 @@ impl Relay {
         self.enter_mut(|relay| relay.watch_egresses(&routes));
         let mut old: Vec<RouteEntry> = std::mem::take(&mut self.routes);
         let (kept, removed): (Vec<_>, Vec<_>) =
-            (old.drain(..)).partition(|e| routes.iter().any(|r| r.name == *e.sessions.route_name));
+            (old.drain(..)).partition(|e| routes.iter().any(|r| r.name == *e.context.route_name));
         for entry in removed {
             self.enter_mut(|relay| relay.retire(entry));
         }
@@ -115,28 +115,28 @@ impl Relay {
         let (mut serve, mut fresh) = (Vec::new(), Vec::new());
         for (route, socket) in routes.into_iter().zip(sockets) {
             let at = self.routes.len();
-            let entry = (kept.iter_mut()).find(|e| e.as_ref().is_some_and(|e| *e.sessions.route_name == *route.name));
+            let entry = (kept.iter_mut()).find(|e| e.as_ref().is_some_and(|e| *e.context.route_name == *route.name));
             let Some(mut entry) = entry.and_then(Option::take) else {
                 fresh.push(route.name.clone());
                 self.enter_mut(|relay| relay.start_route(route));
                 serve.push((at, Serve::Listen(socket.expect("a new route's socket is bound"))));
                 continue;
             };
-            let route_changed = *entry.sessions.route != route;
+            let route_changed = *entry.context.route != route;
             if !route_changed && !shared_changed {
                 self.routes.push(entry);
                 continue;
             }
             if route_changed {
                 let names = self.common.egress_names.clone();
-                let _ = entry.sessions.balancer.reconfigure(route.clone(), names).await;
+                let _ = entry.context.balancer.reconfigure(route.clone(), names).await;
                 entry.gate = gate(entry.gate.take(), route.max_connections.map(|n| n.get() as u64));
                 // The old checker and resolver end as their trigger goes.
-                entry.helpers = self.enter_mut(|relay| relay.start_helpers(&route, &entry.sessions.balancer));
+                entry.helpers = self.enter_mut(|relay| relay.start_helpers(&route, &entry.context.balancer));
             }
             fresh.push(route.name.clone());
             let signals = (entry.stop.signal(), entry.force.signal());
-            entry.sessions = self.context(route, entry.sessions.balancer.clone(), signals, entry.gate.clone());
+            entry.context = self.context(route, entry.context.balancer.clone(), signals, entry.gate.clone());
             serve.push((at, socket.map_or(Serve::Hand, Serve::Listen)));
             self.routes.push(entry);
         }
@@ -144,14 +144,14 @@ impl Relay {
         if !fresh.is_empty() {
             for at in 0..self.routes.len() {
                 let entry = &self.routes[at];
-                if entry.sessions.route.sni.is_none() || fresh.contains(&entry.sessions.route.name) {
+                if entry.context.route.sni.is_none() || fresh.contains(&entry.context.route.name) {
                     continue;
                 }
-                let (route, balancer) = ((*entry.sessions.route).clone(), entry.sessions.balancer.clone());
+                let (route, balancer) = ((*entry.context.route).clone(), entry.context.balancer.clone());
                 let signals = (entry.stop.signal(), entry.force.signal());
-                let sessions = self.context(route, balancer, signals, entry.gate.clone());
-                fresh.push(sessions.route.name.clone());
-                self.routes[at].sessions = sessions;
+                let context = self.context(route, balancer, signals, entry.gate.clone());
+                fresh.push(context.route.name.clone());
+                self.routes[at].context = context;
                 serve.push((at, Serve::Hand));
             }
         }

@@ -2,26 +2,34 @@
 //! for the upstream (the next backend when a dial fails), relays both ways, and reports how it
 //! ended. Nobody sends a session messages; the relay's stop and force signals are its inputs,
 //! and a UDP flow's datagrams arrive on its own bounded queue (see `udp`).
+//!
+//! Here: the [`Session`] type, its report and how it is spawned. Beside it: `context` (what a
+//! route's sessions share), `connect` (pick and dial, with failover), the three kinds of session
+//! (`tcp`, `tunnel`, `udp`), and how a TCP pair's bytes move (`pump`, `splice`).
 
+mod connect;
+mod context;
 mod pump;
 mod splice;
 mod tcp;
 mod tunnel;
 mod udp;
 
+use std::any::Any;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures::io::{AsyncRead, AsyncWrite};
+
+pub(crate) use context::{RouteContext, RouteParts, SniTargets};
 pub use pump::Direction;
 pub(crate) use udp::{Flow, FlowEnded, MAX_DATAGRAM};
 
-use crate::balancer::{BackendId, BalancerHandle, Pick, Tried};
-use crate::config::Route;
-use crate::dialer::DialerHandle;
-use crate::error::{DialError, Fault};
-use crate::shutdown::{DrainGuard, Signal};
+use crate::config::Protocol;
+use crate::rt::{self, JoinHandle};
+use crate::shutdown::DrainGuard;
 use crate::stats::Stats;
 pub use crate::stats::Transfer;
 
@@ -138,251 +146,127 @@ impl Drop for Live {
     }
 }
 
-/// What a route's sessions share; the Listeners and [`crate::Relay::inject`] open sessions here.
-/// Every session holds a clone, so it is one reference count, not one per field.
-#[derive(Clone)]
-pub(crate) struct RouteContext(Arc<RouteParts>);
-
-/// The route's settings and the handles of the actors its sessions talk to.
-pub(crate) struct RouteParts {
-    pub route: Arc<Route>,
-    pub route_name: Arc<str>,
-    pub egress_names: Arc<[Arc<str>]>,
-    pub balancer: BalancerHandle,
-    pub dialer: DialerHandle,
-    pub stop: Signal,
-    pub force: Signal,
-    pub stats: Arc<Stats>,
-    /// TCP pairs move bytes by splice(2).
-    pub splice: bool,
-    /// Live sessions the relay's descriptors can serve: listeners wait for room before they
-    /// accept more.
-    pub budget: Arc<crate::limits::Budget>,
-    /// Warnings that any client (or one dead backend) can cause in any number: refused
-    /// sessions and failed dials, each at most one line a second for the route.
-    pub refusals: crate::logging::Squelch,
-    pub dial_failures: crate::logging::Squelch,
-    /// The relay's Prometheus metrics.
-    pub metrics: Arc<crate::metrics::Metrics>,
-    /// The route's `max_connections`, and the relay's.
-    pub gates: Vec<Arc<crate::limits::Gate>>,
-    /// With `sni`: the routes its names pick, set once every route exists.
-    pub sni_targets: std::sync::OnceLock<SniTargets>,
+/// One session, from its accept (or first datagram) to its report: a TCP connection, a CONNECT
+/// tunnel or a UDP flow. It holds the context of the route that serves it and gathers what it
+/// learns (the client a PROXY header names, the backend, the bytes) in its report, which
+/// [`Session::finish`] completes; the three kinds are its methods (`tcp`, `tunnel`, `udp`).
+pub(crate) struct Session {
+    /// The route that serves it (an `sni` route hands it on to the route a name picks).
+    ctx: RouteContext,
+    started: Instant,
+    /// What it has learnt so far.
+    report: SessionReport,
 }
 
-/// The routes an `sni` section names, resolved to their contexts.
-pub(crate) struct SniTargets {
-    pub rules: Vec<(crate::acl::HostPattern, RouteContext)>,
-    pub default: Option<RouteContext>,
-}
+impl Session {
+    fn new(ctx: RouteContext, id: SessionId, peer: SocketAddr) -> Session {
+        let report = SessionReport::new(id, ctx.route_name.clone(), peer);
+        Session {
+            ctx,
+            started: Instant::now(),
+            report,
+        }
+    }
 
-impl SniTargets {
-    /// The route for `name`: the first rule that matches, else the default.
-    pub fn pick(&self, name: Option<&str>) -> Option<&RouteContext> {
-        let matched = name.and_then(|n| self.rules.iter().find(|(pattern, _)| pattern.matches(n)));
-        matched.map(|(_, route)| route).or(self.default.as_ref())
+    fn id(&self) -> SessionId {
+        self.report.id
+    }
+
+    /// The client: the one a PROXY header named, once it is read.
+    fn peer(&self) -> SocketAddr {
+        self.report.peer
+    }
+
+    /// From here on the session is `target`'s (an `sni` route handing it on).
+    fn hand_to(&mut self, target: &RouteContext) {
+        self.ctx = target.clone();
+        self.report.route = target.route_name.clone();
+    }
+
+    /// The session's report, ended by `end`: the one place a report is completed. The task
+    /// around the session counts and logs it ([`spawned`]).
+    fn finish(self, end: SessionEnd) -> SessionReport {
+        let mut report = self.report;
+        (report.end, report.duration) = (end, self.started.elapsed());
+        report
     }
 }
 
 impl RouteContext {
-    /// True when the route's allow/deny lists let `client` in. A refusal is counted, and
-    /// logged at most once a second for the route.
-    pub fn admits(&self, client: SocketAddr) -> bool {
-        let trusted = (self.route.accept_proxy.as_ref()).is_none_or(|a| a.trusted.admits(client.ip()));
-        if trusted && self.route.clients.admits(client.ip()) {
-            return true;
-        }
-        self.metrics.client_refused(&self.route_name);
-        if let Some(held) = self.refusals.admit() {
-            log::warn!(route = &*self.route_name, client:% = client, held_back = held;
-                "client refused by the route's allow/deny lists");
-        }
-        false
-    }
-
-    /// Passes through the route's and the relay's session caps, waiting up to the route's
-    /// `queue_timeout` for room (`wait`), or at once; `None` when there was none.
-    pub async fn passes(&self, wait: bool) -> Option<Vec<crate::limits::Pass>> {
-        let mut passes = Vec::with_capacity(self.gates.len());
-        for gate in &self.gates {
-            let pass = match wait {
-                true => gate.enter(self.route.queue_timeout).await,
-                false => gate.try_enter(),
-            };
-            passes.push(pass?);
-        }
-        Some(passes)
-    }
-
-    /// True while the relay has room for one more session.
-    pub fn has_room(&self) -> bool {
-        self.stats.active() < self.budget.cap()
-    }
-
-    pub fn new(context: RouteParts) -> Self {
-        RouteContext(Arc::new(context))
-    }
-}
-
-impl std::ops::Deref for RouteContext {
-    type Target = RouteParts;
-
-    fn deref(&self) -> &RouteParts {
-        &self.0
-    }
-}
-
-impl RouteContext {
-    /// `session` as a task's future, counted live until it ends, which yields its report; the
-    /// caller spawns it where it should run.
-    fn session_task<F>(
-        &self,
-        guard: DrainGuard,
-        session: impl FnOnce(SessionId) -> F,
-    ) -> (SessionId, impl Future<Output = SessionReport> + Send + 'static)
+    /// Starts a session for an accepted (or injected) `client`; the handle yields its report.
+    pub fn open<S>(&self, client: S, peer: SocketAddr, guard: DrainGuard) -> JoinHandle<SessionReport>
     where
-        F: Future<Output = SessionReport> + Send + 'static,
+        S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
-        let id = SessionId(self.stats.opened());
-        let mut live = Live {
-            stats: self.stats.clone(),
-            forced: false,
+        match self.route.protocol {
+            Protocol::HttpConnect => rt::spawn(spawned(self, peer, guard, |s| s.run_tunnel(client)).1),
+            Protocol::Tcp | Protocol::Udp => rt::spawn(spawned(self, peer, guard, |s| s.run_tcp(client)).1),
+        }
+    }
+
+    /// Starts a UDP flow whose first datagram is `first`, on this worker: the datagrams it is
+    /// handed, and the replies it sends out of the listener's socket, never wake another thread.
+    pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
+        let (id, task) = spawned(self, flow.client, guard, |s| s.run_udp(flow, first));
+        (id, rt::spawn_here(task))
+    }
+}
+
+/// A session of `ctx` for `peer` as a task's future, counted live until it ends, which yields
+/// its report (counted and logged); the caller spawns it where it should run.
+fn spawned<F>(
+    ctx: &RouteContext,
+    peer: SocketAddr,
+    guard: DrainGuard,
+    run: impl FnOnce(Session) -> F,
+) -> (SessionId, impl Future<Output = SessionReport> + Send + 'static)
+where
+    F: Future<Output = SessionReport> + Send + 'static,
+{
+    let (id, opened) = (SessionId(ctx.stats.opened()), Instant::now());
+    let mut live = Live {
+        stats: ctx.stats.clone(),
+        forced: false,
+    };
+    let session = run(Session::new(ctx.clone(), id, peer));
+    ctx.metrics.session_opened(&ctx.route_name);
+    let context = ctx.clone();
+    // A combinator, not an async block: a block would hold the session future twice, once
+    // as it was captured and once as it is awaited, for the session's whole life.
+    //
+    // A panic is a bug, but it ends this session only: its sockets close as it unwinds,
+    // its counts are released by their guards, and it is logged.
+    let finished = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session));
+    let finished = futures::FutureExt::map(finished, move |ended| {
+        let report = match ended {
+            Ok(report) => report,
+            Err(panic) => {
+                let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".into());
+                log::error!(route = &*context.route_name, session = id.0, client:% = peer, panic = what.as_str();
+                    "session panicked: a bug");
+                let mut report = Session::new(context.clone(), id, peer).finish(SessionEnd::Panicked(what));
+                report.duration = opened.elapsed();
+                report
+            }
         };
-        let session = session(id);
-        self.metrics.session_opened(&self.route_name);
-        let context = self.clone();
-        // A combinator, not an async block: a block would hold the session future twice, once
-        // as it was captured and once as it is awaited, for the session's whole life.
-        //
-        // A panic is a bug, but it ends this session only: its sockets close as it unwinds,
-        // its counts are released by their guards, and it is logged.
-        let finished = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session));
-        let finished = futures::FutureExt::map(finished, move |ended| {
-            let report = match ended {
-                Ok(report) => report,
-                Err(panic) => {
-                    let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
-                    let route = context.route_name.clone();
-                    log::error!(route = &*route, session = id.0, panic = what.as_str(); "session panicked: a bug");
-                    let mut report = SessionReport::new(id, route, SocketAddr::from(([0, 0, 0, 0], 0)));
-                    report.end = SessionEnd::Panicked(what);
-                    report
-                }
-            };
-            live.forced = matches!(report.end, SessionEnd::Forced);
-            live.stats.relayed_by(report.path);
-            (context.metrics).session_ended(crate::metrics::Ended {
-                route: &report.route,
-                reason: report.end.word(),
-                refused: match report.end {
-                    SessionEnd::Refused(status) => Some(status),
-                    _ => None,
-                },
-                lasted: report.duration,
-            });
-            log_end(&report, &context);
-            drop((live, guard));
-            report
+        live.forced = matches!(report.end, SessionEnd::Forced);
+        live.stats.relayed_by(report.path);
+        (context.metrics).session_ended(crate::metrics::Ended {
+            route: &report.route,
+            reason: report.end.word(),
+            refused: match report.end {
+                SessionEnd::Refused(status) => Some(status),
+                _ => None,
+            },
+            lasted: report.duration,
         });
-        (id, finished)
-    }
-
-    /// The name of the picked egress. A session that began before a reload added egresses
-    /// can be offered one its context does not list: it is named by its number then.
-    fn egress_name(&self, pick: &Pick) -> Arc<str> {
-        self.egress_named(pick.egress)
-    }
-
-    fn egress_named(&self, egress: crate::config::EgressId) -> Arc<str> {
-        match self.egress_names.get(egress.0) {
-            Some(name) => name.clone(),
-            None => format!("#{}", egress.0).into(),
-        }
-    }
-
-    /// Tries the balancer's pairs until `dial` succeeds or the route's attempts run out. Each
-    /// failure is charged to its cause: a backend at fault is not offered again (and counts
-    /// as an attempt); an egress or path at fault rules out only that backend by that egress,
-    /// so the same backend is tried by the next egress before the client sees anything.
-    /// `proves`: a dial that succeeds proves the backend (TCP); a UDP socket proves nothing.
-    async fn reach_backend<T, F, Fut>(
-        &self,
-        id: SessionId,
-        peer: SocketAddr,
-        tried: &mut Vec<Tried>,
-        proves: bool,
-        dial: F,
-    ) -> Result<(Pick, T), SessionEnd>
-    where
-        F: Fn(Pick) -> Fut,
-        Fut: Future<Output = Result<T, DialError>>,
-    {
-        let mut last: Option<String> = None;
-        let why = loop {
-            let failed = tried.iter().filter(|t| t.egress.is_none()).count();
-            if failed >= self.route.connect_attempts.map_or(usize::MAX, |n| n.get()) {
-                break format!("{failed} connect attempts failed");
-            }
-            let pick = match self.balancer.pick(peer.ip(), tried).await {
-                Ok(Ok(pick)) => pick,
-                Ok(Err(why)) => break why,
-                Err(_) => return Err(SessionEnd::RelayStopped),
-            };
-            let started = std::time::Instant::now();
-            let e = match dial(pick).await {
-                Ok(upstream) => {
-                    (self.metrics).dialed(
-                        &self.route_name,
-                        pick.addr,
-                        &self.egress_name(&pick),
-                        Ok(started.elapsed()),
-                    );
-                    if proves && pick.report_success {
-                        let _ = self.balancer.connected(pick.backend, Ok(())).await;
-                    }
-                    return Ok((pick, upstream));
-                }
-                Err(DialError::Gone(_)) => return Err(SessionEnd::RelayStopped),
-                Err(e) => e,
-            };
-            let fault = e.fault().unwrap_or(Fault::Backend);
-            (self.metrics).dialed(&self.route_name, pick.addr, &self.egress_name(&pick), Err(fault));
-            let _ = self.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
-            if let Some(held) = self.dial_failures.admit() {
-                log::warn!(route = &*self.route_name, session = id.0, client:% = peer, backend:% = pick.addr,
-                    egress = &*self.egress_name(&pick), fault:? = fault, err:% = e, held_back = held; "connect failed");
-            }
-            last = Some(e.to_string());
-            match fault {
-                Fault::Relay => {
-                    self.budget.refresh();
-                    break "the relay is short of resources".to_string();
-                }
-                Fault::Backend => tried.push(Tried {
-                    backend: pick.backend,
-                    egress: None,
-                }),
-                Fault::Egress | Fault::Path => tried.push(Tried {
-                    backend: pick.backend,
-                    egress: Some(pick.egress),
-                }),
-            }
-        };
-        self.stats.refused_no_backend();
-        let mut backends: Vec<BackendId> = tried.iter().map(|t| t.backend).collect();
-        backends.sort_unstable_by_key(|b| b.0);
-        backends.dedup();
-        let why = match last {
-            Some(last) => format!("{why}; the last failure: {last}"),
-            None => why,
-        };
-        Err(SessionEnd::NoBackend {
-            tried: backends.len(),
-            why,
-        })
-    }
+        log_end(&report, &context);
+        drop((live, guard));
+        report
+    });
+    (id, finished)
 }
 
 impl SessionEnd {

@@ -4,11 +4,10 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use futures::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::{RouteContext, SessionEnd, SessionId, SessionReport};
+use super::{Session, SessionEnd, SessionReport};
 use crate::config::ConnectSettings;
 use crate::error::{DialError, Fault};
 use crate::http::{self, HeadError};
@@ -37,51 +36,44 @@ struct Tunnel {
     early: Vec<u8>,
 }
 
-impl RouteContext {
-    pub(super) async fn run_tunnel<S>(self, id: SessionId, mut client: S, peer: SocketAddr) -> SessionReport
+impl Session {
+    pub(super) async fn run_tunnel<S>(mut self, mut client: S) -> SessionReport
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
-        let started = Instant::now();
-        let mut report = SessionReport::new(id, self.route_name.clone(), peer);
-        let Some(_passes) = self.passes(true).await else {
-            (report.end, report.duration) = (SessionEnd::QueueTimeout, started.elapsed());
-            return report;
+        let Some(_passes) = self.ctx.passes(true).await else {
+            return self.finish(SessionEnd::QueueTimeout);
         };
-        let settings = self
-            .route
-            .connect
-            .as_ref()
-            .expect("validation gives HttpConnect routes their settings");
+        let settings = (self.ctx.route.connect.as_ref()).expect("validation gives HttpConnect routes their settings");
         // Boxed, as for TCP sessions, and bound before the match (a scrutinee would live on
         // through the relay): an open tunnel need not carry the request phase's state.
-        let opened = self
-            .force
+        let opened = (self.ctx.force)
             .unless(Box::pin(self.open_tunnel(&mut client, settings)))
             .await;
-        match opened {
-            None => report.end = SessionEnd::Forced,
+        let end = match opened {
+            None => SessionEnd::Forced,
             Some(Err(refused)) => {
-                log::warn!(route = &*self.route_name, session = id.0, client:% = peer, target = refused.target.as_str(),
-                    status = refused.status.unwrap_or(0), why = refused.why.as_str(); "connect refused");
+                log::warn!(route = &*self.ctx.route_name, session = self.id().0, client:% = self.peer(),
+                    target = refused.target.as_str(), status = refused.status.unwrap_or(0), why = refused.why.as_str();
+                    "connect refused");
                 if let Some(status) = refused.status {
                     let _ = client.write_all(http::refusal(status).as_bytes()).await;
                     let _ = client.close().await;
                 }
-                report.end = SessionEnd::Refused(refused.status.unwrap_or(0));
+                SessionEnd::Refused(refused.status.unwrap_or(0))
             }
             Some(Ok(mut tunnel)) => {
-                report.backend = Some(tunnel.target);
-                report.egress = Some(tunnel.egress);
-                report.end = match answer(&mut client, &mut tunnel.upstream, &tunnel.early).await {
-                    Ok(()) => self.relay(&mut client, &mut tunnel.upstream, &mut report).await,
+                self.report.backend = Some(tunnel.target);
+                self.report.egress = Some(tunnel.egress);
+                let end = match answer(&mut client, &mut tunnel.upstream, &tunnel.early).await {
+                    Ok(()) => self.relay(&mut client, &mut tunnel.upstream).await,
                     Err(end) => end,
                 };
-                report.bytes_up += tunnel.early.len() as u64;
+                self.report.bytes_up += tunnel.early.len() as u64;
+                end
             }
-        }
-        report.duration = started.elapsed();
-        report
+        };
+        self.finish(end)
     }
 
     /// Everything before the 200.
@@ -149,14 +141,14 @@ impl RouteContext {
         for addr in addrs {
             let mut avoid = Vec::new();
             loop {
-                let egress = match self.balancer.egress(&avoid).await {
+                let egress = match self.ctx.balancer.egress(&avoid).await {
                     Ok(Ok(egress)) => egress,
-                    Ok(Err(why)) if avoid.is_empty() => return Err(refused(502, target, why)),
+                    Ok(Err(none)) if avoid.is_empty() => return Err(refused(502, target, none.to_string())),
                     Ok(Err(_)) => break,
                     Err(e) => return Err(refused(502, target, e.to_string())),
                 };
-                match self.dialer.tcp(*addr, egress, self.route.connect_timeout).await {
-                    Ok(upstream) => return Ok((upstream, *addr, self.egress_named(egress))),
+                match self.ctx.dialer.tcp(*addr, egress, self.ctx.route.connect_timeout).await {
+                    Ok(upstream) => return Ok((upstream, *addr, self.ctx.egress_named(egress))),
                     Err(e) => {
                         let status = if matches!(e, DialError::Timeout { .. }) {
                             504

@@ -11,14 +11,13 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::{Direction, RouteContext, SessionEnd, SessionId, SessionReport, Transfer};
+use super::{Direction, Session, SessionEnd, SessionId, SessionReport, Transfer};
 use crate::balancer::{Pick, Tried};
 use crate::dialer::UdpUpstream;
 use crate::error::Fault;
 use crate::metrics::Meter;
 use crate::net::Endpoint;
-use crate::rt::{self, JoinHandle, Timer};
-use crate::shutdown::DrainGuard;
+use crate::rt::{self, Timer};
 
 /// The largest UDP payload, plus one so that a truncated read cannot pass unnoticed.
 pub(crate) const MAX_DATAGRAM: usize = 65536;
@@ -76,52 +75,41 @@ struct Carried {
     meter: Meter,
 }
 
-impl RouteContext {
-    /// Starts a flow whose first datagram is `first`.
-    pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
-        let ctx = self.clone();
-        // On its listener's worker: the datagrams it is handed, and the replies it sends out of
-        // the listener's socket, never wake another thread.
-        let (id, task) = self.session_task(guard, move |id| ctx.run_udp(id, flow, first));
-        (id, rt::spawn_here(task))
-    }
-
-    async fn run_udp(self, id: SessionId, flow: Flow, first: Vec<u8>) -> SessionReport {
-        let started = Instant::now();
-        let mut report = SessionReport::new(id, self.route_name.clone(), flow.client);
+impl Session {
+    pub(super) async fn run_udp(mut self, flow: Flow, first: Vec<u8>) -> SessionReport {
+        let id = self.id();
         // `pending`: what the next leg sends first (the datagram a failed backend never took).
         let mut tried = Vec::new();
         let mut carried = Carried {
             last: first,
-            meter: self.metrics.meter(&self.route_name, true),
+            meter: self.ctx.metrics.meter(&self.ctx.route_name, true),
         };
         let mut pending = true;
-        report.end = loop {
-            let connect = Box::pin(self.reach_backend(id, flow.client, &mut tried, false, |pick| {
-                self.dialer.udp(pick.addr, pick.egress)
-            }));
-            let (pick, upstream) = match self.force.unless(connect).await {
+        let end = loop {
+            let dialer = &self.ctx.dialer;
+            let connect = Box::pin(self.reach_backend(&mut tried, false, |pick| dialer.udp(pick.addr, pick.egress)));
+            let (pick, upstream) = match self.ctx.force.unless(connect).await {
                 None => break SessionEnd::Forced,
                 Some(Err(end)) => break end,
                 Some(Ok(dialed)) => dialed,
             };
-            report.backend = Some(pick.addr);
-            report.egress = Some(self.egress_name(&pick));
-            report.path = Transfer::Datagrams;
-            self.metrics.by_egress(&mut carried.meter, &self.egress_name(&pick));
-            let leg = self.relay_udp(&flow, &pick, &upstream, &mut carried, pending, &mut report);
+            let egress = self.ctx.egress_name(&pick);
+            self.ctx.metrics.by_egress(&mut carried.meter, &egress);
+            (self.report.backend, self.report.egress) = (Some(pick.addr), Some(egress));
+            self.report.path = Transfer::Datagrams;
+            let leg = self.relay_udp(&flow, &pick, &upstream, &mut carried, pending);
             match leg.await {
                 Leg::Ended(end) => {
-                    let _ = self.balancer.closed(pick.backend).await;
+                    let _ = self.ctx.balancer.closed(pick.backend).await;
                     break end;
                 }
                 // The same backend by another egress, with the client's next datagram (the
                 // last one may have been answered already).
                 Leg::EgressLost => {
                     pending = false;
-                    log::info!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
-                        egress = &*self.egress_name(&pick); "udp flow moves off its egress, which went down");
-                    let _ = self.balancer.closed(pick.backend).await;
+                    log::info!(route = &*self.ctx.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
+                        egress = &*self.ctx.egress_name(&pick); "udp flow moves off its egress, which went down");
+                    let _ = self.ctx.balancer.closed(pick.backend).await;
                     tried.push(Tried {
                         backend: pick.backend,
                         egress: Some(pick.egress),
@@ -129,8 +117,8 @@ impl RouteContext {
                 }
                 Leg::BackendFailed(e) => {
                     pending = true;
-                    self.backend_failed(&pick, &flow, id, &e).await;
-                    if report.bytes_down > 0 {
+                    self.backend_failed(&pick, &flow, &e).await;
+                    if self.report.bytes_down > 0 {
                         break SessionEnd::Aborted(Direction::Down, e);
                     }
                     // The backend never answered: its error is as good as a refused connect.
@@ -149,41 +137,41 @@ impl RouteContext {
                 id,
             })
             .await;
-        (carried.meter).moved((report.bytes_up, report.bytes_down), report.datagrams);
-        report.duration = started.elapsed();
-        report
+        (carried.meter).moved((self.report.bytes_up, self.report.bytes_down), self.report.datagrams);
+        self.finish(end)
     }
 
     /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED), or not at
     /// all within the reply timeout, is charged as a failed connect (and the flow's session on
     /// it is no longer counted).
-    async fn backend_failed(&self, pick: &Pick, flow: &Flow, id: SessionId, e: &io::Error) {
-        if let Some(held) = self.dial_failures.admit() {
-            log::warn!(route = &*self.route_name, session = id.0, client:% = flow.client, backend:% = pick.addr,
-                egress = &*self.egress_name(pick), err:% = e, held_back = held; "udp backend failed");
+    async fn backend_failed(&self, pick: &Pick, flow: &Flow, e: &io::Error) {
+        let ctx = &self.ctx;
+        if let Some(held) = ctx.dial_failures.admit() {
+            log::warn!(route = &*ctx.route_name, session = self.id().0, client:% = flow.client, backend:% = pick.addr,
+                egress = &*ctx.egress_name(pick), err:% = e, held_back = held; "udp backend failed");
         }
         let why = format!("udp: {e}");
-        let _ = self.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
+        let _ = ctx.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
     }
 
     /// Relays until the flow ends, its backend fails, or its egress goes. `carried.last` is the
     /// client's latest datagram: sent first here when `pending`, and kept so that a failover
     /// can resend it.
     async fn relay_udp(
-        &self,
+        &mut self,
         flow: &Flow,
         pick: &Pick,
         upstream: &UdpUpstream,
         carried: &mut Carried,
         pending: bool,
-        report: &mut SessionReport,
     ) -> Leg {
         let Carried { last, meter } = carried;
+        let ctx = &self.ctx;
         let socket = &upstream.socket;
         // With send_proxy, every datagram carries the v2 header (a backend may see any one
         // first): the flow's header, built once, then the payload.
-        let header = self.route.send_proxy.map(|_| {
-            let bound = flow.reply.local_addr().unwrap_or(self.route.listen);
+        let header = ctx.route.send_proxy.map(|_| {
+            let bound = flow.reply.local_addr().unwrap_or(ctx.route.listen);
             let local = flow.local.map_or(bound, |ip| SocketAddr::new(ip, bound.port()));
             crate::proto::datagram_header(flow.client, local)
         });
@@ -191,14 +179,14 @@ impl RouteContext {
             if let Err(e) = socket.send(&framed(&header, last.as_slice())).await {
                 return Leg::BackendFailed(e);
             }
-            report.bytes_up += last.len() as u64;
-            report.datagrams.0 += 1;
+            self.report.bytes_up += last.len() as u64;
+            self.report.datagrams.0 += 1;
         }
-        let (mut quiet, mut stopping, mut client_gone) = (self.route.timeouts.idle, false, false);
+        let (mut quiet, mut stopping, mut client_gone) = (ctx.route.timeouts.idle, false, false);
         let mut moved = Instant::now();
         // Until the first answer, the reply timeout (when set) is the nearer deadline.
-        let mut awaiting = (report.bytes_down == 0)
-            .then_some(self.route.health.reply_timeout)
+        let mut awaiting = (self.report.bytes_down == 0)
+            .then_some(ctx.route.health.reply_timeout)
             .flatten()
             .and_then(|t| moved.checked_add(t));
         let mut answered = false;
@@ -207,7 +195,7 @@ impl RouteContext {
             timer.set_at(at.min(moved + quiet));
         }
         loop {
-            meter.moved((report.bytes_up, report.bytes_down), report.datagrams);
+            meter.moved((self.report.bytes_up, self.report.bytes_down), self.report.datagrams);
             match self.next_event(flow, upstream, &mut timer, stopping, client_gone).await {
                 Event::Force => return Leg::Ended(SessionEnd::Forced),
                 Event::EgressLost => return Leg::EgressLost,
@@ -220,32 +208,32 @@ impl RouteContext {
                     if let Err(e) = socket.send(&framed(&header, &datagram)).await {
                         return Leg::BackendFailed(e);
                     }
-                    report.bytes_up += datagram.len() as u64;
-                    report.datagrams.0 += 1;
+                    self.report.bytes_up += datagram.len() as u64;
+                    self.report.datagrams.0 += 1;
                     *last = datagram;
                     moved = Instant::now();
                 }
                 Event::Backend(Ok(forwarded)) => {
                     match forwarded {
                         Some(n) => {
-                            report.bytes_down += n as u64;
-                            report.datagrams.1 += 1;
+                            self.report.bytes_down += n as u64;
+                            self.report.datagrams.1 += 1;
                         }
                         None => {
-                            self.stats.dropped();
-                            self.metrics.udp_dropped(&self.route_name, "client_unreachable");
+                            ctx.stats.dropped();
+                            ctx.metrics.udp_dropped(&ctx.route_name, "client_unreachable");
                         }
                     }
                     awaiting = None;
                     // The first answer is what proves a UDP backend.
                     if !std::mem::replace(&mut answered, true) && pick.report_success {
-                        let _ = self.balancer.connected(pick.backend, Ok(())).await;
+                        let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
                     }
                     moved = Instant::now();
                 }
                 Event::Backend(Err(e)) => return Leg::BackendFailed(e),
                 Event::Tick if awaiting.is_some_and(|at| Instant::now() >= at) => {
-                    let waited = self.route.health.reply_timeout.unwrap_or_default();
+                    let waited = ctx.route.health.reply_timeout.unwrap_or_default();
                     let why = format!("no reply within {}", humantime::format_duration(waited));
                     return Leg::BackendFailed(io::Error::new(io::ErrorKind::TimedOut, why));
                 }
@@ -269,9 +257,9 @@ impl RouteContext {
         stopping: bool,
         client_gone: bool,
     ) -> Event {
-        let mut force = pin!(self.force.wait());
+        let mut force = pin!(self.ctx.force.wait());
         let mut lost = pin!(upstream.lost.wait());
-        let mut stop = pin!(self.stop.wait());
+        let mut stop = pin!(self.ctx.stop.wait());
         let mut client = pin!(flow.queue.recv_async());
         poll_fn(|cx| {
             if force.as_mut().poll(cx).is_ready() {

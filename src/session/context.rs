@@ -1,0 +1,119 @@
+//! What a route's sessions share: its settings, the handles of the actors they talk to, its
+//! counters and caps. One [`RouteContext`] per route and reload; every session of the route
+//! holds a clone (one reference count), and a reload's new context serves only new sessions.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::balancer::{BalancerHandle, Pick};
+use crate::config::Route;
+use crate::dialer::DialerHandle;
+use crate::shutdown::Signal;
+use crate::stats::Stats;
+
+/// What a route's sessions share; the Listeners and [`crate::Relay::inject`] open sessions here.
+/// Every session holds a clone, so it is one reference count, not one per field.
+#[derive(Clone)]
+pub(crate) struct RouteContext(Arc<RouteParts>);
+
+/// The route's settings and the handles of the actors its sessions talk to.
+pub(crate) struct RouteParts {
+    pub route: Arc<Route>,
+    pub route_name: Arc<str>,
+    pub egress_names: Arc<[Arc<str>]>,
+    pub balancer: BalancerHandle,
+    pub dialer: DialerHandle,
+    pub stop: Signal,
+    pub force: Signal,
+    pub stats: Arc<Stats>,
+    /// TCP pairs move bytes by splice(2).
+    pub splice: bool,
+    /// Live sessions the relay's descriptors can serve: listeners wait for room before they
+    /// accept more.
+    pub budget: Arc<crate::limits::Budget>,
+    /// Warnings that any client (or one dead backend) can cause in any number: refused
+    /// sessions and failed dials, each at most one line a second for the route.
+    pub refusals: crate::logging::Squelch,
+    pub dial_failures: crate::logging::Squelch,
+    /// The relay's Prometheus metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The route's `max_connections`, and the relay's.
+    pub gates: Vec<Arc<crate::limits::Gate>>,
+    /// With `sni`: the routes its names pick, set once every route exists.
+    pub sni_targets: std::sync::OnceLock<SniTargets>,
+}
+
+/// The routes an `sni` section names, resolved to their contexts.
+pub(crate) struct SniTargets {
+    pub rules: Vec<(crate::acl::HostPattern, RouteContext)>,
+    pub default: Option<RouteContext>,
+}
+
+impl SniTargets {
+    /// The route for `name`: the first rule that matches, else the default.
+    pub fn pick(&self, name: Option<&str>) -> Option<&RouteContext> {
+        let matched = name.and_then(|n| self.rules.iter().find(|(pattern, _)| pattern.matches(n)));
+        matched.map(|(_, route)| route).or(self.default.as_ref())
+    }
+}
+
+impl RouteContext {
+    /// True when the route's allow/deny lists let `client` in. A refusal is counted, and
+    /// logged at most once a second for the route.
+    pub fn admits(&self, client: SocketAddr) -> bool {
+        let trusted = (self.route.accept_proxy.as_ref()).is_none_or(|a| a.trusted.admits(client.ip()));
+        if trusted && self.route.clients.admits(client.ip()) {
+            return true;
+        }
+        self.metrics.client_refused(&self.route_name);
+        if let Some(held) = self.refusals.admit() {
+            log::warn!(route = &*self.route_name, client:% = client, held_back = held;
+                "client refused by the route's allow/deny lists");
+        }
+        false
+    }
+
+    /// Passes through the route's and the relay's session caps, waiting up to the route's
+    /// `queue_timeout` for room (`wait`), or at once; `None` when there was none.
+    pub async fn passes(&self, wait: bool) -> Option<Vec<crate::limits::Pass>> {
+        let mut passes = Vec::with_capacity(self.gates.len());
+        for gate in &self.gates {
+            let pass = match wait {
+                true => gate.enter(self.route.queue_timeout).await,
+                false => gate.try_enter(),
+            };
+            passes.push(pass?);
+        }
+        Some(passes)
+    }
+
+    /// True while the relay has room for one more session.
+    pub fn has_room(&self) -> bool {
+        self.stats.active() < self.budget.cap()
+    }
+
+    pub fn new(context: RouteParts) -> Self {
+        RouteContext(Arc::new(context))
+    }
+
+    /// The name of the picked egress. A session that began before a reload added egresses
+    /// can be offered one its context does not list: it is named by its number then.
+    pub fn egress_name(&self, pick: &Pick) -> Arc<str> {
+        self.egress_named(pick.egress)
+    }
+
+    pub fn egress_named(&self, egress: crate::config::EgressId) -> Arc<str> {
+        match self.egress_names.get(egress.0) {
+            Some(name) => name.clone(),
+            None => format!("#{}", egress.0).into(),
+        }
+    }
+}
+
+impl std::ops::Deref for RouteContext {
+    type Target = RouteParts;
+
+    fn deref(&self) -> &RouteParts {
+        &self.0
+    }
+}
