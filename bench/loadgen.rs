@@ -2,6 +2,7 @@
 //!
 //!     cargo run --release --example loadgen -- udp-echo 127.0.0.1:9000
 //!     cargo run --release --example loadgen -- udp-pingpong 127.0.0.1:9000 [clients=16] [secs=5] [size=64]
+//!     cargo run --release --example loadgen -- udp-pingpong-loop 127.0.0.1:9000 [sockets=16] [secs=5] [size=64]
 //!     cargo run --release --example loadgen -- tcp-echo 127.0.0.1:9100
 //!     cargo run --release --example loadgen -- tcp-conns 127.0.0.1:9100 [workers=64] [secs=5]
 //!     cargo run --release --example loadgen -- tcp-pingpong 127.0.0.1:9100 [clients=32] [secs=5] [size=64]
@@ -10,7 +11,8 @@
 //!
 //! `udp-pingpong` runs `clients` threads, each with its own socket, sending one datagram and
 //! waiting for its answer before the next, for `secs` seconds; it prints round trips per second
-//! and the p50/p99 round-trip time. `tcp-conns` runs `workers` threads, each opening a new
+//! and the p50/p99 round-trip time; `udp-pingpong-loop` does the same with `sockets` sockets
+//! driven by one event loop on one thread (the shape of a single-threaded client). `tcp-conns` runs `workers` threads, each opening a new
 //! connection, sending 64 bytes, reading them back and closing, again and again; it prints
 //! connections per second and how many failed. `tcp-pingpong` is `udp-pingpong` over one
 //! long-lived TCP connection per client. `tcp-hold` accepts connections and keeps them open,

@@ -167,6 +167,18 @@ pub enum Fault {
     Relay,
 }
 
+impl Fault {
+    /// A stable word for logs and metrics labels.
+    pub fn word(self) -> &'static str {
+        match self {
+            Fault::Backend => "backend",
+            Fault::Egress => "egress",
+            Fault::Path => "path",
+            Fault::Relay => "relay",
+        }
+    }
+}
+
 impl DialError {
     /// Whose fault the failure was; `None` when the relay is stopping. Only what does not
     /// depend on the target (binding the device or the source, the kernel's word) is the

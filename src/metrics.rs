@@ -17,9 +17,9 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::{Metric, Registry, Unit};
 
-use crate::balancer::{BackendSnapshot, HealthState, RouteSnapshot};
+use crate::balancer::{BackendSnapshot, RouteSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -196,6 +196,39 @@ pub struct Metrics {
     rendering: Mutex<()>,
 }
 
+/// relayd's own metrics, a row each: name, help, unit (`None`: a count), metric.
+#[rustfmt::skip]
+fn register_relayd(r: &mut Registry, m: &Metrics) {
+    let sessions = "Sessions (a UDP route's: its flows)";
+    let (bytes, seconds) = (Some(Unit::Bytes), Some(Unit::Seconds));
+    add(r, "sessions_opened", &format!("{sessions} opened"), None, &m.sessions_opened);
+    add(r, "sessions_ended", &format!("{sessions} ended, by how they ended"), None, &m.sessions_ended);
+    add(r, "sessions_active", &format!("{sessions} live now"), None, &m.sessions_active);
+    add(r, "connect_refusals", "HTTP CONNECT requests refused, by the status answered", None, &m.connect_refusals);
+    add(r, "relayed", "Bytes relayed, by direction (up: client to backend)", bytes.clone(), &m.bytes);
+    add(r, "udp_datagrams", "UDP datagrams relayed, by direction (up: client to backend)", None, &m.datagrams);
+    add(r, "session_duration", "How long sessions lasted", seconds.clone(), &m.session_seconds);
+    add(r, "connect_duration", "How long successful connects to a backend took", seconds.clone(), &m.connect_seconds);
+    add(r, "connect_attempts", "Dials of a backend by an egress", None, &m.connect_attempts);
+    add(r, "connect_failures", "Failed dials, by whose fault they were (backend, egress, path, relay)", None, &m.connect_failures);
+    add(r, "backend_sessions", "Sessions each backend was connected for", None, &m.backend_sessions);
+    add(r, "egress", "Bytes through each egress (out: to backends)", bytes, &m.egress_bytes);
+    add(r, "udp_datagrams_dropped", "UDP datagrams dropped, by reason", None, &m.udp_dropped);
+    add(r, "clients_refused", "Clients (connections, UDP datagrams) refused by the route's allow/deny lists", None, &m.clients_refused);
+    r.register_collector(Box::new(m.standing.clone()));
+    add(r, "config_reloads", "Config reloads, by result (ok, failed: the running config was kept)", None, &m.reloads);
+    add(r, "config_last_reload_successful", "1 when the last reload applied (or none was asked for), 0 when it failed", None, &m.reload_ok);
+    add(r, "config_last_reload_success_time", "When the running config was applied, in seconds since the epoch", seconds, &m.reload_ok_at);
+}
+
+/// Registers one metric: a row of [`register_relayd`]'s table.
+fn add<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, unit: Option<Unit>, metric: &M) {
+    match unit {
+        Some(unit) => r.register_with_unit(name, help, unit, metric.clone()),
+        None => r.register(name, help, metric.clone()),
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -232,98 +265,7 @@ impl Metrics {
             rendering: Mutex::new(()),
         };
         let r = registry.sub_registry_with_prefix("relayd");
-        let sessions = "Sessions (a UDP route's: its flows)";
-        r.register(
-            "sessions_opened",
-            format!("{sessions} opened"),
-            m.sessions_opened.clone(),
-        );
-        r.register(
-            "sessions_ended",
-            format!("{sessions} ended, by how they ended"),
-            m.sessions_ended.clone(),
-        );
-        r.register(
-            "sessions_active",
-            format!("{sessions} live now"),
-            m.sessions_active.clone(),
-        );
-        r.register(
-            "connect_refusals",
-            "HTTP CONNECT requests refused, by the status answered",
-            m.connect_refusals.clone(),
-        );
-        r.register_with_unit(
-            "relayed",
-            "Bytes relayed, by direction (up: client to backend)",
-            Unit::Bytes,
-            m.bytes.clone(),
-        );
-        r.register(
-            "udp_datagrams",
-            "UDP datagrams relayed, by direction (up: client to backend)",
-            m.datagrams.clone(),
-        );
-        r.register_with_unit(
-            "session_duration",
-            "How long sessions lasted",
-            Unit::Seconds,
-            m.session_seconds.clone(),
-        );
-        r.register_with_unit(
-            "connect_duration",
-            "How long successful connects to a backend took",
-            Unit::Seconds,
-            m.connect_seconds.clone(),
-        );
-        r.register(
-            "connect_attempts",
-            "Dials of a backend by an egress",
-            m.connect_attempts.clone(),
-        );
-        r.register(
-            "connect_failures",
-            "Failed dials, by whose fault they were (backend, egress, path, relay)",
-            m.connect_failures.clone(),
-        );
-        r.register(
-            "backend_sessions",
-            "Sessions each backend was connected for",
-            m.backend_sessions.clone(),
-        );
-        r.register_with_unit(
-            "egress",
-            "Bytes through each egress (out: to backends)",
-            Unit::Bytes,
-            m.egress_bytes.clone(),
-        );
-        r.register(
-            "udp_datagrams_dropped",
-            "UDP datagrams dropped, by reason",
-            m.udp_dropped.clone(),
-        );
-        r.register(
-            "clients_refused",
-            "Clients (connections, UDP datagrams) refused by the route's allow/deny lists",
-            m.clients_refused.clone(),
-        );
-        r.register_collector(Box::new(m.standing.clone()));
-        r.register(
-            "config_reloads",
-            "Config reloads, by result (ok, failed: the running config was kept)",
-            m.reloads.clone(),
-        );
-        r.register(
-            "config_last_reload_successful",
-            "1 when the last reload applied (or none was asked for), 0 when it failed",
-            m.reload_ok.clone(),
-        );
-        r.register_with_unit(
-            "config_last_reload_success_time",
-            "When the running config was applied, in seconds since the epoch",
-            Unit::Seconds,
-            m.reload_ok_at.clone(),
-        );
+        register_relayd(r, &m);
         m.reload_ok.set(1);
         m.reload_ok_at.set(epoch_seconds());
         let build = Family::<BuildLabels, Gauge>::default();
@@ -364,7 +306,8 @@ impl Metrics {
         self.sessions_active.get_or_create(&labels).inc();
     }
 
-    /// A UDP datagram dropped, and why (`over_max_flows`, `flow_queue_full`, `client_unreachable`).
+    /// A UDP datagram dropped, and why (the word of its `UdpDrop`); a session context counts
+    /// it here and in the relay's counters at once.
     pub(crate) fn udp_dropped(&self, route: &str, reason: &'static str) {
         let labels = EndLabels {
             route: route.into(),
@@ -459,7 +402,7 @@ impl Metrics {
                     route: dial.route,
                     backend: dial.backend,
                     egress: dial.egress,
-                    fault: format!("{fault:?}").to_ascii_lowercase(),
+                    fault: fault.word().to_string(),
                 };
                 self.connect_failures.get_or_create(&labels).inc();
             }
@@ -500,13 +443,7 @@ impl Collector for Standing {
         let routes = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let backends =
             || (routes.iter()).flat_map(|r| r.backends.iter().map(move |b| (r.name.clone(), b.addr.to_string(), b)));
-        let now = |b: &BackendSnapshot| match b.state {
-            HealthState::Up => "up",
-            HealthState::Down => "down",
-            HealthState::Trial => "trial",
-            HealthState::Draining => "draining",
-            HealthState::Retired => "retired",
-        };
+        let now = |b: &BackendSnapshot| b.state.word();
         encode(
             &mut encoder,
             "backend_state",

@@ -126,12 +126,36 @@ impl Stats {
         self.bump(&self.health_changes, true);
     }
 
-    pub(crate) fn over_limit(&self) -> u64 {
-        self.bump(&self.udp_over_limit, true) + 1
+    /// Counts a dropped UDP datagram; returns the relay's total of its kind
+    /// ([`Stats::udp_over_limit`] or [`Stats::udp_dropped`]).
+    pub(crate) fn udp_drop(&self, why: UdpDrop) -> u64 {
+        let counter = match why {
+            UdpDrop::OverMaxFlows => &self.udp_over_limit,
+            UdpDrop::FlowQueueFull | UdpDrop::ClientUnreachable => &self.udp_dropped,
+        };
+        self.bump(counter, true) + 1
     }
+}
 
-    pub(crate) fn dropped(&self) -> u64 {
-        self.bump(&self.udp_dropped, true) + 1
+/// Why a UDP datagram was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpDrop {
+    /// It would have opened a flow beyond `max_flows` (or the relay's session cap).
+    OverMaxFlows,
+    /// Its flow's queue was full.
+    FlowQueueFull,
+    /// A reply the client's side could not take.
+    ClientUnreachable,
+}
+
+impl UdpDrop {
+    /// A stable word for logs and metrics labels.
+    pub fn word(self) -> &'static str {
+        match self {
+            UdpDrop::OverMaxFlows => "over_max_flows",
+            UdpDrop::FlowQueueFull => "flow_queue_full",
+            UdpDrop::ClientUnreachable => "client_unreachable",
+        }
     }
 }
 

@@ -64,7 +64,7 @@ impl StatusSocket {
     /// a relayd that is gone is replaced, one that a live process answers on is not.
     pub fn bind(addr: &StatusAddr) -> io::Result<StatusSocket> {
         match addr {
-            StatusAddr::Tcp(addr) => crate::listener::bind_tcp(*addr, 64, None).map(StatusSocket::Tcp),
+            StatusAddr::Tcp(addr) => crate::net::bind_tcp(*addr, 64, None).map(StatusSocket::Tcp),
             StatusAddr::Unix(path) => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
                     return Err(io::Error::new(io::ErrorKind::AddrInUse, "a process answers on it"));
@@ -117,7 +117,7 @@ pub(crate) struct Pages {
 
 impl Status {
     pub async fn run(mut self, stop: Signal) {
-        let mut backoff = crate::listener::Backoff::default();
+        let mut backoff = crate::net::Backoff::default();
         while let Some(accepted) = stop.unless(self.accept()).await {
             // A reload's pages, taken when a client comes to read them.
             if let Some(pages) = self.updates.try_iter().last() {
@@ -152,7 +152,7 @@ impl Status {
     async fn accept(&self) -> io::Result<Client> {
         match &self.socket {
             StatusSocket::Tcp(socket) => {
-                let (stream, peer) = crate::listener::accept(socket).await?;
+                let (stream, peer) = crate::net::accept(socket).await?;
                 Ok(Client::Tcp(stream, peer))
             }
             StatusSocket::Unix(socket, _) => Ok(Client::Unix(socket.accept().await?.0)),
@@ -209,8 +209,15 @@ impl Pages {
             for b in snapshot.backends {
                 let _ = writeln!(
                     page,
-                    "  backend {} ({}) {:?} weight={} active={} sessions={} connect_failures={} failing={}",
-                    b.addr, b.source, b.state, b.weight, b.active, b.sessions, b.connect_failures, b.failing
+                    "  backend {} ({}) {} weight={} active={} sessions={} connect_failures={} failing={}",
+                    b.addr,
+                    b.source,
+                    b.state.word(),
+                    b.weight,
+                    b.active,
+                    b.sessions,
+                    b.connect_failures,
+                    b.failing
                 );
             }
         }

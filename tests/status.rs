@@ -39,9 +39,9 @@ async fn the_status_page_shows_routes_backends_and_counters() {
         "tcp paths splice=0 copy=1",
         "route web listen=",
         "egress default up",
-        &format!("backend {dead} ({dead}) Up weight=1 active=0 sessions=0 connect_failures=1"),
+        &format!("backend {dead} ({dead}) up weight=1 active=0 sessions=0 connect_failures=1"),
         &format!(
-            "backend {} ({}) Up weight=1 active=0 sessions=1 connect_failures=0",
+            "backend {} ({}) up weight=1 active=0 sessions=1 connect_failures=0",
             live.addr, live.addr
         ),
     ] {

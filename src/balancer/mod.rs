@@ -82,6 +82,19 @@ pub enum HealthState {
     Retired,
 }
 
+impl HealthState {
+    /// A stable word for the status page, metrics labels and logs.
+    pub fn word(self) -> &'static str {
+        match self {
+            HealthState::Up => "up",
+            HealthState::Down => "down",
+            HealthState::Trial => "trial",
+            HealthState::Draining => "draining",
+            HealthState::Retired => "retired",
+        }
+    }
+}
+
 /// One backend as the balancer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackendSnapshot {

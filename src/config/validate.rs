@@ -695,17 +695,19 @@ fn unique_routes(config: &Config, p: &mut Problems) {
     }
 }
 
+/// Every problem validation finds in `text` (none for a valid config), for the tests.
+#[cfg(test)]
+fn problems(text: &str) -> Vec<String> {
+    let config = Config::parse(text, "test").expect("parses");
+    match config.validate() {
+        Ok(_) => vec![],
+        Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn problems(text: &str) -> Vec<String> {
-        let config = Config::parse(text, "test").expect("parses");
-        match config.validate() {
-            Ok(_) => vec![],
-            Err(e) => e.problems().iter().map(|p| p.to_string()).collect(),
-        }
-    }
 
     const GOOD: &str = r#"(routes: [(name: "a", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")])])"#;
 
@@ -885,14 +887,6 @@ mod tests {
 #[cfg(test)]
 mod edge_tests {
     use super::*;
-
-    fn problems(text: &str) -> Vec<String> {
-        let config = Config::parse(text, "test").expect("parses");
-        config
-            .validate()
-            .err()
-            .map_or_else(Vec::new, |e| e.problems().iter().map(|p| p.to_string()).collect())
-    }
 
     fn has(found: &[String], want: &str) -> bool {
         found.iter().any(|f| f.contains(want))

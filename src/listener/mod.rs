@@ -9,22 +9,13 @@ pub(crate) use udp::UdpListener;
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
-
-use std::net::TcpStream;
-use std::os::fd::{AsRawFd, FromRawFd};
-
-use socket2::{Domain, SockAddr, Socket, Type};
 
 use crate::config::{Protocol, Route};
 use crate::error::StartError;
-use crate::net::Endpoint;
-use crate::rt::{self, Async, TcpConn};
+use crate::net::{Backoff, Endpoint, accept, bind_tcp, listen};
+use crate::rt::{self, Async};
 use crate::session::RouteContext;
 use crate::shutdown::{DrainGuard, Signal};
-
-const BACKOFF_MIN: Duration = Duration::from_millis(10);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A route's bound listening socket: for UDP, one per worker (see [`udp_group`]).
 pub(crate) enum Bound {
@@ -101,49 +92,6 @@ fn udp_group(addr: SocketAddr, device: Option<&str>) -> io::Result<Vec<Endpoint>
     }
     let addr = Endpoint::bind(addr, device, false)?.local_addr()?;
     (0..count).map(|_| Endpoint::bind(addr, device, true)).collect()
-}
-
-/// A listening TCP socket with SO_REUSEADDR (a restart need not wait out TIME_WAIT) and a real
-/// backlog.
-pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32, device: Option<&str>) -> io::Result<Async<TcpListener>> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    if let Some(device) = device {
-        socket.bind_device(Some(device.as_bytes()))?;
-    }
-    socket.bind(&addr.into())?;
-    listen(socket2::SockRef::from(&socket), backlog)?;
-    Async::new(TcpListener::from(socket))
-}
-
-/// listen(2) with `backlog`: on a listening socket too, where it sets the backlog anew.
-fn listen(socket: socket2::SockRef<'_>, backlog: u32) -> io::Result<()> {
-    socket.listen(i32::try_from(backlog).unwrap_or(i32::MAX))
-}
-
-/// The one back-off of every receive loop (TCP routes, UDP routes, the status page): after a
-/// failed accept or receive, a wait that doubles from 10 ms to 1 s, and starts again at the
-/// next success. A loop that cannot take in more never spins the CPU, and never stops.
-pub(crate) struct Backoff {
-    pub next: std::time::Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff { next: BACKOFF_MIN }
-    }
-}
-
-impl Backoff {
-    pub fn reset(&mut self) {
-        self.next = BACKOFF_MIN;
-    }
-
-    /// Waits out the back-off (or until `stop`), and doubles it for next time.
-    pub async fn wait(&mut self, stop: &Signal) {
-        stop.unless(rt::sleep(self.next)).await;
-        self.next = (self.next * 2).min(BACKOFF_MAX);
-    }
 }
 
 pub(crate) struct Listener {
@@ -232,33 +180,6 @@ impl Listener {
         }
         log::info!(route = &*route; "listener stopped");
     }
-}
-
-/// Accepts with accept4(SOCK_NONBLOCK | SOCK_CLOEXEC): the new socket goes to the reactor as it
-/// is, without the mode-setting calls a plain accept would need after it.
-pub(crate) async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn, SocketAddr)> {
-    let (fd, peer) = listener
-        .read_with(|l| {
-            // SAFETY: accept4 writes at most `len` bytes of address into the storage try_init
-            // provides, and returns a new descriptor that is owned below.
-            unsafe {
-                SockAddr::try_init(|storage, len| {
-                    rt::check(libc::accept4(
-                        l.as_raw_fd(),
-                        storage.cast(),
-                        len,
-                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    ))
-                })
-            }
-        })
-        .await?;
-    // SAFETY: a fresh descriptor from accept4, owned by nothing else.
-    let stream = unsafe { TcpStream::from_raw_fd(fd) };
-    let peer = peer
-        .as_socket()
-        .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
-    Ok((TcpConn::new_nonblocking(stream)?, peer))
 }
 
 /// The client gave up between SYN and accept: nothing is wrong with the listener.

@@ -16,6 +16,7 @@ use crate::net::Endpoint;
 use crate::rt;
 use crate::session::{Flow, FlowEnded, RouteContext, SessionId};
 use crate::shutdown::{DrainGuard, Signal};
+use crate::stats::UdpDrop;
 
 /// Datagrams a flow may have waiting before more are dropped.
 const FLOW_QUEUE: usize = 64;
@@ -119,8 +120,7 @@ impl UdpListener {
             match entry.queue.try_send(datagram.to_vec()) {
                 Ok(()) => return,
                 Err(flume::TrySendError::Full(_)) => {
-                    let dropped = self.context.stats.dropped();
-                    self.context.metrics.udp_dropped(route, "flow_queue_full");
+                    let dropped = self.context.udp_dropped(UdpDrop::FlowQueueFull);
                     if let Some(held) = flows.full.admit() {
                         log::warn!(route = route, client:% = client, dropped_total = dropped, held_back = held;
                             "flow queue full, datagram dropped");
@@ -143,8 +143,7 @@ impl UdpListener {
         });
         let passes = passes.flatten();
         let Some(passes) = passes else {
-            let dropped = self.context.stats.over_limit();
-            self.context.metrics.udp_dropped(route, "over_max_flows");
+            let dropped = self.context.udp_dropped(UdpDrop::OverMaxFlows);
             if let Some(held) = flows.over_limit.admit() {
                 let cap = self.context.budget.cap();
                 log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped,

@@ -1,13 +1,17 @@
 //! Sockets below the actors: the UDP endpoint that receives with its destination address
-//! (IP_PKTINFO) and replies from it, the one raw `setsockopt` for the flags socket2 does
-//! not wrap, and the two queue lengths a closing session asks of a TCP socket. Listeners, sessions and the Dialer use them, so they sit beneath all three.
+//! (IP_PKTINFO) and replies from it, listening TCP sockets (bind, accept, back-off), the one
+//! raw `setsockopt` for the flags socket2 does not wrap, and the two queue lengths a closing
+//! session asks of a TCP socket. Listeners, the status page, sessions and the Dialer use them,
+//! so they sit beneath all four.
 
 mod endpoint;
+mod listen;
 
 use std::io;
 use std::os::fd::AsRawFd;
 
 pub(crate) use endpoint::Endpoint;
+pub(crate) use listen::{Backoff, accept, bind_tcp, listen};
 
 /// Sets an on/off socket option to on (IP_PKTINFO, IPV6_RECVPKTINFO, IP_BIND_ADDRESS_NO_PORT).
 pub(crate) fn set_flag(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {

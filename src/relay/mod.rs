@@ -1,9 +1,9 @@
 //! The relay: starts the actors in dependency order (Dialer, then per route a Balancer and a
 //! Listener), lets embedders inject sessions, and runs the stop sequence.
 
+mod mailbox;
 mod reload;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,7 +18,7 @@ pub use crate::balancer::RouteSnapshot;
 use crate::balancer::{BalancerHandle, resolve_loop};
 use crate::checker;
 use crate::config::{BackendAddr, Config, Egress, EgressId, Protocol, Route, Settings};
-use crate::dialer::{DialerHandle, EgressNews};
+use crate::dialer::DialerHandle;
 use crate::egress;
 use crate::error::{InjectError, StartError};
 use crate::limits;
@@ -29,6 +29,7 @@ use crate::session::{RouteContext, RouteParts, SessionReport, SniTargets};
 use crate::shutdown::{self, Drain, Signal, Trigger};
 use crate::stats::Stats;
 use crate::status::{Pages, RouteView, Status, StatusSocket};
+use mailbox::{Slot, egress_news};
 
 /// What every route's actors share; a reload may change the egress names, `splice`, the gate
 /// and `status_allow`.
@@ -75,33 +76,6 @@ pub struct Relay {
     watcher: Option<(Trigger, Vec<(EgressId, Egress)>)>,
     /// To the status listener: a reload's pages.
     pages: Option<Slot<Arc<Pages>>>,
-}
-
-/// One-value mailboxes whose newest value wins, one for each actor of a kind (a UDP route has
-/// a listener per worker): how the relay hands running actors their new parts without waiting
-/// on them. Dropping it tells the actors there will be no more.
-struct Slot<T>(Vec<(flume::Sender<T>, flume::Receiver<T>)>);
-
-impl<T: Clone> Slot<T> {
-    fn new() -> Self {
-        Slot(Vec::new())
-    }
-
-    /// The mailbox of one more actor.
-    fn receiver(&mut self) -> flume::Receiver<T> {
-        let (tx, rx) = flume::bounded(1);
-        self.0.push((tx, rx.clone()));
-        rx
-    }
-
-    /// Puts `value` in every mailbox, in place of one its actor has not taken yet (the relay
-    /// is the only sender, so there is room once the stale one is out).
-    fn put(&self, value: T) {
-        for (tx, rx) in &self.0 {
-            let _ = rx.try_recv();
-            let _ = tx.try_send(value.clone());
-        }
-    }
 }
 
 /// A route as the relay keeps it across reloads: by its name.
@@ -578,39 +552,6 @@ impl Relay {
         // Every actor has ended: the workers can go.
         drop(runtime);
         report
-    }
-}
-
-/// Hands the Dialer's egress news to every balancer. Balancers a reload brings hear the newest
-/// word on each egress first (balancers that had it already ignore it by its number).
-async fn egress_news(news: flume::Receiver<EgressNews>, balancers: flume::Receiver<Vec<BalancerHandle>>) {
-    let mut told: Vec<BalancerHandle> = Vec::new();
-    let mut latest: HashMap<EgressId, EgressNews> = HashMap::new();
-    loop {
-        let word = async { Either::Left(news.recv_async().await) };
-        let list = async {
-            match balancers.recv_async().await {
-                Ok(list) => Either::Right(list),
-                // The relay is stopping: news alone, until the Dialer ends.
-                Err(_) => std::future::pending().await,
-            }
-        };
-        let words: Vec<EgressNews> = match rt::race(word, list).await {
-            Either::Left(Err(_)) => break,
-            Either::Left(Ok(word)) => {
-                latest.insert(word.egress, word.clone());
-                vec![word]
-            }
-            Either::Right(list) => {
-                told = list;
-                latest.values().cloned().collect()
-            }
-        };
-        for balancer in &told {
-            for word in &words {
-                let _ = balancer.egress_news(word.egress, word.down.clone(), word.seq).await;
-            }
-        }
     }
 }
 

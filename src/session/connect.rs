@@ -58,7 +58,7 @@ impl Session {
             let _ = ctx.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
             if let Some(held) = ctx.dial_failures.admit() {
                 log::warn!(route = &*ctx.route_name, session = id.0, client:% = peer, backend:% = pick.addr,
-                    egress = &*ctx.egress_name(&pick), fault:? = fault, err:% = e, held_back = held; "connect failed");
+                    egress = &*ctx.egress_name(&pick), fault = fault.word(), err:% = e, held_back = held; "connect failed");
             }
             last = Some(e.to_string());
             match fault {

@@ -87,6 +87,13 @@ impl RouteContext {
         Some(passes)
     }
 
+    /// Counts a dropped datagram of this route in the relay's counters and its metrics alike,
+    /// the one place a drop is counted; returns the relay's total of its kind.
+    pub fn udp_dropped(&self, why: crate::stats::UdpDrop) -> u64 {
+        self.metrics.udp_dropped(&self.route_name, why.word());
+        self.stats.udp_drop(why)
+    }
+
     /// True while the relay has room for one more session.
     pub fn has_room(&self) -> bool {
         self.stats.active() < self.budget.cap()

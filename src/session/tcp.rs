@@ -175,8 +175,11 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
         let (ctx, report) = (&self.ctx, &mut self.report);
-        log::debug!(route = &*ctx.route_name, session = report.id.0, client:% = report.peer,
-            backend:? = report.backend; "session relaying");
+        if log::log_enabled!(log::Level::Debug) {
+            let backend = report.backend.map(|b| b.to_string()).unwrap_or_default();
+            log::debug!(route = &*ctx.route_name, session = report.id.0, client:% = report.peer,
+                backend = backend.as_str(); "session relaying");
+        }
         let timeouts = ctx.route.timeouts;
         let mut meter = ctx.metrics.meter(&ctx.route_name, false);
         if let Some(egress) = &report.egress {

@@ -220,8 +220,7 @@ impl Session {
                             self.report.datagrams.1 += 1;
                         }
                         None => {
-                            ctx.stats.dropped();
-                            ctx.metrics.udp_dropped(&ctx.route_name, "client_unreachable");
+                            ctx.udp_dropped(crate::stats::UdpDrop::ClientUnreachable);
                         }
                     }
                     awaiting = None;
