@@ -201,6 +201,57 @@ mod tests {
             .collect()
     }
 
+    /// A reload applies nothing when the diff finds no change, so a relay-wide setting the
+    /// diff does not compare would be silently left as it runs. Each field of `Settings` is
+    /// changed in turn, and the diff must name it.
+    #[test]
+    fn the_diff_sees_a_change_to_every_relay_wide_setting() {
+        let base = settings(r#"(routes: [(name: "a", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")])])"#);
+        // Every field, named so that a new one fails to compile here until it has its case
+        // below (and its place in `diff`).
+        let Settings {
+            source: _,
+            log_level: _,
+            drain_timeout: _,
+            status: _,
+            status_allow: _,
+            workers: _,
+            max_connections: _,
+            splice: _,
+            mailbox: _,
+            egress: _,
+            routes: _,
+        } = &base;
+        let changes: [(&str, fn(&mut Settings)); 10] = [
+            ("log_level", |s| s.log_level = log::LevelFilter::Trace),
+            ("drain_timeout", |s| {
+                s.drain_timeout += std::time::Duration::from_secs(1)
+            }),
+            ("status", |s| {
+                s.status = Some(super::super::StatusAddr::Unix("/run/x".into()))
+            }),
+            ("status_allow", |s| {
+                s.status_allow.deny.push("10.0.0.0/8".parse().unwrap())
+            }),
+            ("workers", |s| s.workers = Some(std::num::NonZeroUsize::new(7).unwrap())),
+            ("max_connections", |s| {
+                s.max_connections = Some(std::num::NonZeroUsize::new(7).unwrap())
+            }),
+            ("splice", |s| s.splice = !s.splice),
+            ("mailbox", |s| s.mailbox = s.mailbox.saturating_add(1)),
+            ("egress", |s| s.egress[0].options.mark = Some(7)),
+            ("routes", |s| s.routes[0].name = "b".into()),
+        ];
+        for (field, change) in changes {
+            let mut new = base.clone();
+            change(&mut new);
+            assert!(
+                !diff(&base, &new).is_empty(),
+                "a change to {field} is not seen by the diff"
+            );
+        }
+    }
+
     #[test]
     fn a_diff_names_each_change_in_words() {
         let old = r#"(workers: 2, egress: {"up1": (device: "eth1")}, routes: [
