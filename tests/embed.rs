@@ -2,6 +2,7 @@
 //! gone when it stops; async-std's streams are injected as they are. One test in this binary,
 //! so that no other relay's threads are counted.
 
+#[path = "relay/harness/mod.rs"]
 mod harness;
 
 use async_std::os::unix::net::UnixStream;

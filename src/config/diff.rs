@@ -222,7 +222,8 @@ mod tests {
             egress: _,
             routes: _,
         } = &base;
-        let changes: [(&str, fn(&mut Settings)); 10] = [
+        type Edit = (&'static str, fn(&mut Settings));
+        let changes: [Edit; 10] = [
             ("log_level", |s| s.log_level = log::LevelFilter::Trace),
             ("drain_timeout", |s| {
                 s.drain_timeout += std::time::Duration::from_secs(1)

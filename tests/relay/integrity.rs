@@ -1,7 +1,7 @@
 //! Many concurrent sessions with random sizes each way: every byte arrives, in order, on both
 //! ends (SHA-256 of what was sent compared with SHA-256 of what arrived).
 
-mod harness;
+use crate::harness;
 
 use std::net::{Shutdown, SocketAddr};
 

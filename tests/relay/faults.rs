@@ -3,7 +3,7 @@
 //! local ports, a client's hostile CONNECT, a name with one dead address.
 //! Needs root and iproute2: under `CI=true` they must run; elsewhere they skip, saying why.
 
-mod harness;
+use crate::harness;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Read, Write};

@@ -2,7 +2,7 @@
 //! split), its server name picks the route, and the bytes are replayed to that route's backend
 //! unchanged.
 
-mod harness;
+use crate::harness;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -123,15 +123,7 @@ fn run(cmd: &mut std::process::Command) -> String {
 
 #[test]
 fn openssl_clients_reach_the_tls_server_their_name_picks() {
-    let have = std::process::Command::new("sh")
-        .args(["-c", "command -v openssl"])
-        .output();
-    if !have.is_ok_and(|o| o.status.success()) {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI=true, yet openssl is missing (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: openssl is needed (apt-get install openssl)");
+    if !harness::have(&["openssl"], "openssl") {
         return;
     }
     let dir = std::env::temp_dir().join(format!("relayd-sni-{}", std::process::id()));

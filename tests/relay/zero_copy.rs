@@ -1,7 +1,7 @@
 //! The zero-copy path really runs on TCP sessions, and moves the same bytes as the copy path.
 //! (A fast path that silently falls back is a known failure in peers.)
 
-mod harness;
+use crate::harness;
 
 use async_std::prelude::*;
 use harness::backend::Backend;

@@ -5,7 +5,7 @@
 //! The helper processes are this test binary run again inside a namespace (see `helper`).
 //! Needs root and iproute2: under `CI=true` they must run; elsewhere they skip, saying why.
 
-mod harness;
+use crate::harness;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};

@@ -2,7 +2,7 @@
 //! `accept_proxy`), and behind it (relayd's `send_proxy` into `accept-proxy`). `.ci/run`
 //! installs haproxy; elsewhere the test skips, saying why, if it is missing.
 
-mod harness;
+use crate::harness;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -62,16 +62,7 @@ fn carrying(backend: &TcpListener, payload: &str, connect: impl FnOnce()) -> Str
 
 #[test]
 fn proxy_headers_pass_between_haproxy_and_relayd_both_ways() {
-    let have = Command::new("sh")
-        .args(["-c", "command -v haproxy"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !have {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI=true, yet haproxy is missing (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: haproxy is needed (apt-get install haproxy)");
+    if !harness::have(&["haproxy"], "haproxy") {
         return;
     }
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -1,7 +1,7 @@
 //! HTTP CONNECT routes with real curl and raw clients, and TCP routes dialing through an
 //! upstream CONNECT proxy (another relayd).
 
-mod harness;
+use crate::harness;
 
 use std::net::SocketAddr;
 use std::process::Command;

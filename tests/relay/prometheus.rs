@@ -2,7 +2,7 @@
 //! queries give back what a known workload counted. `.ci/run` installs prometheus; elsewhere
 //! the test skips, saying why, if it is missing.
 
-mod harness;
+use crate::harness;
 
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -62,12 +62,7 @@ async fn scrapes_of(status: std::net::SocketAddr) -> (std::net::SocketAddr, flum
 
 #[async_std::test]
 async fn prometheus_scrapes_the_metrics_and_its_queries_count_the_workload() {
-    if Command::new("prometheus").arg("--version").output().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI=true, yet prometheus is missing (.ci/run installs it)"
-        );
-        eprintln!("SKIPPED: prometheus is needed (apt-get install prometheus)");
+    if !harness::have(&["prometheus"], "prometheus") {
         return;
     }
     let echo = Backend::echo().await;

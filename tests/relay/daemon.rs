@@ -1,6 +1,6 @@
 //! The `relayd` binary end to end: config checks, relaying, signals and exit codes.
 
-mod harness;
+use crate::harness;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -1,7 +1,7 @@
 //! How a relayed pair ends when one side stops early: no byte of a complete answer is lost, and
 //! a reset reaches the other side as a reset, by splice and by copying alike.
 
-mod harness;
+use crate::harness;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};

@@ -1,6 +1,6 @@
 //! Round robin and failover between backends.
 
-mod harness;
+use crate::harness;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! High availability through the relay: backends killed and restarted, failing fast, the
 //! balancing strategies end to end, and backends given by name.
 
-mod harness;
+use crate::harness;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

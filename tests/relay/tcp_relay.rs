@@ -1,6 +1,6 @@
 //! The TCP data path: bytes, half-close in both directions, idle and fin timeouts.
 
-mod harness;
+use crate::harness;
 
 use std::net::Shutdown;
 use std::time::Duration;

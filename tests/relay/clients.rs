@@ -1,7 +1,7 @@
 //! Who may use a route: `allow_clients` and `deny_clients`, checked at accept before any work,
 //! for TCP connections and UDP flows alike. Clients come from two loopback addresses.
 
-mod harness;
+use crate::harness;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};

@@ -1,7 +1,7 @@
 //! UDP routes: flows per client, datagram boundaries, idle expiry, limits, failures, shutdown.
 //! Clients are real sockets on loopback: a datagram's sender address is what makes a flow.
 
-mod harness;
+use crate::harness;
 
 use std::collections::HashSet;
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The stop sequence: stop accepting, drain live sessions, close what outlives the deadline.
 
-mod harness;
+use crate::harness;
 
 use std::net::Shutdown;
 

@@ -9,8 +9,9 @@
 //!  198.18.9.0/24 via 198.18.2.2 dev up2 metric 20
 //! ```
 //!
-//! Helper processes are the test binary run again inside a namespace: each test file that uses
-//! them has an ignored `helper` test that dispatches on `RELAYD_NETNS_ROLE`.
+//! Helper processes are the test binary run again inside a namespace: each test module that uses
+//! them has an ignored `helper` test that dispatches on `RELAYD_NETNS_ROLE`, and the topology
+//! runs the one of the module that built it.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -42,6 +43,8 @@ pub const BACKENDS: &str = "198.18.9.0/24";
 pub struct Topology {
     pub relay: String,
     pub backend: String,
+    /// The helper test its helpers run (`netns::helper`).
+    helper: String,
 }
 
 impl Topology {
@@ -52,6 +55,7 @@ impl Topology {
         let t = Topology {
             relay: format!("relayd-r-{id}"),
             backend: format!("relayd-b-{id}"),
+            helper: "helper".into(),
         };
         ip(&["netns", "add", &t.relay])?;
         ip(&["netns", "add", &t.backend])?;
@@ -80,15 +84,21 @@ impl Topology {
         Ok(t)
     }
 
-    /// The topology, or `None` when it cannot be built outside CI (the reason is printed).
+    /// The topology, or `None` when it cannot be built outside CI (the reason is printed). Its
+    /// helpers run the `helper` test of the module that calls this.
+    #[track_caller]
     pub fn build_or_skip() -> Option<Topology> {
+        let module = std::path::Path::new(std::panic::Location::caller().file()).file_stem();
+        let helper = format!("{}::helper", module.and_then(|m| m.to_str()).expect("a test module"));
         match Topology::build() {
-            Ok(t) => Some(t),
-            Err(e) if std::env::var_os("CI").is_none() => {
-                eprintln!("SKIPPED: network namespaces unavailable (needs root and iproute2): {e}");
+            Ok(mut t) => {
+                t.helper = helper;
+                Some(t)
+            }
+            Err(e) => {
+                super::skip("network namespaces are unavailable (they need root and iproute2)", e);
                 None
             }
-            Err(e) => panic!("CI=true, yet the namespace topology cannot be built: {e}"),
         }
     }
 
@@ -96,8 +106,7 @@ impl Topology {
     pub fn helper(&self, ns: &str, role: &str, env: &[(&str, &str)]) -> Helper {
         let exe = std::env::current_exe().unwrap();
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(exe).args([
-            "helper",
+        cmd.args(["netns", "exec", ns]).arg(exe).arg(&self.helper).args([
             "--exact",
             "--ignored",
             "--nocapture",

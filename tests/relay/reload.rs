@@ -1,7 +1,7 @@
 //! Hot reload: the listening socket stays, live sessions run on, new sessions follow the new
 //! config, a removed route drains, and a reload that cannot apply changes nothing.
 
-mod harness;
+use crate::harness;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

@@ -20,6 +20,33 @@ use relayd::{Config, Conn, Relay, SessionReport, ShutdownReport};
 /// The longest any single wait may take before the test fails.
 pub const PATIENCE: Duration = Duration::from_secs(20);
 
+/// A test that cannot run here for want of `what` skips, saying so, unless `CI` is set: CI
+/// installs and sets up everything the tests need (.ci/run), so there the want is a failure.
+pub fn skip(what: &str, why: impl std::fmt::Display) {
+    assert!(std::env::var_os("CI").is_none(), "CI=true, yet {what}: {why}");
+    eprintln!("SKIPPED: {what}: {why}");
+}
+
+/// True when every one of `tools` can be run; otherwise the test [`skip`]s, naming the
+/// Debian packages that bring them.
+pub fn have(tools: &[&str], packages: &str) -> bool {
+    let found = |tool: &&str| {
+        std::process::Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let missing: Vec<&str> = tools.iter().filter(|t| !found(t)).copied().collect();
+    if missing.is_empty() {
+        return true;
+    }
+    skip(
+        &format!("{} missing", missing.join(" and ")),
+        format!("apt-get install {packages}"),
+    );
+    false
+}
+
 /// A loopback port free for TCP (bound, then let go) for tools that need a fixed one.
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
