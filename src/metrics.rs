@@ -337,6 +337,19 @@ impl Metrics {
             .observe(report.lasted.as_secs_f64());
     }
 
+    /// A session `from` took (an `sni` route) goes on as `to`'s: it ends for `from` as
+    /// `handed_on`, and opens for `to`, which counts its end.
+    pub(crate) fn session_handed(&self, from: &str, to: &str) {
+        let ended = EndLabels {
+            route: from.into(),
+            reason: "handed_on".into(),
+        };
+        self.sessions_ended.get_or_create(&ended).inc();
+        let from = RouteLabels { route: from.into() };
+        self.sessions_active.get_or_create(&from).dec();
+        self.session_opened(to);
+    }
+
     /// A meter for a session of `route` (a UDP flow's counts datagrams too).
     pub(crate) fn meter(&self, route: &str, udp: bool) -> Meter {
         let counters = |family: &Family<DirectionLabels, Counter>| {

@@ -25,6 +25,11 @@ use crate::stats::Stats;
 /// A request head larger than this, or slower than [`HEAD_TIMEOUT`], gets no page.
 const HEAD_MAX: usize = 4096;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// An answer not taken whole by then is given up, and its connection closed: a reader that
+/// never reads holds a page and a descriptor this long at most.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the status listener serves at once; more are closed as they come.
+const MAX_CLIENTS: u64 = 64;
 
 /// What the page shows of one route.
 #[derive(Clone)]
@@ -118,6 +123,8 @@ pub(crate) struct Pages {
 impl Status {
     pub async fn run(mut self, stop: Signal) {
         let mut backoff = crate::net::Backoff::default();
+        // Its cap on connections served at once: a pass each.
+        let clients = crate::limits::Gate::new(MAX_CLIENTS);
         while let Some(accepted) = stop.unless(self.accept()).await {
             // A reload's pages, taken when a client comes to read them.
             if let Some(pages) = self.updates.try_iter().last() {
@@ -126,16 +133,20 @@ impl Status {
             match accepted {
                 Ok(Client::Tcp(stream, peer)) => {
                     backoff.reset();
-                    if self.pages.allow.admits(peer.ip()) {
-                        rt::detach(serve(stream, self.pages.clone()));
-                    } else {
+                    if !self.pages.allow.admits(peer.ip()) {
                         log::debug!(client:% = peer; "status page: client not in status_allow, closed");
+                    } else if let Some(pass) = clients.try_enter() {
+                        rt::detach(serve(stream, self.pages.clone(), pass));
+                    } else {
+                        log::debug!(client:% = peer, max = MAX_CLIENTS; "status page: at its cap, closed");
                     }
                 }
                 // The socket file's mode says who may connect.
                 Ok(Client::Unix(stream)) => {
                     backoff.reset();
-                    rt::detach(serve(stream, self.pages.clone()));
+                    if let Some(pass) = clients.try_enter() {
+                        rt::detach(serve(stream, self.pages.clone(), pass));
+                    }
                 }
                 Err(e) => {
                     log::warn!(err:% = e; "status page: accept failed, backing off");
@@ -226,7 +237,8 @@ impl Pages {
 }
 
 /// Reads the request head (bounded in size and time), then answers and closes.
-async fn serve(mut stream: impl AsyncRead + AsyncWrite + Unpin, pages: Arc<Pages>) {
+/// One request, one answer; `_pass` holds the connection's place under [`MAX_CLIENTS`].
+async fn serve(mut stream: impl AsyncRead + AsyncWrite + Unpin, pages: Arc<Pages>, _pass: crate::limits::Pass) {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     let complete = rt::timeout(HEAD_TIMEOUT, async {
@@ -283,6 +295,11 @@ async fn serve(mut stream: impl AsyncRead + AsyncWrite + Unpin, pages: Arc<Pages
         "HTTP/1.0 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nAllow: GET\r\nConnection: close\r\n\r\n{page}",
         page.len()
     );
-    let _ = stream.write_all(response.as_bytes()).await;
-    let _ = stream.close().await;
+    let answered = rt::timeout(WRITE_TIMEOUT, async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.close().await;
+    });
+    if answered.await.is_none() {
+        log::debug!(path = path; "status page: the answer was not taken in time, closed");
+    }
 }

@@ -247,12 +247,17 @@ impl std::fmt::Display for BackendAddr {
 pub const HIDDEN: &str = "<hidden>";
 
 impl Config {
-    /// The config with every password replaced by [`HIDDEN`].
+    /// The config with every password replaced by [`HIDDEN`], and every health check's
+    /// `send` too (a Redis-style check sends `AUTH <password>`).
     pub fn masked(&self) -> Config {
         let mut config = self.clone();
         let hide = |c: &mut Credentials| c.password = HIDDEN.into();
         for route in &mut config.routes {
             route.connect.iter_mut().flat_map(|c| &mut c.auth).for_each(hide);
+            let checks = route.health.iter_mut().flat_map(|h| &mut h.check);
+            checks
+                .filter_map(|c| c.send.as_mut())
+                .for_each(|send| *send = HIDDEN.into());
         }
         config
             .egress
@@ -300,5 +305,47 @@ impl Config {
             origin: origin.to_string(),
             problems,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_config_shown_hides_passwords_and_health_check_payloads() {
+        let text = r#"(routes: [(name: "r", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:6379")],
+            health: (check: (send: "AUTH s3cret\r\nPING\r\n", expect: "+PONG"))),
+            (name: "c", listen: "127.0.0.1:0", protocol: HttpConnect,
+            connect: (auth: [(user: "u", password: "p4ss")], allow_ports: [443]))])"#;
+        let shown = Config::parse(text, "test").unwrap().to_ron();
+        assert!(!shown.contains("s3cret") && !shown.contains("p4ss"), "{shown}");
+        assert!(shown.contains(HIDDEN) && shown.contains("+PONG"), "{shown}");
+    }
+
+    #[test]
+    fn the_status_page_is_for_loopback_unless_the_file_says_otherwise() {
+        let route = r#"routes: [(name: "r", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")])]"#;
+        let settings = |extra: &str| {
+            Config::parse(&format!("({extra} {route})"), "test")
+                .unwrap()
+                .validate()
+                .unwrap()
+        };
+        let default = settings("");
+        for (client, admitted) in [
+            ("127.0.0.1", true),
+            ("::1", true),
+            ("::ffff:127.0.0.5", true),
+            ("198.18.0.1", false),
+        ] {
+            assert_eq!(
+                default.status_allow.admits(client.parse().unwrap()),
+                admitted,
+                "{client}"
+            );
+        }
+        let open = settings(r#"status_allow: ["0.0.0.0/0", "::/0"],"#);
+        assert!(open.status_allow.admits("198.18.0.1".parse().unwrap()));
     }
 }

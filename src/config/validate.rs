@@ -114,9 +114,19 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         _ => None,
     };
     listeners_apart(config, status_tcp, &mut p);
-    let status_allow = ClientAcl {
-        allow: cidrs("status_allow", &config.status_allow, &mut p),
-        deny: Vec::new(),
+    // Loopback only unless the file says otherwise: the page, /metrics and /config describe
+    // the whole relay, and a wider audience is an explicit choice.
+    let status_allow = match config.status_allow.is_empty() {
+        true => ClientAcl {
+            allow: ["127.0.0.0/8", "::1/128"]
+                .map(|net| net.parse().expect("a CIDR"))
+                .to_vec(),
+            deny: Vec::new(),
+        },
+        false => ClientAcl {
+            allow: cidrs("status_allow", &config.status_allow, &mut p),
+            deny: Vec::new(),
+        },
     };
     if p.0.is_empty() {
         Ok(Settings {

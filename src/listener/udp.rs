@@ -138,7 +138,7 @@ impl UdpListener {
         // A new flow needs room under max_flows, the descriptor budget and max_connections;
         // a datagram does not wait in line.
         let passes = self.context.has_room().then(|| {
-            let gates = std::iter::once(&self.room).chain(&self.context.gates);
+            let gates = std::iter::once(&self.room).chain(self.context.gates());
             gates.map(|g| g.try_enter()).collect::<Option<Vec<_>>>()
         });
         let passes = passes.flatten();

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::balancer::{BalancerHandle, Pick};
 use crate::config::Route;
 use crate::dialer::DialerHandle;
+use crate::limits::{Gate, Pass};
 use crate::shutdown::Signal;
 use crate::stats::Stats;
 
@@ -37,8 +38,10 @@ pub(crate) struct RouteParts {
     pub dial_failures: crate::logging::Squelch,
     /// The relay's Prometheus metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
-    /// The route's `max_connections`, and the relay's.
-    pub gates: Vec<Arc<crate::limits::Gate>>,
+    /// The route's own `max_connections`,
+    pub route_gate: Option<Arc<Gate>>,
+    /// and the relay's.
+    pub relay_gate: Option<Arc<Gate>>,
     /// With `sni`: the routes its names pick, set once every route exists.
     pub sni_targets: std::sync::OnceLock<SniTargets>,
 }
@@ -58,31 +61,58 @@ impl SniTargets {
 }
 
 impl RouteContext {
-    /// True when the route's allow/deny lists let `client` in. A refusal is counted, and
-    /// logged at most once a second for the route.
-    pub fn admits(&self, client: SocketAddr) -> bool {
-        let trusted = (self.route.accept_proxy.as_ref()).is_none_or(|a| a.trusted.admits(client.ip()));
-        if trusted && self.route.clients.admits(client.ip()) {
+    /// True when a connection from `peer` may be taken: the route's allow/deny lists judge
+    /// it, except behind a PROXY header, where only the proxy is judged here (it must be
+    /// `trusted`) and the lists judge the client its header names ([`Self::admits_client`]).
+    /// A refusal is counted, and logged at most once a second for the route.
+    pub fn admits(&self, peer: SocketAddr) -> bool {
+        let admitted = match &self.route.accept_proxy {
+            Some(accept) => accept.trusted.admits(peer.ip()),
+            None => self.route.clients.admits(peer.ip()),
+        };
+        if admitted {
             return true;
         }
         self.metrics.client_refused(&self.route_name);
         if let Some(held) = self.refusals.admit() {
-            log::warn!(route = &*self.route_name, client:% = client, held_back = held;
+            log::warn!(route = &*self.route_name, client:% = peer, held_back = held;
                 "client refused by the route's allow/deny lists");
         }
         false
     }
 
+    /// True when the route's allow/deny lists let `client` in, once a session knows who it is:
+    /// the client a PROXY header named, or one another route (`sni`) hands on. A refusal is
+    /// counted; the session's own line (`end=client_refused`) says it.
+    pub fn admits_client(&self, client: SocketAddr) -> bool {
+        let admitted = self.route.clients.admits(client.ip());
+        if !admitted {
+            self.metrics.client_refused(&self.route_name);
+        }
+        admitted
+    }
+
+    /// The route's session caps, its own then the relay's.
+    pub fn gates(&self) -> impl Iterator<Item = &Arc<Gate>> {
+        self.route_gate.iter().chain(&self.relay_gate)
+    }
+
     /// Passes through the route's and the relay's session caps, waiting up to the route's
-    /// `queue_timeout` for room (`wait`), or at once; `None` when there was none.
-    pub async fn passes(&self, wait: bool) -> Option<Vec<crate::limits::Pass>> {
-        let mut passes = Vec::with_capacity(self.gates.len());
-        for gate in &self.gates {
-            let pass = match wait {
-                true => gate.enter(self.route.queue_timeout).await,
-                false => gate.try_enter(),
-            };
-            passes.push(pass?);
+    /// `queue_timeout` for room; `None` when there was none.
+    pub async fn passes(&self) -> Option<Vec<Pass>> {
+        self.enter(self.gates()).await
+    }
+
+    /// A pass through the route's own cap only: for a session another route accepted (and
+    /// counted against the relay's cap) and hands on to this one.
+    pub async fn route_passes(&self) -> Option<Vec<Pass>> {
+        self.enter(self.route_gate.iter()).await
+    }
+
+    async fn enter(&self, gates: impl Iterator<Item = &Arc<Gate>>) -> Option<Vec<Pass>> {
+        let mut passes = Vec::with_capacity(2);
+        for gate in gates {
+            passes.push(gate.enter(self.route.queue_timeout).await?);
         }
         Some(passes)
     }

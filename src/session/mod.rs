@@ -56,8 +56,8 @@ pub enum SessionEnd {
     /// left (`no healthy backend`, `egress up1 down: carrier lost on up1`, ...).
     NoBackend { tried: usize, why: String },
     /// A CONNECT request was answered with this status and not served (0: the client left
-    /// before its request was complete).
-    Refused(u16),
+    /// before its request was complete), and why (the target it named, what was wrong).
+    Refused { status: u16, why: String },
     /// The route (or the relay) was at `max_connections` for the whole `queue_timeout`.
     QueueTimeout,
     /// The route routes by TLS server name, and this connection's ClientHello named none it
@@ -66,6 +66,9 @@ pub enum SessionEnd {
     /// The route reads PROXY protocol headers, and this connection sent none that was valid
     /// in time.
     BadProxyHeader(String),
+    /// The client a PROXY header named, or the one an `sni` route handed on, is refused by the
+    /// allow/deny lists of the route that was to serve it.
+    ClientRefused,
     /// The relay's drain deadline passed while the session was still live.
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
@@ -177,8 +180,13 @@ impl Session {
         self.report.peer
     }
 
-    /// From here on the session is `target`'s (an `sni` route handing it on).
+    /// From here on the session is `target`'s (an `sni` route handing it on): counted as
+    /// handed on by the route that took it, and as opened by `target`, so that each route's
+    /// sessions open and end under its own name.
     fn hand_to(&mut self, target: &RouteContext) {
+        self.ctx
+            .metrics
+            .session_handed(&self.ctx.route_name, &target.route_name);
         self.ctx = target.clone();
         self.report.route = target.route_name.clone();
     }
@@ -257,7 +265,7 @@ where
             route: &report.route,
             reason: report.end.word(),
             refused: match report.end {
-                SessionEnd::Refused(status) => Some(status),
+                SessionEnd::Refused { status, .. } => Some(status),
                 _ => None,
             },
             lasted: report.duration,
@@ -281,9 +289,10 @@ impl SessionEnd {
             SessionEnd::Failed(Direction::Up, _) => "backend_went_away",
             SessionEnd::Failed(Direction::Down, _) => "client_went_away",
             SessionEnd::NoBackend { .. } => "no_backend",
-            SessionEnd::Refused(_) => "refused",
+            SessionEnd::Refused { .. } => "refused",
             SessionEnd::QueueTimeout => "queue_timeout",
             SessionEnd::BadProxyHeader(_) => "bad_proxy_header",
+            SessionEnd::ClientRefused => "client_refused",
             SessionEnd::NoRouteForName(_) => "no_route_for_name",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
@@ -299,7 +308,7 @@ impl SessionEnd {
                 None => e.to_string(),
             }),
             SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
-            SessionEnd::Refused(status) => Some(format!("status {status}")),
+            SessionEnd::Refused { status, why } => Some(format!("status {status}: {why}")),
             SessionEnd::Panicked(what) | SessionEnd::BadProxyHeader(what) | SessionEnd::NoRouteForName(what) => {
                 Some(what.clone())
             }
@@ -333,9 +342,10 @@ pub(crate) fn errno_name(e: &std::io::Error) -> Option<&'static str> {
 fn log_end(r: &SessionReport, route: &RouteContext) {
     let level = match r.end {
         SessionEnd::NoBackend { .. }
-        | SessionEnd::Refused(_)
+        | SessionEnd::Refused { .. }
         | SessionEnd::QueueTimeout
         | SessionEnd::BadProxyHeader(_)
+        | SessionEnd::ClientRefused
         | SessionEnd::NoRouteForName(_) => log::Level::Warn,
         _ => log::Level::Info,
     };

@@ -51,28 +51,55 @@ impl Session {
     }
 
     /// The PROXY header and the server name, when the route reads them, then the serving.
+    /// Whatever route a connection ends up on, the policies of each route it passes hold: it
+    /// is counted against the caps of the route that took it from its first byte (a
+    /// connection still sending its header is load too), judged by the lists of the route
+    /// that serves it, and counted against that route's cap as well.
     async fn tcp<S>(&mut self, client: &mut S) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
+        // Under max_connections, a connection waits in line (bounded) before any work.
+        let Some(_passes) = self.ctx.passes().await else {
+            return SessionEnd::QueueTimeout;
+        };
         // A proxy in front says who the client is, before anything else happens.
         let (named, early) = match self.read_proxy(client).await {
             Ok(found) => found,
             Err(why) => return SessionEnd::BadProxyHeader(why),
         };
-        // The client the proxy named is the client, everywhere from here on.
+        // The client the proxy named is the client, everywhere from here on, and the one the
+        // route's lists judge (the listener judged only the proxy).
         if let Some((named, _)) = named {
             self.report.peer = named;
         }
-        let Some(sni) = &self.ctx.route.sni else {
+        if self.ctx.route.accept_proxy.is_some() && !self.ctx.admits_client(self.peer()) {
+            return SessionEnd::ClientRefused;
+        }
+        if self.ctx.route.sni.is_none() {
             return self.serve_tcp(client, named, early).await;
-        };
-        // By TLS server name: the route the name picks serves the connection, with the
-        // ClientHello read replayed to its backend first.
-        // Boxed: reading the hello needs a buffer of 2 KiB that no session should carry
-        // for its whole life (and a route without `sni` never allocates it).
-        let hello = Box::pin(crate::proto::read_client_hello(client));
-        let hello = rt::timeout(sni.timeout, hello).await;
+        }
+        // Boxed: a route without `sni` carries none of this phase's state, and one with it
+        // only while it reads the name.
+        Box::pin(self.by_name(client, named, early)).await
+    }
+
+    /// By TLS server name: the route the name picks serves the connection, with the
+    /// ClientHello read replayed to its backend first.
+    async fn by_name<S>(&mut self, client: &mut S, named: Option<crate::proto::Named>, early: Vec<u8>) -> SessionEnd
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + Any,
+    {
+        let timeout = self
+            .ctx
+            .route
+            .sni
+            .as_ref()
+            .expect("a route that routes by name")
+            .timeout;
+        // Boxed too: reading the hello needs a buffer of 2 KiB that the session should not
+        // carry once it has the name.
+        let hello = rt::timeout(timeout, Box::pin(crate::proto::read_client_hello(client))).await;
         let picked = match hello {
             Some(Ok((name, hello))) => match self.ctx.sni_targets.get().and_then(|t| t.pick(name.as_deref())) {
                 Some(target) => Ok((target.clone(), hello)),
@@ -82,31 +109,29 @@ impl Session {
                 }),
             },
             Some(Err(why)) => Err(why),
-            None => Err(format!(
-                "no ClientHello within {}",
-                humantime::format_duration(sni.timeout)
-            )),
+            None => Err(format!("no ClientHello within {}", humantime::format_duration(timeout))),
         };
-        match picked {
-            Ok((target, hello)) => {
-                self.hand_to(&target);
-                let early = [early, hello].concat();
-                Box::pin(self.serve_tcp(client, named, early)).await
-            }
-            Err(why) => SessionEnd::NoRouteForName(why),
+        let (target, hello) = match picked {
+            Ok(picked) => picked,
+            Err(why) => return SessionEnd::NoRouteForName(why),
+        };
+        self.hand_to(&target);
+        if !self.ctx.admits_client(self.peer()) {
+            return SessionEnd::ClientRefused;
         }
+        let Some(_target_passes) = self.ctx.route_passes().await else {
+            return SessionEnd::QueueTimeout;
+        };
+        let early = [early, hello].concat();
+        self.serve_tcp(client, named, early).await
     }
 
-    /// Everything after the PROXY header (and the name): a place in line, the connect, the
-    /// relay, on this route's backends.
+    /// Everything after the PROXY header (and the name): the connect and the relay, on this
+    /// route's backends.
     async fn serve_tcp<S>(&mut self, client: &mut S, named: Option<crate::proto::Named>, early: Vec<u8>) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
-        // Under max_connections, a connection waits in line (bounded) before any work.
-        let Some(_passes) = self.ctx.passes(true).await else {
-            return SessionEnd::QueueTimeout;
-        };
         let timeout = self.ctx.route.connect_timeout;
         // Boxed, and dropped once connected: the connect phase is most of a session's
         // state, and an idle session need not carry it for its whole life.

@@ -41,7 +41,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
-        let Some(_passes) = self.ctx.passes(true).await else {
+        let Some(_passes) = self.ctx.passes().await else {
             return self.finish(SessionEnd::QueueTimeout);
         };
         let settings = (self.ctx.route.connect.as_ref()).expect("validation gives HttpConnect routes their settings");
@@ -52,15 +52,17 @@ impl Session {
             .await;
         let end = match opened {
             None => SessionEnd::Forced,
+            // Said once, by the session's line, which a flood of refusals cannot turn into a
+            // flood of lines (at most one a second for the route, the rest counted as held back).
             Some(Err(refused)) => {
-                log::warn!(route = &*self.ctx.route_name, session = self.id().0, client:% = self.peer(),
-                    target = refused.target.as_str(), status = refused.status.unwrap_or(0), why = refused.why.as_str();
-                    "connect refused");
                 if let Some(status) = refused.status {
                     let _ = client.write_all(http::refusal(status).as_bytes()).await;
                     let _ = client.close().await;
                 }
-                SessionEnd::Refused(refused.status.unwrap_or(0))
+                SessionEnd::Refused {
+                    status: refused.status.unwrap_or(0),
+                    why: format!("target {}: {}", refused.target, refused.why),
+                }
             }
             Some(Ok(mut tunnel)) => {
                 self.report.backend = Some(tunnel.target);

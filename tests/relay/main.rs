@@ -11,6 +11,7 @@ mod config;
 mod connect;
 mod daemon;
 mod dns;
+mod edge;
 mod endings;
 mod faults;
 mod haproxy;
