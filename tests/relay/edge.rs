@@ -10,32 +10,8 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 
 use futures::AsyncWriteExt;
 use harness::daemon::{Daemon, field};
-use harness::{Harness, PATIENCE, within};
+use harness::{Harness, PATIENCE, client_hello, within};
 use relayd::SessionEnd;
-
-/// A minimal TLS 1.2 ClientHello asking for `name`.
-fn client_hello(name: &str) -> Vec<u8> {
-    let n = name.as_bytes();
-    let mut sni = vec![0x00, 0x00];
-    sni.extend_from_slice(&((n.len() + 5) as u16).to_be_bytes());
-    sni.extend_from_slice(&((n.len() + 3) as u16).to_be_bytes());
-    sni.push(0x00);
-    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
-    sni.extend_from_slice(n);
-    let mut body = vec![0x03, 0x03];
-    body.extend_from_slice(&[7u8; 32]);
-    body.push(0);
-    body.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f, 0x01, 0x00]);
-    body.extend_from_slice(&(sni.len() as u16).to_be_bytes());
-    body.extend_from_slice(&sni);
-    let mut handshake = vec![0x01, 0x00];
-    handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
-    handshake.extend_from_slice(&body);
-    let mut record = vec![0x16, 0x03, 0x01];
-    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
-    record.extend_from_slice(&handshake);
-    record
-}
 
 /// `GET path` from the status listener at `addr`: the body.
 fn get(addr: SocketAddr, path: &str) -> String {

@@ -165,3 +165,30 @@ pub fn config(routes: &[String]) -> String {
 pub async fn close_write<W: futures::io::AsyncWrite + Unpin>(writer: &mut W) {
     futures::io::AsyncWriteExt::close(writer).await.expect("half-close");
 }
+
+/// A minimal TLS 1.2 ClientHello asking for `name` (one cipher suite, no compression, only the
+/// server_name extension).
+pub fn client_hello(name: &str) -> Vec<u8> {
+    let n = name.as_bytes();
+    let mut sni = vec![0x00, 0x00]; // extension type: server_name
+    let list_len = 3 + n.len();
+    sni.extend_from_slice(&((list_len + 2) as u16).to_be_bytes());
+    sni.extend_from_slice(&(list_len as u16).to_be_bytes());
+    sni.push(0x00); // host_name
+    sni.extend_from_slice(&(n.len() as u16).to_be_bytes());
+    sni.extend_from_slice(n);
+    let mut body = vec![0x03, 0x03];
+    body.extend_from_slice(&[7u8; 32]); // random
+    body.push(0); // no session id
+    body.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // one cipher suite
+    body.extend_from_slice(&[0x01, 0x00]); // no compression
+    body.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    body.extend_from_slice(&sni);
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
