@@ -192,3 +192,213 @@ mod gate_tests {
         drop(b);
     }
 }
+
+/// A route's limits on each client address (HAProxy's stick-table `conn_cur` and `conn_rate`,
+/// nginx's `limit_conn`): connections live at once, and new connections a second as a token
+/// bucket that holds `burst` and refills `per_second`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientLimits {
+    pub max_connections: Option<std::num::NonZeroU32>,
+    pub per_second: Option<std::num::NonZeroU32>,
+    pub burst: u32,
+}
+
+/// Why a client was refused by its route's [`ClientLimits`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OverLimit {
+    /// It has this many connections live, the most it may.
+    Connections(u32),
+    /// It opened connections faster than this many a second (past its burst).
+    Rate(u32),
+}
+
+impl std::fmt::Display for OverLimit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OverLimit::Connections(n) => write!(f, "{n} connections live, the most per_client allows"),
+            OverLimit::Rate(n) => write!(f, "more than {n} new connections a second (per_client)"),
+        }
+    }
+}
+
+/// One client's standing under [`PerClient`].
+struct Standing {
+    live: u32,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Standing {
+    /// The bucket refilled up to now.
+    fn refill(&mut self, limits: &ClientLimits, now: std::time::Instant) {
+        if let Some(rate) = limits.per_second {
+            let gained = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(rate.get());
+            self.tokens = (self.tokens + gained).min(f64::from(limits.burst));
+        }
+        self.at = now;
+    }
+
+    /// Nothing live and a full bucket: the same as no entry at all.
+    fn idle(&self, limits: &ClientLimits) -> bool {
+        self.live == 0 && (limits.per_second.is_none() || self.tokens >= f64::from(limits.burst))
+    }
+}
+
+/// Entries past this many are swept of idle ones before another is added: the table stays
+/// bounded by the clients that are live or were busy within a bucket's refill time.
+const SWEEP_PAST: usize = 1 << 16;
+
+/// The per-client table of a route, kept across reloads (a reload changes its limits; the
+/// connections live under it stay counted). One lock, taken once as a connection starts and
+/// once as it ends.
+pub struct PerClient {
+    state: std::sync::Mutex<(
+        Option<ClientLimits>,
+        std::collections::HashMap<std::net::IpAddr, Standing>,
+    )>,
+}
+
+/// A connection's place in its client's count; dropping it gives the place back.
+pub struct ClientPass(Option<Box<(std::sync::Arc<PerClient>, std::net::IpAddr)>>);
+
+impl PerClient {
+    pub fn new(limits: Option<ClientLimits>) -> std::sync::Arc<PerClient> {
+        std::sync::Arc::new(PerClient {
+            state: std::sync::Mutex::new((limits, Default::default())),
+        })
+    }
+
+    pub fn set_limits(&self, limits: Option<ClientLimits>) {
+        self.lock().0 = limits;
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        (
+            Option<ClientLimits>,
+            std::collections::HashMap<std::net::IpAddr, Standing>,
+        ),
+    > {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A place for a new connection of `client` (an IPv4-mapped address counts as IPv4), or
+    /// why there is none.
+    pub fn admit(self: &std::sync::Arc<Self>, client: std::net::IpAddr) -> Result<ClientPass, OverLimit> {
+        let client = client.to_canonical();
+        let mut state = self.lock();
+        let (Some(limits), clients) = &mut *state else {
+            return Ok(ClientPass(None));
+        };
+        let now = std::time::Instant::now();
+        if clients.len() >= SWEEP_PAST && !clients.contains_key(&client) {
+            clients.retain(|_, s| {
+                s.refill(limits, now);
+                !s.idle(limits)
+            });
+        }
+        let standing = clients.entry(client).or_insert(Standing {
+            live: 0,
+            tokens: f64::from(limits.burst),
+            at: now,
+        });
+        standing.refill(limits, now);
+        if let Some(max) = limits.max_connections {
+            if standing.live >= max.get() {
+                return Err(OverLimit::Connections(standing.live));
+            }
+        }
+        if let Some(rate) = limits.per_second {
+            if standing.tokens < 1.0 {
+                return Err(OverLimit::Rate(rate.get()));
+            }
+            standing.tokens -= 1.0;
+        }
+        standing.live += 1;
+        Ok(ClientPass(Some(Box::new((self.clone(), client)))))
+    }
+}
+
+impl Drop for ClientPass {
+    fn drop(&mut self) {
+        let Some(held) = self.0.take() else { return };
+        let (table, client) = *held;
+        let mut state = table.lock();
+        let (limits, clients) = &mut *state;
+        if let Some(standing) = clients.get_mut(&client) {
+            standing.live = standing.live.saturating_sub(1);
+            let gone = limits.as_ref().is_none_or(|l| {
+                standing.refill(l, std::time::Instant::now());
+                standing.idle(l)
+            });
+            if gone {
+                clients.remove(&client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod per_client_tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    #[test]
+    fn a_client_gets_its_max_connections_and_its_burst_and_no_more() {
+        let limits = ClientLimits {
+            max_connections: NonZeroU32::new(2),
+            per_second: None,
+            burst: 0,
+        };
+        let table = PerClient::new(Some(limits));
+        let (a, b) = ("192.0.2.1".parse().unwrap(), "192.0.2.2".parse().unwrap());
+        let first = table.admit(a).unwrap();
+        let _second = table.admit(a).unwrap();
+        assert_eq!(table.admit(a).err(), Some(OverLimit::Connections(2)));
+        assert!(table.admit(b).is_ok(), "another client has its own count");
+        let mapped: std::net::IpAddr = "::ffff:192.0.2.1".parse().unwrap();
+        assert!(
+            table.admit(mapped).is_err(),
+            "an IPv4-mapped address is the same client"
+        );
+        drop(first);
+        assert!(table.admit(a).is_ok(), "a place given back is taken again");
+
+        let rate = ClientLimits {
+            max_connections: None,
+            per_second: NonZeroU32::new(1),
+            burst: 3,
+        };
+        let table = PerClient::new(Some(rate));
+        for _ in 0..3 {
+            drop(table.admit(a).unwrap());
+        }
+        assert_eq!(
+            table.admit(a).err(),
+            Some(OverLimit::Rate(1)),
+            "past the burst, within the second"
+        );
+        assert!(table.admit(b).is_ok());
+        table.set_limits(None);
+        assert!(
+            table.admit(a).is_ok(),
+            "a reload that lifts the limits lifts them at once"
+        );
+    }
+
+    #[test]
+    fn the_table_forgets_a_client_with_nothing_live_and_a_full_bucket() {
+        let limits = ClientLimits {
+            max_connections: NonZeroU32::new(5),
+            per_second: None,
+            burst: 0,
+        };
+        let table = PerClient::new(Some(limits));
+        let pass = table.admit("192.0.2.1".parse().unwrap()).unwrap();
+        assert_eq!(table.lock().1.len(), 1);
+        drop(pass);
+        assert_eq!(table.lock().1.len(), 0, "no entry left behind");
+    }
+}

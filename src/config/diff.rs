@@ -160,6 +160,7 @@ fn route(out: &mut Changes, (old_cfg, old): (&Settings, &Route), (new_cfg, new):
     out.field(&at, "clients", &old.clients, &new.clients);
     out.field(&at, "max_connections", &old.max_connections, &new.max_connections);
     out.field(&at, "queue_timeout", &old.queue_timeout, &new.queue_timeout);
+    out.field(&at, "per_client", &old.per_client, &new.per_client);
     out.field(&at, "send_proxy", &old.send_proxy, &new.send_proxy);
     out.field(&at, "accept_proxy", &old.accept_proxy, &new.accept_proxy);
     out.field(&at, "sni", &old.sni, &new.sni);

@@ -240,6 +240,8 @@ pub struct RouteConfig {
     pub max_connections: Option<usize>,
     /// How long a connection waits for room under `max_connections` (default `5s`).
     pub queue_timeout: Option<String>,
+    /// Tcp and HttpConnect routes: limits on each client address.
+    pub per_client: Option<PerClientConfig>,
     /// Tcp routes: send each backend a PROXY protocol header (`V1` or `V2`) with the real
     /// client and destination addresses, before any payload.
     pub send_proxy: Option<crate::proto::ProxyVersion>,
@@ -253,6 +255,19 @@ pub struct RouteConfig {
     pub health: Option<HealthConfig>,
     /// How often backends given by host name are resolved again (default `30s`).
     pub resolve_interval: Option<String>,
+}
+
+/// Limits on each client address of a route (HAProxy's stick-table `conn_cur`/`conn_rate`,
+/// nginx's `limit_conn`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PerClientConfig {
+    /// Connections one client address may have live at once, header phase included.
+    pub max_connections: Option<u32>,
+    /// New connections one client address may open a second, on average,
+    pub per_second: Option<u32>,
+    /// and at once after a quiet spell (default: `per_second`).
+    pub burst: Option<u32>,
 }
 
 /// Routing by TLS server name.

@@ -165,6 +165,8 @@ pub struct Route {
     /// Live sessions the route serves at once, and how long a connection waits for room.
     pub max_connections: Option<NonZeroUsize>,
     pub queue_timeout: Duration,
+    /// Limits on each client address.
+    pub per_client: Option<crate::limits::ClientLimits>,
     /// The PROXY protocol header sent to backends first.
     pub send_proxy: Option<crate::proto::ProxyVersion>,
     /// The PROXY protocol header read from trusted proxies first.

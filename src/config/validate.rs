@@ -392,6 +392,7 @@ fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Probl
         listen_device: r.listen_device.clone(),
         max_connections: cap(at("max_connections"), r.max_connections, p),
         queue_timeout: p.duration(at("queue_timeout"), &r.queue_timeout, Duration::from_secs(5)),
+        per_client: per_client(r, &at, p),
         send_proxy: r.send_proxy,
         accept_proxy,
         sni: r.sni.as_ref().map(|c| sni(&at("sni"), c, r.protocol, p)),
@@ -455,6 +456,45 @@ fn cap(path: String, value: Option<usize>, p: &mut Problems) -> Option<NonZeroUs
         p.add(path, format!("{n} is outside 1..=1048576"));
     }
     ok
+}
+
+/// A route's `per_client` limits: each count in 1..=1048576, `burst` only with `per_second`.
+fn per_client(r: &RouteConfig, at: &dyn Fn(&str) -> String, p: &mut Problems) -> Option<crate::limits::ClientLimits> {
+    let c = r.per_client.as_ref()?;
+    if r.protocol == Protocol::Udp {
+        p.add(
+            at("per_client"),
+            "only Tcp and HttpConnect routes have per-client limits",
+        );
+    }
+    let mut count = |field: &str, value: Option<u32>| {
+        let n = value?;
+        let ok = std::num::NonZeroU32::new(n).filter(|n| n.get() <= 1 << 20);
+        if ok.is_none() {
+            p.add(
+                at(&format!("per_client.{field}")),
+                format!("{n} is outside 1..=1048576"),
+            );
+        }
+        ok
+    };
+    let max_connections = count("max_connections", c.max_connections);
+    let per_second = count("per_second", c.per_second);
+    let burst = count("burst", c.burst);
+    if c.burst.is_some() && c.per_second.is_none() {
+        p.add(at("per_client.burst"), "a burst needs a per_second rate");
+    }
+    if c.max_connections.is_none() && c.per_second.is_none() {
+        p.add(
+            at("per_client"),
+            "names no limit: give max_connections, per_second or both",
+        );
+    }
+    Some(crate::limits::ClientLimits {
+        max_connections,
+        per_second,
+        burst: burst.or(per_second).map_or(0, |n| n.get()),
+    })
 }
 
 /// An interface name as Linux takes it, if given.
@@ -970,5 +1010,35 @@ mod edge_tests {
         ] {
             assert!(has(&found, want), "missing {want:?} in {found:#?}");
         }
+    }
+
+    #[test]
+    fn per_client_limits_name_a_limit_in_range_on_a_stream_route() {
+        let found = problems(
+            r#"(routes: [
+                (name: "u", listen: "127.0.0.1:0", protocol: Udp, backends: [(addr: "127.0.0.1:1")], per_client: (max_connections: 5)),
+                (name: "t", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")], per_client: (max_connections: 0, burst: 9)),
+                (name: "e", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")], per_client: ()),
+            ])"#,
+        );
+        for want in [
+            "routes[0].per_client: only Tcp and HttpConnect routes have per-client limits",
+            "routes[1].per_client.max_connections: 0 is outside 1..=1048576",
+            "routes[1].per_client.burst: a burst needs a per_second rate",
+            "routes[2].per_client: names no limit",
+        ] {
+            assert!(has(&found, want), "missing {want:?} in {found:#?}");
+        }
+        let ok = r#"(routes: [(name: "t", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")], per_client: (max_connections: 10, per_second: 5))])"#;
+        let route = &Config::parse(ok, "test").unwrap().validate().unwrap().routes[0];
+        let limits = route.per_client.expect("limits");
+        assert_eq!(
+            (
+                limits.max_connections.map(|n| n.get()),
+                limits.per_second.map(|n| n.get()),
+                limits.burst
+            ),
+            (Some(10), Some(5), 5)
+        );
     }
 }

@@ -91,8 +91,10 @@ struct RouteEntry {
     force: Trigger,
     /// Ends the checker and resolver of the route's current settings.
     helpers: Trigger,
-    /// The route's own `max_connections`, kept across reloads.
+    /// The route's own `max_connections`, kept across reloads,
     gate: Option<Arc<limits::Gate>>,
+    /// and its table of per-client counts.
+    per_client: Arc<limits::PerClient>,
     /// Its listening socket, for the route that listens on its address after a reload.
     held: Option<listener::Held>,
 }
@@ -265,9 +267,11 @@ impl Relay {
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let gate = route.max_connections.map(|n| limits::Gate::new(n.get() as u64));
+        let per_client = limits::PerClient::new(route.per_client);
         let helpers = self.start_helpers(&route, &balancer);
         let listen = route.listen;
-        let context = self.context(route, balancer, (stop_signal, force_signal), gate.clone());
+        let caps = (gate.clone(), per_client.clone());
+        let context = self.context(route, balancer, (stop_signal, force_signal), caps);
         self.routes.push(RouteEntry {
             listen,
             context,
@@ -276,6 +280,7 @@ impl Relay {
             force,
             helpers,
             gate,
+            per_client,
             held: None,
         });
     }
@@ -286,7 +291,7 @@ impl Relay {
         route: Route,
         balancer: BalancerHandle,
         (stop, force): (Signal, Signal),
-        gate: Option<Arc<limits::Gate>>,
+        (gate, per_client): (Option<Arc<limits::Gate>>, Arc<limits::PerClient>),
     ) -> RouteContext {
         let common = &self.common;
         RouteContext::new(RouteParts {
@@ -303,6 +308,7 @@ impl Relay {
             metrics: common.metrics.clone(),
             route_gate: gate,
             relay_gate: common.gate.clone(),
+            per_client,
             sni_targets: std::sync::OnceLock::new(),
             refusals: Default::default(),
             dial_failures: Default::default(),

@@ -131,12 +131,14 @@ impl Relay {
                 let names = self.common.egress_names.clone();
                 let _ = entry.context.balancer.reconfigure(route.clone(), names).await;
                 entry.gate = gate(entry.gate.take(), route.max_connections.map(|n| n.get() as u64));
+                entry.per_client.set_limits(route.per_client);
                 // The old checker and resolver end as their trigger goes.
                 entry.helpers = self.enter_mut(|relay| relay.start_helpers(&route, &entry.context.balancer));
             }
             fresh.push(route.name.clone());
             let signals = (entry.stop.signal(), entry.force.signal());
-            entry.context = self.context(route, entry.context.balancer.clone(), signals, entry.gate.clone());
+            let caps = (entry.gate.clone(), entry.per_client.clone());
+            entry.context = self.context(route, entry.context.balancer.clone(), signals, caps);
             serve.push((at, socket.map_or(Serve::Hand, Serve::Listen)));
             self.routes.push(entry);
         }
@@ -149,7 +151,8 @@ impl Relay {
                 }
                 let (route, balancer) = ((*entry.context.route).clone(), entry.context.balancer.clone());
                 let signals = (entry.stop.signal(), entry.force.signal());
-                let context = self.context(route, balancer, signals, entry.gate.clone());
+                let caps = (entry.gate.clone(), entry.per_client.clone());
+                let context = self.context(route, balancer, signals, caps);
                 fresh.push(context.route.name.clone());
                 self.routes[at].context = context;
                 serve.push((at, Serve::Hand));

@@ -42,6 +42,8 @@ pub(crate) struct RouteParts {
     pub route_gate: Option<Arc<Gate>>,
     /// and the relay's.
     pub relay_gate: Option<Arc<Gate>>,
+    /// The route's counts of each client's connections, against its `per_client` limits.
+    pub per_client: Arc<crate::limits::PerClient>,
     /// With `sni`: the routes its names pick, set once every route exists.
     pub sni_targets: std::sync::OnceLock<SniTargets>,
 }

@@ -69,6 +69,8 @@ pub enum SessionEnd {
     /// The client a PROXY header named, or the one an `sni` route handed on, is refused by the
     /// allow/deny lists of the route that was to serve it.
     ClientRefused,
+    /// The client is over the route's `per_client` limits.
+    ClientLimited(crate::limits::OverLimit),
     /// The relay's drain deadline passed while the session was still live.
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
@@ -191,6 +193,14 @@ impl Session {
         self.report.route = target.route_name.clone();
     }
 
+    /// The client's place under the route's `per_client` limits, held for the session's life.
+    fn client_pass(&self) -> Result<crate::limits::ClientPass, SessionEnd> {
+        self.ctx
+            .per_client
+            .admit(self.peer().ip())
+            .map_err(SessionEnd::ClientLimited)
+    }
+
     /// The session's report, ended by `end`: the one place a report is completed. The task
     /// around the session counts and logs it ([`spawned`]).
     fn finish(self, end: SessionEnd) -> SessionReport {
@@ -293,6 +303,7 @@ impl SessionEnd {
             SessionEnd::QueueTimeout => "queue_timeout",
             SessionEnd::BadProxyHeader(_) => "bad_proxy_header",
             SessionEnd::ClientRefused => "client_refused",
+            SessionEnd::ClientLimited(_) => "client_limited",
             SessionEnd::NoRouteForName(_) => "no_route_for_name",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
@@ -308,6 +319,7 @@ impl SessionEnd {
                 None => e.to_string(),
             }),
             SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
+            SessionEnd::ClientLimited(over) => Some(over.to_string()),
             SessionEnd::Refused { status, why } => Some(format!("status {status}: {why}")),
             SessionEnd::Panicked(what) | SessionEnd::BadProxyHeader(what) | SessionEnd::NoRouteForName(what) => {
                 Some(what.clone())
@@ -346,6 +358,7 @@ fn log_end(r: &SessionReport, route: &RouteContext) {
         | SessionEnd::QueueTimeout
         | SessionEnd::BadProxyHeader(_)
         | SessionEnd::ClientRefused
+        | SessionEnd::ClientLimited(_)
         | SessionEnd::NoRouteForName(_) => log::Level::Warn,
         _ => log::Level::Info,
     };

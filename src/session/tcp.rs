@@ -59,6 +59,16 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
+        // A client over its own limits takes no place in line. Behind a PROXY header they
+        // judge the client the header names, once it is read.
+        let proxied = self.ctx.route.accept_proxy.is_some();
+        let mut _client = match proxied {
+            true => None,
+            false => match self.client_pass() {
+                Ok(pass) => Some(pass),
+                Err(end) => return end,
+            },
+        };
         // Under max_connections, a connection waits in line (bounded) before any work.
         let Some(_passes) = self.ctx.passes().await else {
             return SessionEnd::QueueTimeout;
@@ -73,8 +83,14 @@ impl Session {
         if let Some((named, _)) = named {
             self.report.peer = named;
         }
-        if self.ctx.route.accept_proxy.is_some() && !self.ctx.admits_client(self.peer()) {
-            return SessionEnd::ClientRefused;
+        if proxied {
+            if !self.ctx.admits_client(self.peer()) {
+                return SessionEnd::ClientRefused;
+            }
+            match self.client_pass() {
+                Ok(pass) => _client = Some(pass),
+                Err(end) => return end,
+            }
         }
         if self.ctx.route.sni.is_none() {
             return self.serve_tcp(client, named, early).await;
@@ -119,6 +135,10 @@ impl Session {
         if !self.ctx.admits_client(self.peer()) {
             return SessionEnd::ClientRefused;
         }
+        let _client = match self.client_pass() {
+            Ok(pass) => pass,
+            Err(end) => return end,
+        };
         let Some(_target_passes) = self.ctx.route_passes().await else {
             return SessionEnd::QueueTimeout;
         };

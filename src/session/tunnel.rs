@@ -41,6 +41,10 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
+        let _client = match self.client_pass() {
+            Ok(pass) => pass,
+            Err(end) => return self.finish(end),
+        };
         let Some(_passes) = self.ctx.passes().await else {
             return self.finish(SessionEnd::QueueTimeout);
         };

@@ -217,3 +217,87 @@ fn the_status_listener_serves_at_most_64_clients_at_once() {
     }
     assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
 }
+
+/// A TCP client of `relay` from `from` (a loopback address of its own).
+fn connect_from(from: &str, relay: SocketAddr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&format!("{from}:0").parse::<SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.connect(&relay.into()).unwrap();
+    let stream = TcpStream::from(socket);
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+}
+
+#[test]
+fn one_client_holding_half_sent_heads_cannot_take_every_place() {
+    let daemon = Daemon::spawn(
+        &[],
+        r#"(routes: [(name: "c", listen: "127.0.0.1:0", protocol: HttpConnect, per_client: (max_connections: 4),
+            connect: (allow_ports: [443], allow_cidrs: ["198.18.0.0/15"]))])"#,
+    );
+    let proxy = daemon.listening("c");
+    // Four half-sent heads from one address hold its four places,
+    let mut held: Vec<TcpStream> = (0..4).map(|_| connect_from("127.0.0.1", proxy)).collect();
+    for c in &mut held {
+        c.write_all(b"CONNECT 198.18.0.1:443 HTTP/1.1\r\n").unwrap();
+    }
+    // so a fifth is closed at once, and its session line says why,
+    let mut fifth = connect_from("127.0.0.1", proxy);
+    assert_eq!(fifth.read(&mut [0u8; 64]).unwrap_or(0), 0, "closed");
+    let line = daemon
+        .wait_for(|l| field(l, "end") == Some("client_limited"))
+        .expect("the refusal is logged");
+    assert!(
+        field(&line, "why").unwrap_or_default().contains("4 connections live"),
+        "{line}"
+    );
+    // while another address is not held up by them: its request is answered (403 here).
+    let mut other = connect_from("127.0.0.2", proxy);
+    other.write_all(b"CONNECT 198.18.0.1:22 HTTP/1.1\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    let _ = other.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    drop(held);
+    daemon.stop();
+}
+
+#[async_std::test]
+async fn a_client_over_its_connection_rate_is_refused_and_others_are_not() {
+    // A backend that closes each connection at once, so that a served session ends.
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = backend.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in backend.incoming().take(8) {
+            drop(stream);
+        }
+    });
+    let h = Harness::start(&format!(
+        r#"(routes: [(name: "r", listen: "127.0.0.1:0", per_client: (per_second: 1, burst: 3), backends: [(addr: "{addr}")])])"#
+    ));
+    let session = |peer: &str| {
+        let (client, relay_side) = relayd::Conn::pair().unwrap();
+        let session = h.relay().inject("r", relay_side, peer.parse().unwrap()).unwrap();
+        (client, session)
+    };
+    // Three at once (the burst) are taken; the fourth within the second is not.
+    let held: Vec<_> = (0..3).map(|_| session("192.0.2.7:1000")).collect();
+    let (_client, over) = session("192.0.2.7:1001");
+    let report = within(over).await;
+    assert!(
+        matches!(
+            report.end,
+            SessionEnd::ClientLimited(relayd::limits::OverLimit::Rate(1))
+        ),
+        "{:?}",
+        report.end
+    );
+    // Another client has a bucket of its own.
+    let (_client, other) = session("192.0.2.8:1000");
+    drop(_client);
+    let report = within(other).await;
+    assert!(!matches!(report.end, SessionEnd::ClientLimited(_)), "{:?}", report.end);
+    drop(held);
+    assert_eq!(within(h.shutdown()).await.forced, 0);
+}
