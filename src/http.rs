@@ -29,8 +29,11 @@ pub async fn read_request_head<S: AsyncRead + Unpin>(
 ) -> Result<(Vec<u8>, usize), HeadError> {
     let mut buf = Vec::with_capacity(max.min(1024));
     let mut chunk = [0u8; 2048];
+    // Empty lines before the request line, which a server ignores (RFC 9112, 2.2): dropped as
+    // they come, but counted against `max`.
+    let mut skipped = 0;
     loop {
-        let room = max.saturating_sub(buf.len()).min(chunk.len());
+        let room = max.saturating_sub(buf.len() + skipped).min(chunk.len());
         if room == 0 {
             return Err(HeadError::TooLarge);
         }
@@ -41,11 +44,16 @@ pub async fn read_request_head<S: AsyncRead + Unpin>(
         if n == 0 {
             return Err(HeadError::Closed(None));
         }
+        let mut new = &chunk[..n];
+        if buf.is_empty() {
+            let blank = new.iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+            (new, skipped) = (&new[blank..], skipped + blank);
+        }
         // Only the new bytes (and the three before them) can complete the head: the head is
         // parsed once, when its blank line has come, so a head trickled a byte at a time costs
-        // time linear in its size.
+        // time linear in its size (leading empty lines never reach the buffer).
         let from = buf.len().saturating_sub(3);
-        buf.extend_from_slice(&chunk[..n]);
+        buf.extend_from_slice(new);
         let tail = &buf[from..];
         let ended = tail.windows(3).any(|w| w == b"\n\r\n") || tail.windows(2).any(|w| w == b"\n\n");
         if !ended {
@@ -344,5 +352,20 @@ pub(crate) mod tests {
             crate::rt::block_on(read_request_head(&mut bare, 1024)).is_ok(),
             "LF-only heads end too"
         );
+    }
+
+    #[test]
+    fn empty_lines_before_the_request_line_are_skipped_as_they_come_and_count_against_the_limit() {
+        let request = "CONNECT a.test:443 HTTP/1.1\r\nHost: a.test\r\n\r\nearly";
+        let leading = "\r\n".repeat(20_000);
+        let mut client = Trickle(format!("{leading}{request}").bytes().collect());
+        let (buf, len) = crate::rt::block_on(read_request_head(&mut client, 65536)).expect("a whole head");
+        assert!(buf.starts_with(b"CONNECT"), "the empty lines never reached the buffer");
+        assert_eq!(parse_connect(&buf[..len]).unwrap().host, "a.test");
+        let mut flood = Trickle("\r\n".repeat(40_000).bytes().collect());
+        assert!(matches!(
+            crate::rt::block_on(read_request_head(&mut flood, 65536)),
+            Err(HeadError::TooLarge)
+        ));
     }
 }

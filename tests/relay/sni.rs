@@ -154,19 +154,31 @@ fn openssl_clients_reach_the_tls_server_their_name_picks() {
         ])"#,
         ports[0], ports[1], ports[2]
     ));
+    // Hellos of several shapes, as a client library makes them: TLS 1.2 only, TLS 1.3 only,
+    // key shares for several groups (a larger hello), every cipher and no ticket.
+    let shapes: [&[&str]; 5] = [
+        &[],
+        &["-tls1_2"],
+        &["-tls1_3"],
+        &["-groups", "P-521:X448:P-384:X25519"],
+        &["-cipher", "ALL", "-no_ticket"],
+    ];
     for (name, cn) in [
         ("a.test", "a.test"),
         ("www.b.test", "www.b.test"),
         ("elsewhere.test", "default.test"),
     ] {
-        let out = run(std::process::Command::new("timeout")
-            .args(["20", "openssl", "s_client", "-connect"])
-            .arg(h.addr("tls").to_string())
-            .args(["-servername", name]));
-        assert!(
-            out.contains(&format!("CN = {cn}")),
-            "{name}: expected the {cn} server:\n{out}"
-        );
+        for shape in shapes {
+            let out = run(std::process::Command::new("timeout")
+                .args(["20", "openssl", "s_client", "-connect"])
+                .arg(h.addr("tls").to_string())
+                .args(["-servername", name])
+                .args(shape));
+            assert!(
+                out.contains(&format!("CN = {cn}")),
+                "{name} {shape:?}: expected the {cn} server:\n{out}"
+            );
+        }
     }
     drop(servers);
     let _ = std::fs::remove_dir_all(&dir);
