@@ -261,6 +261,13 @@ pub struct PerClient {
 /// A connection's place in its client's count; dropping it gives the place back.
 pub struct ClientPass(Option<Box<(std::sync::Arc<PerClient>, std::net::IpAddr)>>);
 
+impl ClientPass {
+    /// The place of a connection on a route without per-client limits: nothing to count.
+    pub fn unlimited() -> ClientPass {
+        ClientPass(None)
+    }
+}
+
 impl PerClient {
     pub fn new(limits: Option<ClientLimits>) -> std::sync::Arc<PerClient> {
         std::sync::Arc::new(PerClient {

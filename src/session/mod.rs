@@ -195,10 +195,12 @@ impl Session {
 
     /// The client's place under the route's `per_client` limits, held for the session's life.
     fn client_pass(&self) -> Result<crate::limits::ClientPass, SessionEnd> {
-        self.ctx
-            .per_client
-            .admit(self.peer().ip())
-            .map_err(SessionEnd::ClientLimited)
+        if self.ctx.route.per_client.is_none() {
+            // No lock taken on a route without limits: most routes, every connection.
+            return Ok(crate::limits::ClientPass::unlimited());
+        }
+        let admitted = self.ctx.per_client.admit(self.peer().ip());
+        admitted.map_err(SessionEnd::ClientLimited)
     }
 
     /// The session's report, ended by `end`: the one place a report is completed. The task
