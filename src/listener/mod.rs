@@ -45,6 +45,16 @@ impl Bound {
 }
 
 impl Held {
+    /// Stops a TCP socket listening while keeping its address (shutdown(SHUT_RD) on a listening
+    /// socket, as HAProxy pauses a listener): new connections are refused at once, and
+    /// [`Held::bound`] makes it listen again. A UDP socket cannot pause: an error.
+    pub fn pause(&self) -> io::Result<()> {
+        match self {
+            Held::Tcp(socket) => socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Read),
+            Held::Udp(_) => Err(io::ErrorKind::Unsupported.into()),
+        }
+    }
+
     /// The held socket, ready for `route`'s listener (a TCP socket takes its backlog).
     pub fn bound(&self, route: &Route) -> io::Result<Bound> {
         match self {
@@ -169,6 +179,8 @@ impl Listener {
                 Err(e) if is_transient(&e) => {
                     log::debug!(route = &*route, err:% = e; "accept: connection gone before it was taken");
                 }
+                // The relay paused the socket: its route was removed, and its stop is on the way.
+                Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
                 Err(e) => {
                     if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) {
                         self.context.budget.refresh();

@@ -76,6 +76,10 @@ pub struct Relay {
     watcher: Option<(Trigger, Vec<(EgressId, Egress)>)>,
     /// To the status listener: a reload's pages.
     pages: Option<Slot<Arc<Pages>>>,
+    /// The listening sockets of TCP routes a reload removed, paused (bound, refusing) for a
+    /// grace time, so that a reload soon after that listens there again takes one over
+    /// instead of racing the old listener for the address.
+    released: Vec<(Route, std::sync::Weak<listener::Held>)>,
 }
 
 /// A route as the relay keeps it across reloads: by its name.
@@ -196,6 +200,7 @@ impl Relay {
             balancers,
             watcher: None,
             pages: None,
+            released: Vec::new(),
         };
         relay.watch_egresses(&settings.routes);
         let mut serve = Vec::new();

@@ -86,8 +86,15 @@ impl Relay {
                         (routes.iter()).any(|r| r.name == e.context.route.name && same_socket(&e.context.route, r));
                     route.listen.port() != 0 && same_socket(&e.context.route, route) && !stays
                 };
-                let donor = self.routes.iter().find(leaves)?;
-                self.enter(|| donor.held.as_ref()?.bound(route).ok())
+                let donor = self.routes.iter().find(leaves).and_then(|e| e.held.as_ref());
+                let paused = || {
+                    let (_, held) = (self.released.iter()).find(|(old, _)| same_socket(old, route))?;
+                    held.upgrade()
+                };
+                match donor {
+                    Some(held) => self.enter(|| held.bound(route).ok()),
+                    None => self.enter(|| paused()?.bound(route).ok()),
+                }
             };
             sockets.push(match kept {
                 true => None,
@@ -109,7 +116,11 @@ impl Relay {
         let (kept, removed): (Vec<_>, Vec<_>) =
             (old.drain(..)).partition(|e| routes.iter().any(|r| r.name == *e.context.route_name));
         for entry in removed {
-            self.enter_mut(|relay| relay.retire(entry));
+            // A route that now listens on its address has its socket already (a rename, a
+            // move): that one must not be paused.
+            let old = &entry.context.route;
+            let handed = old.listen.port() != 0 && routes.iter().any(|r| same_socket(old, r));
+            self.enter_mut(|relay| relay.retire(entry, handed));
         }
         let mut kept: Vec<Option<RouteEntry>> = kept.into_iter().map(Some).collect();
         let (mut serve, mut fresh) = (Vec::new(), Vec::new());
@@ -183,13 +194,35 @@ impl Relay {
 
     /// A removed route: its listener, checker and resolver stop now and its UDP flows wind
     /// down (the triggers dropped with the entry); its live sessions have the drain deadline.
-    fn retire(&mut self, entry: RouteEntry) {
-        let RouteEntry { force, .. } = entry;
+    /// A TCP route's listening socket, unless `handed` to a route of the new config, is paused
+    /// (it refuses new connections at once) and kept for [`RELEASE_GRACE`], for a route that
+    /// a reload soon after puts on its address.
+    fn retire(&mut self, entry: RouteEntry, handed: bool) {
+        let RouteEntry {
+            force, held, context, ..
+        } = entry;
         let (relay_force, deadline) = (self.common.force.clone(), self.drain_timeout);
         self.tasks.push(rt::spawn(async move {
             relay_force.unless(rt::sleep(deadline)).await;
             drop(force);
         }));
+        self.released.retain(|(_, held)| held.strong_count() > 0);
+        // (A route on port 0 has no address another could ask for again.)
+        let keep = !handed && context.route.listen.port() != 0;
+        if let Some(held) = held.filter(|h| keep && matches!(h, listener::Held::Tcp(_))) {
+            if let Err(e) = held.pause() {
+                log::debug!(route = &*context.route_name, err:% = e; "a removed route's socket could not be paused");
+                return;
+            }
+            let held = std::sync::Arc::new(held);
+            self.released
+                .push(((*context.route).clone(), std::sync::Arc::downgrade(&held)));
+            let relay_force = self.common.force.clone();
+            rt::detach(async move {
+                relay_force.unless(rt::sleep(RELEASE_GRACE)).await;
+                drop(held);
+            });
+        }
     }
 
     fn enter_mut<T>(&mut self, f: impl FnOnce(&mut Self) -> T) -> T {
@@ -202,6 +235,9 @@ impl Relay {
         out
     }
 }
+
+/// How long a removed route's paused socket is kept for a route that listens there again.
+const RELEASE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A route's gate after a reload: the same one with its new max (live passes stay valid), a
 /// new one, or none.

@@ -406,3 +406,29 @@ async fn a_udp_route_keeps_its_worker_sockets_and_takes_a_new_max_flows_on_every
     assert_eq!(seen.len(), 12, "every new flow on the new backend");
     assert_eq!(h.shutdown().await.forced, 0);
 }
+
+#[async_std::test]
+async fn a_route_removed_and_put_back_at_once_refuses_in_between_and_serves_after() {
+    let (a, b) = (Backend::named_echo("a").await, Backend::named_echo("b").await);
+    let port = free_port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let with =
+        |backend: SocketAddr| format!(r#"(routes: [(name: "r", listen: "{addr}", backends: [(addr: "{backend}")])])"#);
+    let empty = format!(
+        r#"(routes: [(name: "other", listen: "127.0.0.1:0", backends: [(addr: "{}")])])"#,
+        a.addr
+    );
+    let mut h = Harness::start(&with(a.addr));
+    assert_eq!(reached(addr, 1).await, ["a"]);
+    for _ in 0..10 {
+        // Removed: a client is refused at once (the socket is paused, not left to a backlog).
+        h.reload(&empty).await.unwrap();
+        let refused = TcpStream::connect(addr).await.map(drop).map_err(|e| e.kind());
+        assert_eq!(refused, Err(std::io::ErrorKind::ConnectionRefused));
+        // Put back at once: the reload takes the address again, and serves on it.
+        h.reload(&with(b.addr)).await.expect("the address is taken again");
+        assert_eq!(reached(addr, 1).await, ["b"]);
+        h.reload(&with(a.addr)).await.unwrap();
+    }
+    assert_eq!(h.shutdown().await.forced, 0);
+}
