@@ -49,15 +49,46 @@ pub fn session_cap(soft: u64) -> u64 {
 #[derive(Debug)]
 pub struct Budget {
     cap: std::sync::atomic::AtomicU64,
+    /// Sessions still reading what comes before their relay (a PROXY header, a ClientHello, a
+    /// CONNECT head): at most half the cap, so that slow or silent clients cannot hold every
+    /// place the descriptors allow.
+    preludes: std::sync::atomic::AtomicU64,
+}
+
+/// A session's place among those still in their prelude; dropping it gives it back.
+pub struct PreludePass(std::sync::Arc<Budget>);
+
+impl Drop for PreludePass {
+    fn drop(&mut self) {
+        self.0.preludes.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Budget {
     pub fn new() -> Self {
         let budget = Budget {
             cap: std::sync::atomic::AtomicU64::new(0),
+            preludes: std::sync::atomic::AtomicU64::new(0),
         };
         budget.refresh();
         budget
+    }
+
+    /// The most sessions that may be in their prelude at once.
+    pub fn prelude_cap(&self) -> u64 {
+        (self.cap() / 2).max(1)
+    }
+
+    /// A place for one more session in its prelude, while fewer than half the cap are.
+    pub fn enter_prelude(self: &std::sync::Arc<Self>) -> Option<PreludePass> {
+        use std::sync::atomic::Ordering::AcqRel;
+        let cap = self.prelude_cap();
+        (self.preludes)
+            .fetch_update(AcqRel, std::sync::atomic::Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| PreludePass(self.clone()))
     }
 
     pub fn cap(&self) -> u64 {
@@ -81,6 +112,20 @@ impl Default for Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn at_most_half_the_session_budget_reads_its_prelude_at_once() {
+        let budget = std::sync::Arc::new(Budget {
+            cap: std::sync::atomic::AtomicU64::new(8),
+            preludes: Default::default(),
+        });
+        let passes: Vec<PreludePass> = (0..4).map(|_| budget.enter_prelude().expect("room")).collect();
+        assert!(budget.enter_prelude().is_none(), "half of 8 are in their prelude");
+        drop(passes);
+        assert!(budget.enter_prelude().is_some(), "their places come back");
+        budget.cap.store(1, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(budget.prelude_cap(), 1, "never none at all");
+    }
 
     #[test]
     fn the_cap_leaves_the_reserve_and_never_reaches_zero() {

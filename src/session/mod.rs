@@ -71,6 +71,9 @@ pub enum SessionEnd {
     ClientRefused,
     /// The client is over the route's `per_client` limits.
     ClientLimited(crate::limits::OverLimit),
+    /// Half the relay's session budget (this many) was already reading what comes before the
+    /// relay (PROXY headers, ClientHellos, CONNECT heads).
+    PreludesFull(u64),
     /// The relay's drain deadline passed while the session was still live.
     Forced,
     /// The relay stopped under the session (for UDP flows: the relay's stop, after a quiet spell).
@@ -203,6 +206,14 @@ impl Session {
         admitted.map_err(SessionEnd::ClientLimited)
     }
 
+    /// A place among the sessions still reading what comes before their relay.
+    fn prelude(&self) -> Result<crate::limits::PreludePass, SessionEnd> {
+        let budget = &self.ctx.budget;
+        budget
+            .enter_prelude()
+            .ok_or_else(|| SessionEnd::PreludesFull(budget.prelude_cap()))
+    }
+
     /// The session's report, ended by `end`: the one place a report is completed. The task
     /// around the session counts and logs it ([`spawned`]).
     fn finish(self, end: SessionEnd) -> SessionReport {
@@ -306,6 +317,7 @@ impl SessionEnd {
             SessionEnd::BadProxyHeader(_) => "bad_proxy_header",
             SessionEnd::ClientRefused => "client_refused",
             SessionEnd::ClientLimited(_) => "client_limited",
+            SessionEnd::PreludesFull(_) => "preludes_full",
             SessionEnd::NoRouteForName(_) => "no_route_for_name",
             SessionEnd::Forced => "forced",
             SessionEnd::RelayStopped => "relay_stopped",
@@ -322,6 +334,7 @@ impl SessionEnd {
             }),
             SessionEnd::NoBackend { tried, why } => Some(format!("{why} ({tried} tried)")),
             SessionEnd::ClientLimited(over) => Some(over.to_string()),
+            SessionEnd::PreludesFull(cap) => Some(format!("{cap} sessions already reading their headers")),
             SessionEnd::Refused { status, why } => Some(format!("status {status}: {why}")),
             SessionEnd::Panicked(what) | SessionEnd::BadProxyHeader(what) | SessionEnd::NoRouteForName(what) => {
                 Some(what.clone())
@@ -361,6 +374,7 @@ fn log_end(r: &SessionReport, route: &RouteContext) {
         | SessionEnd::BadProxyHeader(_)
         | SessionEnd::ClientRefused
         | SessionEnd::ClientLimited(_)
+        | SessionEnd::PreludesFull(_)
         | SessionEnd::NoRouteForName(_) => log::Level::Warn,
         _ => log::Level::Info,
     };

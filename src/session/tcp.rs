@@ -73,6 +73,15 @@ impl Session {
         let Some(_passes) = self.ctx.passes().await else {
             return SessionEnd::QueueTimeout;
         };
+        // What comes before the relay (a PROXY header, a ClientHello) is read under the
+        // relay-wide cap on sessions still in that phase.
+        let mut prelude = None;
+        if proxied || self.ctx.route.sni.is_some() {
+            match self.prelude() {
+                Ok(pass) => prelude = Some(pass),
+                Err(end) => return end,
+            }
+        }
         // A proxy in front says who the client is, before anything else happens.
         let (named, early) = match self.read_proxy(client).await {
             Ok(found) => found,
@@ -93,16 +102,23 @@ impl Session {
             }
         }
         if self.ctx.route.sni.is_none() {
+            drop(prelude);
             return self.serve_tcp(client, named, early).await;
         }
         // Boxed: a route without `sni` carries none of this phase's state, and one with it
         // only while it reads the name.
-        Box::pin(self.by_name(client, named, early)).await
+        Box::pin(self.by_name(client, named, early, prelude)).await
     }
 
     /// By TLS server name: the route the name picks serves the connection, with the
     /// ClientHello read replayed to its backend first.
-    async fn by_name<S>(&mut self, client: &mut S, named: Option<crate::proto::Named>, early: Vec<u8>) -> SessionEnd
+    async fn by_name<S>(
+        &mut self,
+        client: &mut S,
+        named: Option<crate::proto::Named>,
+        early: Vec<u8>,
+        prelude: Option<crate::limits::PreludePass>,
+    ) -> SessionEnd
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + Any,
     {
@@ -116,6 +132,7 @@ impl Session {
         // Boxed too: reading the hello needs a buffer of 2 KiB that the session should not
         // carry once it has the name.
         let hello = rt::timeout(timeout, Box::pin(crate::proto::read_client_hello(client))).await;
+        drop(prelude);
         let picked = match hello {
             Some(Ok((name, hello))) => match self.ctx.sni_targets.get().and_then(|t| t.pick(name.as_deref())) {
                 Some(target) => Ok((target.clone(), hello)),

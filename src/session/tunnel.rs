@@ -48,12 +48,17 @@ impl Session {
         let Some(_passes) = self.ctx.passes().await else {
             return self.finish(SessionEnd::QueueTimeout);
         };
+        let prelude = match self.prelude() {
+            Ok(pass) => pass,
+            Err(end) => return self.finish(end),
+        };
         let settings = (self.ctx.route.connect.as_ref()).expect("validation gives HttpConnect routes their settings");
         // Boxed, as for TCP sessions, and bound before the match (a scrutinee would live on
         // through the relay): an open tunnel need not carry the request phase's state.
         let opened = (self.ctx.force)
             .unless(Box::pin(self.open_tunnel(&mut client, settings)))
             .await;
+        drop(prelude);
         let end = match opened {
             None => SessionEnd::Forced,
             // Said once, by the session's line, which a flood of refusals cannot turn into a

@@ -315,3 +315,36 @@ async fn a_client_over_its_connection_rate_is_refused_and_others_are_not() {
     assert!(!matches!(report.end, SessionEnd::ClientLimited(_)), "{:?}", report.end);
     assert_eq!(within(h.shutdown()).await.forced, 0);
 }
+
+#[async_std::test]
+async fn silent_clients_behind_a_proxy_route_cannot_hold_every_place_the_descriptors_allow() {
+    let echo = harness::backend::Backend::echo().await;
+    // 128 descriptors: a session cap of 48, half of it for sessions still reading a header.
+    let daemon = Daemon::spawn(
+        &["prlimit", "--nofile=128:128"],
+        &format!(
+            r#"(routes: [
+                (name: "p", listen: "127.0.0.1:0", accept_proxy: (trusted: ["127.0.0.1/32"], timeout: "30s"),
+                    backends: [(addr: "{0}")]),
+                (name: "plain", listen: "127.0.0.1:0", backends: [(addr: "{0}")]),
+            ])"#,
+            echo.addr
+        ),
+    );
+    let (proxied, plain) = (daemon.listening("p"), daemon.listening("plain"));
+    // More silent connections than the whole session cap, on the route that waits for headers:
+    let silent: Vec<TcpStream> = (0..60).map(|_| TcpStream::connect(proxied).unwrap()).collect();
+    daemon
+        .wait_for(|l| field(l, "end") == Some("preludes_full"))
+        .expect("the ones past half the budget are closed, and logged");
+    // the other route still has places: its client is served.
+    let mut client = TcpStream::connect(plain).unwrap();
+    client.set_read_timeout(Some(PATIENCE)).unwrap();
+    client.write_all(b"still served").unwrap();
+    client.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut got = Vec::new();
+    client.read_to_end(&mut got).unwrap();
+    assert_eq!(got, b"still served");
+    drop(silent);
+    daemon.stop();
+}
