@@ -62,7 +62,7 @@ impl Session {
         // A client over its own limits takes no place in line. Behind a PROXY header they
         // judge the client the header names, once it is read.
         let proxied = self.ctx.route.accept_proxy.is_some();
-        let mut _client = match proxied {
+        let mut _client_place = match proxied {
             true => None,
             false => match self.client_pass() {
                 Ok(pass) => Some(pass),
@@ -97,7 +97,7 @@ impl Session {
                 return SessionEnd::ClientRefused;
             }
             match self.client_pass() {
-                Ok(pass) => _client = Some(pass),
+                Ok(pass) => _client_place = Some(pass),
                 Err(end) => return end,
             }
         }
@@ -152,7 +152,7 @@ impl Session {
         if !self.ctx.admits_client(self.peer()) {
             return SessionEnd::ClientRefused;
         }
-        let _client = match self.client_pass() {
+        let _client_place = match self.client_pass() {
             Ok(pass) => pass,
             Err(end) => return end,
         };

@@ -41,7 +41,7 @@ impl Session {
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + std::any::Any,
     {
-        let _client = match self.client_pass() {
+        let _client_place = match self.client_pass() {
             Ok(pass) => pass,
             Err(end) => return self.finish(end),
         };
