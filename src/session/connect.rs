@@ -39,14 +39,15 @@ impl Session {
             let started = std::time::Instant::now();
             let e = match dial(pick).await {
                 Ok(upstream) => {
-                    (ctx.metrics).dialed(
-                        &ctx.route_name,
-                        pick.addr,
-                        &ctx.egress_name(&pick),
-                        Ok(started.elapsed()),
-                    );
-                    if proves && pick.report_success {
-                        let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
+                    // A UDP socket proves nothing: a flow counts as connected (and as a session
+                    // of its backend) once the backend answers, and as failed on its ICMP error
+                    // or silence, where the balancer hears of it too (see `udp`).
+                    if proves {
+                        let (egress, took) = (ctx.egress_name(&pick), Ok(started.elapsed()));
+                        (ctx.metrics).dialed(&ctx.route_name, pick.addr, &egress, took);
+                        if pick.report_success {
+                            let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
+                        }
                     }
                     return Ok((pick, upstream));
                 }

@@ -142,8 +142,8 @@ impl Session {
     }
 
     /// A backend that answers with an error (ICMP port unreachable: ECONNREFUSED), or not at
-    /// all within the reply timeout, is charged as a failed connect (and the flow's session on
-    /// it is no longer counted).
+    /// all within the reply timeout, is charged as a failed connect, to the balancer and in the
+    /// metrics (and the flow's session on it is no longer counted).
     async fn backend_failed(&self, pick: &Pick, flow: &Flow, e: &io::Error) {
         let ctx = &self.ctx;
         if let Some(held) = ctx.dial_failures.admit() {
@@ -151,6 +151,7 @@ impl Session {
                 egress = &*ctx.egress_name(pick), err:% = e, held_back = held; "udp backend failed");
         }
         let why = format!("udp: {e}");
+        (ctx.metrics).dialed(&ctx.route_name, pick.addr, &ctx.egress_name(pick), Err(Fault::Backend));
         let _ = ctx.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
     }
 
@@ -184,6 +185,8 @@ impl Session {
         }
         let (mut quiet, mut stopping, mut client_gone) = (ctx.route.timeouts.idle, false, false);
         let mut moved = Instant::now();
+        // From the leg's first datagram to the backend's first answer: a UDP "connect".
+        let sent = moved;
         // Until the first answer, the reply timeout (when set) is the nearer deadline.
         let mut awaiting = (self.report.bytes_down == 0)
             .then_some(ctx.route.health.reply_timeout)
@@ -224,9 +227,15 @@ impl Session {
                         }
                     }
                     awaiting = None;
-                    // The first answer is what proves a UDP backend.
-                    if !std::mem::replace(&mut answered, true) && pick.report_success {
-                        let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
+                    // The first answer is what proves a UDP backend, to the balancer and in the
+                    // metrics alike.
+                    if !std::mem::replace(&mut answered, true) {
+                        let egress = ctx.egress_name(pick);
+                        ctx.metrics
+                            .dialed(&ctx.route_name, pick.addr, &egress, Ok(sent.elapsed()));
+                        if pick.report_success {
+                            let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
+                        }
                     }
                     moved = Instant::now();
                 }

@@ -358,3 +358,49 @@ async fn bytes_and_datagrams_are_counted_while_a_session_lives() {
     drop(live);
     assert_eq!(h.shutdown().await.forced, 0);
 }
+
+#[async_std::test]
+async fn a_dead_udp_backend_is_a_connect_failure_in_the_metrics_as_on_the_status_page() {
+    // A UDP port nobody listens on: the kernel answers each datagram with ICMP port unreachable.
+    let dead = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let live = harness::udp::UdpBackend::echo().await;
+    let h = Harness::start(&format!(
+        r#"(status: "127.0.0.1:0", routes: [
+            (name: "u", listen: "127.0.0.1:0", protocol: Udp, health: (fall: 5), backends: [(addr: "{dead}")]),
+            (name: "ok", listen: "127.0.0.1:0", protocol: Udp, idle_timeout: "100ms", backends: [(addr: "{}")]),
+        ])"#,
+        live.addr
+    ));
+    // Two flows to the dead backend, each failing on its ICMP error; one to the live one.
+    for _ in 0..2 {
+        let socket = harness::udp::client(h.addr("u")).await;
+        socket.send(b"ping").await.unwrap();
+    }
+    let socket = harness::udp::client(h.addr("ok")).await;
+    assert_eq!(harness::udp::round_trip(&socket, b"one").await, b"one");
+    let stats = h.relay().stats();
+    harness::within(stats.until(|s| s.active() == 0)).await;
+    let status = h.relay().status_addr().unwrap();
+    let page = fetch(status, b"GET / HTTP/1.1\r\n\r\n").await;
+    assert!(
+        page.contains(&format!(
+            "backend {dead} ({dead}) up weight=1 active=0 sessions=0 connect_failures=2"
+        )),
+        "{page}"
+    );
+    let metrics = fetch(status, b"GET /metrics HTTP/1.1\r\n\r\n").await;
+    let dead_b = format!(r#"route="u",backend="{dead}""#);
+    let live_b = format!(r#"route="ok",backend="{}""#, live.addr);
+    for (name, want) in [
+        (
+            format!(r#"relayd_connect_failures_total{{{dead_b},egress="default",fault="backend"}}"#),
+            Some(2.0),
+        ),
+        (format!("relayd_backend_sessions_total{{{dead_b}}}"), None),
+        (format!("relayd_backend_sessions_total{{{live_b}}}"), Some(1.0)),
+        (format!("relayd_connect_duration_seconds_count{{{live_b}}}"), Some(1.0)),
+    ] {
+        assert_eq!(sample(&metrics, &name), want, "{name} in\n{metrics}");
+    }
+    assert_eq!(h.shutdown().await.forced, 0);
+}
