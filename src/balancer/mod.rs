@@ -348,6 +348,10 @@ const HELD_MAX: usize = 1024;
 
 impl Balancer {
     fn new(route: &Route, egress_names: Arc<[Arc<str>]>, stats: Arc<Stats>) -> Self {
+        if route.balance == Balance::WeightedRoundRobin {
+            log::info!(route = route.name.as_str();
+                "balance WeightedRoundRobin is RoundRobin now: round robin honours weights");
+        }
         let mut balancer = Balancer {
             route: route.name.as_str().into(),
             strategy: route.balance,

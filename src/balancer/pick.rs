@@ -172,10 +172,10 @@ impl Balancer {
         if usable.is_empty() {
             return Err(self.why_none(tried, now));
         }
-        let len = self.entries.len();
         let i = match self.strategy {
-            Balance::RoundRobin => round_robin(&usable, len, &mut self.cursor),
-            Balance::WeightedRoundRobin => smooth_weighted(&mut self.entries, &usable),
+            // Round robin honours weights, as HAProxy's and nginx's do; with equal weights it is
+            // the plain rotation.
+            Balance::RoundRobin | Balance::WeightedRoundRobin => smooth_weighted(&mut self.entries, &usable),
             Balance::LeastConnections => least_connections(&self.entries, &usable, &mut self.cursor),
             Balance::SourceHash => source_hash(&self.entries, &usable, client),
             Balance::Random => two_choices(&self.entries, &usable, &mut self.rng),

@@ -223,7 +223,8 @@ fn a_reload_keeps_what_stays_retires_what_goes_and_adds_what_is_new() {
     );
     assert_eq!(state(3), None, "gone at once: nothing live on it");
     assert_eq!(state(4), Some((HealthState::Up, 1, 0)));
-    assert_eq!(ports(&mut b, 4), [1, 1, 4, 1], "weights 3:1, nothing for the down one");
+    // (Its first pick, before the reload, went through the same smooth rotation: it goes on.)
+    assert_eq!(ports(&mut b, 4), [1, 4, 1, 1], "weights 3:1, nothing for the down one");
     // A backend removed while a session lives on it retires.
     let mut b = balancer(THREE);
     let live = b.pick(CLIENT, &[]).unwrap();
@@ -276,4 +277,19 @@ fn a_backend_out_is_on_trial_once_its_cooldown_ends_and_its_ejections_and_checks
     assert_eq!(b.snapshot().0[0].checks, [2, 1], "passed, failed");
     assert_eq!(state(&b), HealthState::Up, "a passed check (rise 1) brings it back");
     assert_eq!(b.snapshot().0[1].ejections, 0);
+}
+
+#[test]
+fn round_robin_by_default_honours_weights_and_rotates_plainly_when_they_are_equal() {
+    let mut b =
+        balancer(r#"backends: [(addr: "127.0.0.1:1", weight: 3), (addr: "127.0.0.1:2"), (addr: "127.0.0.1:3")]"#);
+    let picks = ports(&mut b, 30);
+    let count = |port: u16| picks.iter().filter(|p| **p == port).count();
+    assert_eq!((count(1), count(2), count(3)), (18, 6, 6), "3:1:1 of 30");
+    assert!(
+        !picks.windows(4).any(|w| w.iter().all(|p| *p == 1)),
+        "interleaved, not in bursts: {picks:?}"
+    );
+    let mut plain = balancer(THREE);
+    assert_eq!(ports(&mut plain, 6), [1, 2, 3, 1, 2, 3]);
 }

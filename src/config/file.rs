@@ -114,10 +114,11 @@ pub enum Protocol {
 /// How a route picks a backend for a new session (or UDP flow).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Balance {
-    /// Each healthy backend in turn.
+    /// Each healthy backend in turn, as often as its weight: nginx's smooth weighted round
+    /// robin (5:1:1 interleave, they do not burst); with equal weights, a plain rotation.
     #[default]
     RoundRobin,
-    /// Smooth weighted round robin (nginx's): weights 5:1:1 interleave, they do not burst.
+    /// The same as `RoundRobin`, which honours weights; kept so that older files still load.
     WeightedRoundRobin,
     /// The healthy backend with the fewest live sessions per unit of weight.
     LeastConnections,
