@@ -95,7 +95,14 @@ impl HostPattern {
 pub enum Denied {
     Port(u16),
     Host(String),
-    Address(IpAddr),
+    /// The address asked for, the form of it that matched (an IPv4 address an IPv6 one
+    /// carries, or itself), the range it matched, and whether that range is a built-in one.
+    Address {
+        asked: IpAddr,
+        matched: IpAddr,
+        range: IpNet,
+        built_in: bool,
+    },
 }
 
 impl fmt::Display for Denied {
@@ -103,7 +110,19 @@ impl fmt::Display for Denied {
         match self {
             Denied::Port(port) => write!(f, "port {port} is not in allow_ports"),
             Denied::Host(host) => write!(f, "host {host} is not in allow_hosts"),
-            Denied::Address(ip) => write!(f, "address {ip} is denied (deny_cidrs, not in allow_cidrs)"),
+            Denied::Address {
+                asked,
+                matched,
+                range,
+                built_in,
+            } => {
+                let origin = if *built_in { "the built-in list" } else { "deny_cidrs" };
+                write!(f, "address {asked}")?;
+                if matched != asked {
+                    write!(f, " (as {matched})")?;
+                }
+                write!(f, " is in {range} ({origin}) and not in allow_cidrs")
+            }
         }
     }
 }
@@ -140,11 +159,23 @@ impl Acl {
             IpAddr::V4(_) => None,
         };
         let forms = [Some(ip), carried];
-        let within = |nets: &[IpNet]| forms.iter().flatten().any(|ip| nets.iter().any(|net| net.contains(ip)));
-        if within(&self.allow) || !within(&self.deny) {
-            Ok(())
-        } else {
-            Err(Denied::Address(carried.unwrap_or(ip)))
+        let hit = |nets: &[IpNet]| {
+            (forms.iter().flatten())
+                .find_map(|form| nets.iter().find(|net| net.contains(form)).map(|net| (*form, *net)))
+        };
+        if hit(&self.allow).is_some() {
+            return Ok(());
+        }
+        match hit(&self.deny) {
+            None => Ok(()),
+            Some((matched, range)) => Err(Denied::Address {
+                asked: ip,
+                matched,
+                range,
+                built_in: DEFAULT_DENY
+                    .iter()
+                    .any(|net| net.parse::<IpNet>().is_ok_and(|n| n == range)),
+            }),
         }
     }
 }

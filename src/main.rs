@@ -10,12 +10,15 @@ use relayd::logging::{self, Format};
 use relayd::{Config, Relay, ShutdownReport, StartError, rt};
 
 const USAGE: &str =
-    "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version]
+    "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version] [--help]
 
-  --config PATH       RON config file (default: config/relayd.ron)
-  --check             validate the config and exit (0 when valid)
-  --log-level LEVEL   error, warn, info, debug or trace (overrides the config's log_level)
-  --log-format FMT    pretty on a terminal and json otherwise (auto, the default), or as given";
+  -c, --config PATH       RON config file (default: config/relayd.ron)
+      --check             validate the config, say what a reload of the running relayd would
+                          change, and exit (0 when valid)
+      --log-level LEVEL   error, warn, info, debug or trace (overrides the config's log_level)
+      --log-format FMT    pretty on a terminal and json otherwise (auto, the default), or as given
+  -V, --version           the version and the git revision it was built from
+  -h, --help              this text";
 
 /// Exit code for a config or usage error; 1 is for a failure to run.
 const BAD_INPUT: u8 = 2;
@@ -51,7 +54,7 @@ impl Args {
                 "--log-format" => parsed.log_format = Some(value()?.parse().map_err(|e| format!("--log-format: {e}"))?),
                 "--help" | "-h" => return Ok(None),
                 "--version" | "-V" => {
-                    println!("relayd {}", env!("CARGO_PKG_VERSION"));
+                    println!("relayd {} ({})", env!("CARGO_PKG_VERSION"), env!("RELAYD_REVISION"));
                     std::process::exit(0);
                 }
                 other => return Err(format!("unknown argument {other:?}")),

@@ -112,7 +112,11 @@ impl Session {
             }
         };
         let request = http::parse_connect(&buf[..len]).map_err(|r| refused(r.status, "-", r.why))?;
-        let target = format!("{}:{}", request.host, request.port);
+        // In its URL form: an IPv6 literal in brackets (`[::1]:443`).
+        let target = match request.host.contains(':') {
+            true => format!("[{}]:{}", request.host, request.port),
+            false => format!("{}:{}", request.host, request.port),
+        };
         let sent = request.credentials.as_deref().unwrap_or_default();
         if !settings.credentials.is_empty() && !http::credentials_match(&settings.credentials, sent) {
             return Err(refused(407, &target, "missing or wrong Proxy-Authorization"));

@@ -104,6 +104,19 @@ async fn by_default_the_host_s_own_networks_and_other_ports_are_refused() {
         web.addr.port()
     );
     assert_eq!(web.accepted(), 0, "nothing refused was ever dialed");
+    // The refusal names an IPv6 target in its URL form.
+    let mut session = h.inject("p");
+    let head = "CONNECT [::1]:443 HTTP/1.1\r\nHost: [::1]:443\r\n\r\n";
+    futures::AsyncWriteExt::write_all(&mut session.client, head.as_bytes())
+        .await
+        .unwrap();
+    let report = harness::within(session.session).await;
+    let why = report.end.detail().unwrap_or_default();
+    // and says which range refused it, and whose range it is.
+    assert!(
+        why.contains("target [::1]:443: address ::1 is in ::1/128 (the built-in list)"),
+        "{why}"
+    );
     assert_eq!(h.shutdown().await.forced, 0);
 }
 

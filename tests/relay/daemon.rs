@@ -379,3 +379,30 @@ fn no_client_can_flood_the_log_with_refusals() {
         "{last}"
     );
 }
+
+#[test]
+fn version_names_the_revision_and_help_names_every_flag() {
+    let (code, out) = harness::daemon::run(&["--version"]);
+    assert_eq!(code, 0, "{out}");
+    let revision = out
+        .trim()
+        .rsplit_once('(')
+        .map(|(_, r)| r.trim_end_matches(')'))
+        .unwrap_or_default();
+    assert!(
+        revision == "unknown" || (revision.len() >= 12 && revision.bytes().all(|b| b.is_ascii_hexdigit())),
+        "{out}"
+    );
+    let (code, help) = harness::daemon::run(&["--help"]);
+    assert_eq!(code, 0, "{help}");
+    for flag in [
+        "-c, --config",
+        "--check",
+        "--log-level",
+        "--log-format",
+        "-V, --version",
+        "-h, --help",
+    ] {
+        assert!(help.contains(flag), "{flag} missing from\n{help}");
+    }
+}
