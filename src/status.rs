@@ -255,8 +255,23 @@ async fn serve(mut stream: impl AsyncRead + AsyncWrite + Unpin, pages: Arc<Pages
             }
         }
     });
-    if complete.await != Some(true) {
-        return;
+    match complete.await {
+        Some(true) => {}
+        // Too large: said so, then what the client still sends is read (briefly) so that the
+        // close does not reset the answer away.
+        Some(false) if head.len() >= HEAD_MAX => {
+            let answer =
+                "HTTP/1.0 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+            let answered = rt::timeout(WRITE_TIMEOUT, async {
+                stream.write_all(answer.as_bytes()).await?;
+                stream.close().await?;
+                while stream.read(&mut buf).await? > 0 {}
+                std::io::Result::Ok(())
+            });
+            let _ = answered.await;
+            return;
+        }
+        _ => return,
     }
     let head = String::from_utf8_lossy(&head);
     let mut request = head.split("\r\n");

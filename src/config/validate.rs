@@ -253,14 +253,18 @@ fn egress_ids(
 
 fn route(i: usize, r: &RouteConfig, ids: &HashMap<&str, EgressId>, p: &mut Problems) -> Option<Route> {
     let at = |field: &str| format!("routes[{i}].{field}");
-    if r.name.is_empty() {
-        p.add(at("name"), "missing: every route needs a name");
+    if r.name.trim().is_empty() {
+        p.add(at("name"), "missing: every route needs a name (not only spaces)");
+    } else if r.name.trim() != r.name {
+        p.add(at("name"), format!("{:?} starts or ends with spaces", r.name));
     }
     if r.name.chars().any(char::is_control) {
         p.add(at("name"), format!("{:?} must be printable, on one line", r.name));
     }
     match r.protocol {
         Protocol::Udp if r.backlog.is_some() => p.add(at("backlog"), "Udp routes have no listen backlog"),
+        // A flow has no half-close: only its idle timeout ends it.
+        Protocol::Udp if r.fin_timeout.is_some() => p.add(at("fin_timeout"), "Udp routes have no half-close"),
         Protocol::Tcp | Protocol::HttpConnect if r.max_flows.is_some() => {
             p.add(at("max_flows"), "only Udp routes have flows")
         }
@@ -1040,5 +1044,23 @@ mod edge_tests {
             ),
             (Some(10), Some(5), 5)
         );
+    }
+
+    #[test]
+    fn a_blank_route_name_and_a_fin_timeout_on_a_udp_route_are_refused() {
+        let found = problems(
+            r#"(routes: [
+                (name: " ", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")]),
+                (name: " web", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")]),
+                (name: "u", listen: "127.0.0.1:0", protocol: Udp, fin_timeout: "5s", backends: [(addr: "127.0.0.1:1")]),
+            ])"#,
+        );
+        for want in [
+            "routes[0].name: missing",
+            "routes[1].name: \" web\" starts or ends with spaces",
+            "routes[2].fin_timeout: Udp routes have no half-close",
+        ] {
+            assert!(has(&found, want), "missing {want:?} in {found:#?}");
+        }
     }
 }

@@ -348,3 +348,19 @@ async fn silent_clients_behind_a_proxy_route_cannot_hold_every_place_the_descrip
     drop(silent);
     daemon.stop();
 }
+
+#[test]
+fn a_status_request_with_a_head_too_large_is_answered_431() {
+    let h = Harness::start(
+        r#"(status: "127.0.0.1:0", routes: [(name: "r", listen: "127.0.0.1:0", backends: [(addr: "127.0.0.1:1")])])"#,
+    );
+    let mut s = TcpStream::connect(h.relay().status_addr().unwrap()).unwrap();
+    s.set_read_timeout(Some(PATIENCE)).unwrap();
+    let head = format!("GET / HTTP/1.0\r\nX-Pad: {}\r\n\r\n", "p".repeat(10_000));
+    s.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.0 431"), "{answer:?}");
+    drop(s);
+    assert_eq!(async_std::task::block_on(h.shutdown()).forced, 0);
+}
