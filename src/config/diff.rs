@@ -29,13 +29,15 @@ const SHOWN_MAX: usize = 48;
 /// new file's order (removed routes last).
 pub fn diff(old: &Settings, new: &Settings) -> Vec<Change> {
     let mut out = Changes::default();
-    out.field("", "log_level", &old.log_level, &new.log_level);
+    let level = |s: &Settings| s.log_level.to_string().to_ascii_lowercase();
+    out.field("", "log_level", &Text(level(old)), &Text(level(new)));
     out.field("", "drain_timeout", &old.drain_timeout, &new.drain_timeout);
-    out.field("", "status_allow", &old.status_allow, &new.status_allow);
+    clients(&mut out, "", "status_allow", &old.status_allow, &new.status_allow);
     out.field("", "max_connections", &old.max_connections, &new.max_connections);
     out.field("", "splice", &old.splice, &new.splice);
     out.restart = true;
-    out.field("", "status", &old.status, &new.status);
+    let status = |s: &Settings| Text(s.status.as_ref().map_or("none".into(), |a| a.to_string()));
+    out.field("", "status", &status(old), &status(new));
     out.field("", "workers", &old.workers, &new.workers);
     out.field("", "mailbox", &old.mailbox, &new.mailbox);
     out.restart = false;
@@ -124,7 +126,13 @@ fn egress(out: &mut Changes, old: &Egress, new: &Egress) {
     let at = format!("egress {}: ", old.name);
     out.field(&at, "device", &old.device, &new.device);
     out.field(&at, "source", &old.source, &new.source);
-    out.field(&at, "options", &old.options, &new.options);
+    let (o, n) = (&old.options, &new.options);
+    out.field(&at, "nodelay", &o.nodelay, &n.nodelay);
+    out.field(&at, "keepalive", &o.keepalive, &n.keepalive);
+    out.field(&at, "mss", &o.mss, &n.mss);
+    out.field(&at, "send_buffer", &o.send_buffer, &n.send_buffer);
+    out.field(&at, "recv_buffer", &o.recv_buffer, &n.recv_buffer);
+    out.field(&at, "mark", &o.mark, &n.mark);
     out.field(&at, "via_proxy", &old.via_proxy, &new.via_proxy);
 }
 
@@ -152,12 +160,21 @@ fn route(out: &mut Changes, (old_cfg, old): (&Settings, &Route), (new_cfg, new):
     out.field(&at, "egress_strategy", &old.egress_strategy, &new.egress_strategy);
     out.field(&at, "connect_timeout", &old.connect_timeout, &new.connect_timeout);
     out.field(&at, "connect_attempts", &old.connect_attempts, &new.connect_attempts);
-    out.field(&at, "timeouts", &old.timeouts, &new.timeouts);
+    out.field(&at, "idle_timeout", &old.timeouts.idle, &new.timeouts.idle);
+    out.field(&at, "fin_timeout", &old.timeouts.fin, &new.timeouts.fin);
     out.field(&at, "max_flows", &old.max_flows, &new.max_flows);
     out.field(&at, "connect", &old.connect, &new.connect);
-    out.field(&at, "health", &old.health, &new.health);
+    let (oh, nh) = (&old.health, &new.health);
+    out.field(&at, "health.fall", &oh.fall, &nh.fall);
+    out.field(&at, "health.cooldown", &oh.cooldown, &nh.cooldown);
+    out.field(&at, "health.cooldown_max", &oh.cooldown_max, &nh.cooldown_max);
+    out.field(&at, "health.reply_timeout", &oh.reply_timeout, &nh.reply_timeout);
+    // A check's payload may carry a password (`AUTH …`): said to have changed, not shown.
+    if oh.check != nh.check {
+        out.say(format!("{at}health.check changed"));
+    }
     out.field(&at, "resolve_interval", &old.resolve_interval, &new.resolve_interval);
-    out.field(&at, "clients", &old.clients, &new.clients);
+    clients(out, &at, "clients", &old.clients, &new.clients);
     out.field(&at, "max_connections", &old.max_connections, &new.max_connections);
     out.field(&at, "queue_timeout", &old.queue_timeout, &new.queue_timeout);
     out.field(&at, "per_client", &old.per_client, &new.per_client);
@@ -176,6 +193,37 @@ fn route(out: &mut Changes, (old_cfg, old): (&Settings, &Route), (new_cfg, new):
         .filter(|o| new.backends.iter().all(|b| b.addr != o.addr))
     {
         out.say(format!("{at}backend {} removed", o.addr));
+    }
+    let order = |r: &Route| r.backends.iter().map(|b| b.addr.to_string()).collect::<Vec<_>>();
+    let (mut was, mut is) = (order(old), order(new));
+    if was != is {
+        was.sort();
+        is.sort();
+        if was == is {
+            out.say(format!("{at}backends reordered"));
+        }
+    }
+}
+
+/// A client list's two halves, each as the list of ranges it is.
+fn clients(out: &mut Changes, at: &str, name: &str, old: &crate::acl::ClientAcl, new: &crate::acl::ClientAcl) {
+    let list = |nets: &[ipnet::IpNet]| {
+        Text(format!(
+            "[{}]",
+            nets.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(", ")
+        ))
+    };
+    out.field(at, &format!("{name}.allow"), &list(&old.allow), &list(&new.allow));
+    out.field(at, &format!("{name}.deny"), &list(&old.deny), &list(&new.deny));
+}
+
+/// A value the diff shows as this text, not through Debug.
+#[derive(PartialEq)]
+struct Text(String);
+
+impl Debug for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
     }
 }
 
@@ -301,5 +349,31 @@ mod tests {
         let changed = lines(&with("old-secret"), &with("new-secret"));
         assert_eq!(changed.len(), 1, "{changed:?}");
         assert!(!changed[0].contains("secret"), "{changed:?}");
+    }
+
+    #[test]
+    fn a_diff_line_names_the_field_and_shows_values_as_the_file_writes_them() {
+        let old = r#"(log_level: "info", status: "127.0.0.1:9901", egress: {"up": (device: "eth1")}, routes: [
+            (name: "t", listen: "127.0.0.1:8080", health: (fall: 3),
+                backends: [(addr: "10.0.0.1:80"), (addr: "10.0.0.2:80")])])"#;
+        let new = r#"(log_level: "debug", status: "127.0.0.1:9902", egress: {"up": (device: "eth1", nodelay: false)}, routes: [
+            (name: "t", listen: "127.0.0.1:8080", health: (fall: 5), allow_clients: ["10.0.0.0/8"],
+                backends: [(addr: "10.0.0.2:80"), (addr: "10.0.0.1:80")])])"#;
+        let got = lines(old, new);
+        for want in [
+            "log_level info → debug",
+            "status 127.0.0.1:9901 → 127.0.0.1:9902 (takes effect after a restart)",
+            "egress up: nodelay true → false",
+            "route t: health.fall 3 → 5",
+            "route t: clients.allow [] → [10.0.0.0/8]",
+            "route t: backends reordered",
+        ] {
+            assert!(got.iter().any(|l| l == want), "missing {want:?} in {got:#?}");
+        }
+        assert!(
+            !got.iter()
+                .any(|l| l.contains("Some(") || l.contains("ClientAcl") || l.contains("Tcp(")),
+            "{got:#?}"
+        );
     }
 }
