@@ -11,7 +11,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use crate::limits::Gate;
-use crate::logging::Squelch;
 use crate::net::Endpoint;
 use crate::rt;
 use crate::session::{Flow, FlowEnded, RouteContext, SessionId};
@@ -49,8 +48,6 @@ struct Flows {
     table: HashMap<SocketAddr, Entry>,
     ended_tx: flume::Sender<FlowEnded>,
     guard: DrainGuard,
-    over_limit: Squelch,
-    full: Squelch,
 }
 
 impl UdpListener {
@@ -64,8 +61,6 @@ impl UdpListener {
             table: HashMap::new(),
             ended_tx,
             guard,
-            over_limit: Squelch::default(),
-            full: Squelch::default(),
         };
         let mut buf = vec![0u8; crate::session::MAX_DATAGRAM];
         let mut backoff = super::Backoff::default();
@@ -121,7 +116,7 @@ impl UdpListener {
                 Ok(()) => return,
                 Err(flume::TrySendError::Full(_)) => {
                     let dropped = self.context.udp_dropped(UdpDrop::FlowQueueFull);
-                    if let Some(held) = flows.full.admit() {
+                    if let Some(held) = self.context.refusals.admit() {
                         log::warn!(route = route, client:% = client, dropped_total = dropped, held_back = held;
                             "flow queue full, datagram dropped");
                     }
@@ -144,7 +139,7 @@ impl UdpListener {
         let passes = passes.flatten();
         let Some(passes) = passes else {
             let dropped = self.context.udp_dropped(UdpDrop::OverMaxFlows);
-            if let Some(held) = flows.over_limit.admit() {
+            if let Some(held) = self.context.refusals.admit() {
                 let cap = self.context.budget.cap();
                 log::warn!(route = route, client:% = client, max_flows = max, max_sessions = cap, dropped_total = dropped,
                     held_back = held;
