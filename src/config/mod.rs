@@ -245,6 +245,20 @@ impl std::fmt::Display for BackendAddr {
     }
 }
 
+/// The known name nearest to a misspelt field or variant (as HAProxy offers one), when one is
+/// near enough to be what was meant: at most a third of its letters off.
+fn suggestion(error: &ron::Error) -> Option<&'static str> {
+    let (expected, found) = match error {
+        ron::Error::NoSuchStructField { expected, found, .. } => (*expected, found.as_str()),
+        ron::Error::NoSuchEnumVariant { expected, found, .. } => (*expected, found.as_str()),
+        _ => return None,
+    };
+    // Optimal string alignment: a swap of two neighbours is one edit (`Tpc` is one from `Tcp`).
+    let distance = |name: &str| strsim::osa_distance(name, found);
+    let best = *expected.iter().min_by_key(|name| distance(name))?;
+    (distance(best) <= best.len().max(found.len()) / 3).then_some(best)
+}
+
 /// What `GET /config` and `relayd --check` show in place of a password.
 pub const HIDDEN: &str = "<hidden>";
 
@@ -293,7 +307,10 @@ impl Config {
             origin: origin.to_string(),
             line: e.span.start.line,
             col: e.span.start.col,
-            message: e.code.to_string(),
+            message: match suggestion(&e.code) {
+                Some(near) => format!("{}; did you mean `{near}`?", e.code),
+                None => e.code.to_string(),
+            },
         })
     }
 
@@ -323,6 +340,17 @@ mod tests {
         let shown = Config::parse(text, "test").unwrap().to_ron();
         assert!(!shown.contains("s3cret") && !shown.contains("p4ss"), "{shown}");
         assert!(shown.contains(HIDDEN) && shown.contains("+PONG"), "{shown}");
+    }
+
+    #[test]
+    fn a_misspelt_field_or_variant_is_named_with_what_was_meant() {
+        let error = |text: &str| Config::parse(text, "test").unwrap_err().to_string();
+        let field = error(r#"(routes: [(name: "r", lisen: "127.0.0.1:0")])"#);
+        assert!(field.contains("did you mean `listen`?"), "{field}");
+        let variant = error(r#"(routes: [(name: "r", listen: "127.0.0.1:0", protocol: Tpc)])"#);
+        assert!(variant.contains("did you mean `Tcp`?"), "{variant}");
+        let far = error(r#"(routes: [(name: "r", frobnicate: 1)])"#);
+        assert!(!far.contains("did you mean"), "nothing near: {far}");
     }
 
     #[test]
