@@ -43,7 +43,8 @@ impl std::str::FromStr for Format {
 
 /// Installs the logger. Records from other crates are shown from `warn` up only.
 pub fn init(level: LevelFilter, format: Format) -> Result<(), log::SetLoggerError> {
-    log::set_boxed_logger(Box::new(Logger { level, format }))?;
+    let colour = std::io::stderr().is_terminal();
+    log::set_boxed_logger(Box::new(Logger { level, format, colour }))?;
     log::set_max_level(level);
     Ok(())
 }
@@ -51,6 +52,8 @@ pub fn init(level: LevelFilter, format: Format) -> Result<(), log::SetLoggerErro
 struct Logger {
     level: LevelFilter,
     format: Format,
+    /// Pretty lines are coloured only on a terminal: a file or a pipe gets plain text.
+    colour: bool,
 }
 
 impl Log for Logger {
@@ -68,7 +71,7 @@ impl Log for Logger {
             return;
         }
         let line = match self.format {
-            Format::Pretty => pretty(record),
+            Format::Pretty => pretty(record, self.colour),
             Format::Json => json(record),
         };
         let _ = std::io::stderr().lock().write_all(line.as_bytes());
@@ -83,16 +86,25 @@ fn now() -> String {
     humantime::format_rfc3339_millis(SystemTime::now()).to_string()
 }
 
-fn pretty(record: &Record) -> String {
-    let colour = match record.level() {
-        Level::Error => "31",
-        Level::Warn => "33",
-        Level::Info => "32",
-        Level::Debug | Level::Trace => "36",
+/// `time LEVEL message key=value…`: a value with a space, a quote, an `=` or nothing at all
+/// is quoted (logfmt's rule), so that a line splits back into its pairs.
+fn pretty(record: &Record, colour: bool) -> String {
+    let (level, dim, reset) = match (colour, record.level()) {
+        (false, _) => ("", "", ""),
+        (true, Level::Error) => ("\x1b[31m", "\x1b[2m", "\x1b[0m"),
+        (true, Level::Warn) => ("\x1b[33m", "\x1b[2m", "\x1b[0m"),
+        (true, Level::Info) => ("\x1b[32m", "\x1b[2m", "\x1b[0m"),
+        (true, Level::Debug | Level::Trace) => ("\x1b[36m", "\x1b[2m", "\x1b[0m"),
     };
-    let mut line = format!("{} \x1b[{colour}m{:<5}\x1b[0m {}", now(), record.level(), record.args());
+    let mut line = format!("{} {level}{:<5}{reset} {}", now(), record.level(), record.args());
     let mut pairs = Pairs(|key: &str, value: &Value| {
-        let _ = write!(line, " \x1b[2m{key}=\x1b[0m{value}");
+        let text = value.to_string();
+        let bare = !text.is_empty() && !text.contains([' ', '"', '=', '\\', '\n', '\t']);
+        let _ = write!(line, " {dim}{key}={reset}");
+        match bare {
+            true => line.push_str(&text),
+            false => quote(&mut line, &text),
+        }
     });
     let _ = record.key_values().visit(&mut pairs);
     line.push('\n');
@@ -191,5 +203,35 @@ mod tests {
         );
         assert!(line.contains(r#""level":"warn","msg":"say \"hi\"\n""#), "{line}");
         assert!(line.trim_end().ends_with(r#","route":"a\\b","bytes":42}"#), "{line}");
+    }
+
+    #[test]
+    fn pretty_lines_quote_values_that_need_it_and_colour_only_when_asked() {
+        let kvs = [
+            ("why", Value::from("no healthy backend (0 tried)")),
+            ("route", Value::from("web")),
+        ];
+        let record = |kvs: &[(&str, Value<'_>)]| {
+            pretty(
+                &Record::builder()
+                    .args(format_args!("session closed"))
+                    .level(Level::Warn)
+                    .key_values(&kvs)
+                    .build(),
+                false,
+            )
+        };
+        let line = record(&kvs);
+        assert!(
+            line.trim_end()
+                .ends_with(r#"session closed why="no healthy backend (0 tried)" route=web"#),
+            "{line}"
+        );
+        assert!(!line.contains('\x1b'), "no colour codes off a terminal: {line:?}");
+        let coloured = pretty(
+            &Record::builder().args(format_args!("x")).level(Level::Info).build(),
+            true,
+        );
+        assert!(coloured.contains("\x1b[32m"), "{coloured:?}");
     }
 }
