@@ -354,10 +354,19 @@ pub(super) trait Halves {
     fn bytes(&self) -> (u64, u64);
     /// The direction's destination is gone: it reads and drops from now on.
     fn drop_input(&mut self, direction: Direction);
+    /// The direction's copying half, which does the dropping (a splicing direction copies
+    /// once its destination is gone).
+    fn copying(&self, direction: Direction) -> &Half;
+
     /// True once `direction` only reads and drops.
-    fn dropping(&self, direction: Direction) -> bool;
+    fn dropping(&self, direction: Direction) -> bool {
+        self.copying(direction).dropping
+    }
+
     /// Bytes read and dropped, both ways.
-    fn dropped(&self) -> u64;
+    fn dropped(&self) -> u64 {
+        self.copying(Direction::Up).dropped + self.copying(Direction::Down).dropped
+    }
 }
 
 /// The relay of one pair: a future that ends with how the pair ended. `H` moves the bytes;
@@ -498,14 +507,10 @@ where
         }
     }
 
-    fn dropping(&self, direction: Direction) -> bool {
+    fn copying(&self, direction: Direction) -> &Half {
         match direction {
-            Direction::Up => self.up.dropping,
-            Direction::Down => self.down.dropping,
+            Direction::Up => &self.up,
+            Direction::Down => &self.down,
         }
-    }
-
-    fn dropped(&self) -> u64 {
-        self.up.dropped + self.down.dropped
     }
 }

@@ -285,14 +285,10 @@ impl Halves for Splicer<'_> {
         }
     }
 
-    fn dropping(&self, direction: Direction) -> bool {
+    fn copying(&self, direction: Direction) -> &Half {
         match direction {
-            Direction::Up => self.up.copy.dropping,
-            Direction::Down => self.down.copy.dropping,
+            Direction::Up => &self.up.copy,
+            Direction::Down => &self.down.copy,
         }
-    }
-
-    fn dropped(&self) -> u64 {
-        self.up.copy.dropped + self.down.copy.dropped
     }
 }

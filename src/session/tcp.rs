@@ -359,6 +359,7 @@ async fn deliver<S: AsyncRead + Unpin + Any>(side: &mut S, patience: Patience) -
     let mut progressed = started;
     let mut look = SETTLE_LOOK.start;
     let mut reading = true;
+    // Allocated at the first read: most closes have nothing in flight, or no upload left.
     let mut buf = Vec::new();
     while left > 0 {
         let now = Instant::now();
@@ -368,7 +369,9 @@ async fn deliver<S: AsyncRead + Unpin + Any>(side: &mut S, patience: Patience) -
         // No readiness event says "all acknowledged": the queue is looked at after each
         // read, and every `look` (doubling up to a bound) while nothing comes in.
         if reading {
-            buf.resize(SETTLE_READ, 0);
+            if buf.is_empty() {
+                buf = vec![0; SETTLE_READ];
+            }
             match rt::timeout(look, side.read(&mut buf)).await {
                 Some(Ok(0)) => reading = false,
                 Some(Ok(_)) => progressed = Instant::now(),
