@@ -166,7 +166,7 @@ impl Status {
                 let (stream, peer) = crate::net::accept(socket).await?;
                 Ok(Client::Tcp(stream, peer))
             }
-            StatusSocket::Unix(socket, _) => Ok(Client::Unix(socket.accept().await?.0)),
+            StatusSocket::Unix(socket, _) => Ok(Client::Unix(Async::new(socket.read_with(|l| l.accept()).await?.0)?)),
         }
     }
 }

@@ -15,7 +15,7 @@ use relayd::{Config, Relay};
 fn workers() -> usize {
     let tasks = std::fs::read_dir("/proc/self/task").unwrap();
     (tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()))
-        .filter(|name| name.trim() == "relayd-worker")
+        .filter(|name| name.trim().starts_with("relayd-worker-"))
         .count()
 }
 

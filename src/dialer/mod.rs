@@ -263,13 +263,8 @@ impl Dialer {
         let socket = self.factory(egress, target).and_then(|f| f.udp(target));
         self.learn(egress, socket.as_ref().err());
         let socket = socket?;
-        let socket = Async::new_nonblocking(socket).map_err(|source| DialError::Connect {
-            egress: self.names[egress.0].to_string(),
-            target,
-            source,
-        })?;
         Ok(UdpUpstream {
-            socket,
+            socket: Async::new_nonblocking(socket),
             lost: self.standing[egress.0].lost(),
         })
     }
@@ -383,7 +378,7 @@ async fn complete_connect(socket: Socket, target: SocketAddr, egress: &str) -> R
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(failed(e)),
     }
-    let stream = Async::new_nonblocking(TcpStream::from(socket)).map_err(failed)?;
+    let stream = Async::new_nonblocking(TcpStream::from(socket));
     stream.writable().await.map_err(failed)?;
     if let Some(e) = stream.get_ref().take_error().map_err(failed)? {
         return Err(failed(e));

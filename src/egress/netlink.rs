@@ -43,8 +43,8 @@ impl Netlink {
         requests.connect(&SocketAddr::new(0, 0))?;
         requests.set_non_blocking(true)?;
         Ok(Netlink {
-            events: Async::new_nonblocking(events)?,
-            requests: Async::new_nonblocking(requests)?,
+            events: Async::new_nonblocking(events),
+            requests: Async::new_nonblocking(requests),
             seq: 0,
             buf: vec![0; DATAGRAM],
         })

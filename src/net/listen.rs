@@ -82,5 +82,5 @@ pub(crate) async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn
     let peer = peer
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
-    Ok((TcpConn::new_nonblocking(stream)?, peer))
+    Ok((TcpConn::new_nonblocking(stream), peer))
 }

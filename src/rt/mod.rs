@@ -1,14 +1,19 @@
-//! The one place that names the async runtime: the parts async-std is made of, now kept by the
-//! smol project. Sockets and timers are async-io's (`Async`, `Timer`, one reactor per process);
-//! tasks run on async-executor, one executor per worker thread, so a session stays on the
-//! thread it started on; `block_on` is async-io's. Blocking work (name lookups) goes to the
-//! `blocking` pool. Everything else in the crate goes through these few items, so a change of
-//! runtime touches this module only.
+//! The one place that names the async runtime. Each worker thread runs its own event loop
+//! ([`worker`]): a run queue of async-task tasks and a reactor of its own ([`reactor`]: an
+//! epoll, edge-triggered, and its timers), so a session's sockets are waited on, their events
+//! handled and its tasks polled all on the thread it started on, and no event is handed from
+//! one thread to another. Blocking work (name lookups) goes to the `blocking` pool; `block_on`
+//! (for `main`, examples, tests) is async-io's, and an embedder's async-std streams go through
+//! async-io's reactor as they always did. Everything else in the crate goes through these few
+//! items, so a change of runtime touches this module only.
 //!
 //! A [`Runtime`] belongs to whoever starts it (each [`crate::Relay`] has its own, sized by its
 //! `workers`). [`spawn`] puts a task on the runtime of the thread it is called from: a
 //! runtime's worker, or a thread inside [`Runtime::enter`]. Called from anywhere else (unit
 //! tests, an embedder using an actor alone), it uses a default runtime started on first use.
+
+mod reactor;
+mod worker;
 
 use std::cell::RefCell;
 use std::future::Future;
@@ -17,31 +22,29 @@ use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::io::{AsyncRead, AsyncWrite};
 
-pub use async_io::{Async, Timer};
+pub use reactor::{Async, Timer};
+use worker::Worker;
 
-/// Executor threads, each running its own executor: a task runs on the thread it was given
-/// for its whole life, so its sockets, buffers and state stay in that core's cache. New tasks
-/// go to the workers in turn, unless they are placed ([`spawn_on`], [`spawn_here`]).
+/// A runtime's workers: a task runs on the one it was given for its whole life, so its
+/// sockets, buffers and state stay in that core's cache. New tasks go to the workers in turn,
+/// unless they are placed ([`spawn_on`], [`spawn_here`]).
 struct Pool {
     /// Tells this pool's workers from another relay's.
     id: u64,
-    executors: Vec<Arc<async_executor::Executor<'static>>>,
+    workers: Vec<Arc<Worker>>,
     next: AtomicUsize,
 }
 
 /// A set of worker threads and the tasks on them. Dropping it stops the workers (tasks still
-/// on them are dropped with their executors) and waits for them, unless it is dropped on one
-/// of them.
+/// on them are dropped) and waits for them, unless it is dropped on one of them.
 pub struct Runtime {
     pool: Arc<Pool>,
-    /// Dropped to let the workers go: each waits for the channel to close.
-    stop: Option<flume::Sender<()>>,
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
@@ -53,33 +56,30 @@ thread_local! {
 }
 
 impl Runtime {
-    /// Starts `workers` threads (default: one per core).
+    /// Starts `workers` threads (default: one per core), named `relayd-worker-N`.
     pub fn new(workers: Option<std::num::NonZeroUsize>) -> io::Result<Runtime> {
         let count = workers.map_or_else(
             || std::thread::available_parallelism().map_or(1, |n| n.get()),
             |n| n.get(),
         );
-        let (stop, stopped) = flume::bounded::<()>(1);
         static IDS: AtomicU64 = AtomicU64::new(0);
         let pool = Arc::new(Pool {
             id: IDS.fetch_add(1, Ordering::Relaxed),
-            executors: (0..count).map(|_| Arc::new(async_executor::Executor::new())).collect(),
+            workers: (0..count).map(|_| Worker::new()).collect::<io::Result<_>>()?,
             next: AtomicUsize::new(0),
         });
         let mut runtime = Runtime {
             pool: pool.clone(),
-            stop: Some(stop),
             threads: Vec::with_capacity(count),
         };
-        for (i, executor) in pool.executors.clone().into_iter().enumerate() {
-            let (pool, stopped) = (pool.clone(), stopped.clone());
+        for (i, worker) in pool.workers.iter().cloned().enumerate() {
+            let pool = pool.clone();
             let thread = std::thread::Builder::new()
-                .name("relayd-worker".into())
+                .name(format!("relayd-worker-{i}"))
                 .spawn(move || {
                     HERE.set(Some((pool.id, i)));
                     CURRENT.set(Some(pool));
-                    // An idle worker waits in async-io's reactor (or for the thread that does).
-                    let _closed = async_io::block_on(executor.run(stopped.recv_async()));
+                    worker.run();
                     CURRENT.set(None);
                 })?;
             runtime.threads.push(thread);
@@ -97,7 +97,7 @@ impl Runtime {
 
     /// Worker threads.
     pub fn workers(&self) -> usize {
-        self.pool.executors.len()
+        self.pool.workers.len()
     }
 
     /// Runs `future` as a task on this runtime.
@@ -116,14 +116,24 @@ impl Pool {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.executors.len();
-        JoinHandle(Some(self.executors[i].spawn(future)))
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        self.spawn_on(i, future)
+    }
+
+    fn spawn_on<F>(&self, i: usize, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        JoinHandle(Some(self.workers[i % self.workers.len()].spawn(future)))
     }
 }
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        drop(self.stop.take());
+        for worker in &self.pool.workers {
+            worker.close();
+        }
         let me = std::thread::current().id();
         for thread in self.threads.drain(..) {
             if thread.thread().id() != me {
@@ -142,7 +152,7 @@ fn fallback() -> Arc<Pool> {
 
 /// A handle to a spawned task; awaiting it yields the task's output. Dropping it lets the
 /// task run on.
-pub struct JoinHandle<T>(Option<async_executor::Task<T>>);
+pub struct JoinHandle<T>(Option<async_task::Task<T>>);
 
 impl<T> std::fmt::Debug for JoinHandle<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -153,7 +163,7 @@ impl<T> std::fmt::Debug for JoinHandle<T> {
 impl<T> JoinHandle<T> {
     /// True once the task has ended.
     pub fn is_finished(&self) -> bool {
-        self.0.as_ref().is_none_or(async_executor::Task::is_finished)
+        self.0.as_ref().is_none_or(async_task::Task::is_finished)
     }
 }
 
@@ -196,9 +206,9 @@ fn current() -> Arc<Pool> {
     CURRENT.with_borrow(|c| c.clone()).unwrap_or_else(fallback)
 }
 
-/// The current runtime's worker threads: how many sockets a UDP route listens on.
+/// The current runtime's worker threads: how many sockets a route listens on.
 pub fn worker_count() -> usize {
-    current().executors.len()
+    current().workers.len()
 }
 
 /// Runs `future` on worker `i` (modulo their count) of the current runtime.
@@ -207,8 +217,7 @@ where
     F: Future + Send + 'static,
     F::Output: Send + 'static,
 {
-    let pool = current();
-    JoinHandle(Some(pool.executors[i % pool.executors.len()].spawn(future)))
+    current().spawn_on(i, future)
 }
 
 /// Runs `future` on the worker thread this is (on a thread that is none, as [`spawn`]): for a
@@ -221,7 +230,7 @@ where
     let current = current();
     match HERE.get() {
         // A worker that has entered another relay's runtime spawns there as anyone would.
-        Some((pool, i)) if pool == current.id => JoinHandle(Some(current.executors[i].spawn(future))),
+        Some((pool, i)) if pool == current.id => current.spawn_on(i, future),
         _ => current.spawn(future),
     }
 }
@@ -292,57 +301,24 @@ pub async fn race<T>(a: impl Future<Output = T>, b: impl Future<Output = T>) -> 
 }
 
 /// `op` on `socket` once it is readable, for system calls of the caller's own (splice, accept4,
-/// recvmsg): Pending, with a wake-up when readable, while `op` would block.
-pub fn poll_read_with<T, R>(
+/// recvmsg): called only while the reactor's last word is that the socket is readable, so a
+/// call that would find nothing is not made; Pending, with a wake-up at the next event, once
+/// `op` finds nothing.
+pub fn poll_read_with<T: std::os::fd::AsFd, R>(
     socket: &Async<T>,
     cx: &mut Context<'_>,
     op: impl FnMut(&T) -> io::Result<R>,
 ) -> Poll<io::Result<R>> {
-    poll_with(socket, cx, op, Async::poll_readable)
+    socket.poll_io(reactor::Dir::Read, cx, op)
 }
 
 /// As [`poll_read_with`], for writing.
-pub fn poll_write_with<T, R>(
+pub fn poll_write_with<T: std::os::fd::AsFd, R>(
     socket: &Async<T>,
     cx: &mut Context<'_>,
     op: impl FnMut(&T) -> io::Result<R>,
 ) -> Poll<io::Result<R>> {
-    poll_with(socket, cx, op, Async::poll_writable)
-}
-
-/// As [`poll_read_with`], but `op` runs only once the reactor has said the socket is readable:
-/// for a socket that is rarely readable when it is polled, such as a UDP flow's backend socket,
-/// polled again after every request it has not answered yet, or a [`Conn`] whose last read
-/// emptied it. The registration lives in the
-/// socket, so polling again while it waits costs neither a system call nor a re-arm; a try
-/// first would cost a failed `recv` per request.
-pub fn poll_read_when_ready<T, R>(
-    socket: &Async<T>,
-    cx: &mut Context<'_>,
-    mut op: impl FnMut(&T) -> io::Result<R>,
-) -> Poll<io::Result<R>> {
-    loop {
-        futures::ready!(socket.poll_readable(cx))?;
-        match op(socket.get_ref()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            result => return Poll::Ready(result),
-        }
-    }
-}
-
-fn poll_with<T, R>(
-    socket: &Async<T>,
-    cx: &mut Context<'_>,
-    mut op: impl FnMut(&T) -> io::Result<R>,
-    ready: fn(&Async<T>, &mut Context<'_>) -> Poll<io::Result<()>>,
-) -> Poll<io::Result<R>> {
-    loop {
-        match op(socket.get_ref()) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-            result => return Poll::Ready(result),
-        }
-        futures::ready!(ready(socket, cx))?;
-    }
+    socket.poll_io(reactor::Dir::Write, cx, op)
 }
 
 /// A socket whose write side can be shut down on its own (TCP FIN, or its Unix equivalent).
@@ -368,23 +344,20 @@ impl HalfClose for UnixStream {
 ///
 /// async-io's `Async` only flushes on close; a session needs the FIN. (async-std's own
 /// `TcpStream` and `UnixStream` do shut down on close, so they can be injected as they are.)
-pub struct Conn<S> {
+pub struct Conn<S: std::os::fd::AsFd> {
     socket: Async<S>,
-    /// The last read took less than it asked for, so the socket was empty: the next read waits
-    /// for the reactor's word instead of trying first (a try would almost always fail, and a
-    /// pair polls both directions whenever either has moved).
-    drained: AtomicBool,
 }
 
 impl<S: std::os::fd::AsFd> Conn<S> {
-    /// Registers a connected socket with the reactor (it is made non-blocking).
+    /// A connected socket, made non-blocking; the reactor of the thread that first waits on
+    /// it takes it.
     pub fn new(socket: S) -> io::Result<Self> {
         Async::new(socket).map(Conn::from_async)
     }
 
-    /// Registers a socket that is non-blocking already.
-    pub(crate) fn new_nonblocking(socket: S) -> io::Result<Self> {
-        Async::new_nonblocking(socket).map(Conn::from_async)
+    /// A socket that is non-blocking already.
+    pub(crate) fn new_nonblocking(socket: S) -> Self {
+        Conn::from_async(Async::new_nonblocking(socket))
     }
 
     /// The underlying socket.
@@ -398,12 +371,9 @@ impl<S: std::os::fd::AsFd> Conn<S> {
     }
 }
 
-impl<S> Conn<S> {
+impl<S: std::os::fd::AsFd> Conn<S> {
     pub(crate) fn from_async(socket: Async<S>) -> Self {
-        Conn {
-            socket,
-            drained: AtomicBool::new(false),
-        }
+        Conn { socket }
     }
 }
 
@@ -416,7 +386,7 @@ impl Conn<UnixStream> {
     }
 }
 
-impl<S> AsyncRead for Conn<S>
+impl<S: std::os::fd::AsFd> AsyncRead for Conn<S>
 where
     for<'a> &'a S: Read,
 {
@@ -425,7 +395,7 @@ where
     }
 }
 
-impl<S> AsyncWrite for Conn<S>
+impl<S: std::os::fd::AsFd> AsyncWrite for Conn<S>
 where
     S: HalfClose,
     for<'a> &'a S: Write,
@@ -443,23 +413,16 @@ where
     }
 }
 
-impl<S> AsyncRead for &Conn<S>
+impl<S: std::os::fd::AsFd> AsyncRead for &Conn<S>
 where
     for<'a> &'a S: Read,
 {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
-        let read = |socket: &S| Read::read(&mut &*socket, buf);
-        let n = futures::ready!(if self.drained.load(Ordering::Relaxed) {
-            poll_read_when_ready(&self.socket, cx, read)
-        } else {
-            poll_read_with(&self.socket, cx, read)
-        })?;
-        self.drained.store(n < buf.len(), Ordering::Relaxed);
-        Poll::Ready(Ok(n))
+        Pin::new(&mut &self.socket).poll_read(cx, buf)
     }
 }
 
-impl<S> AsyncWrite for &Conn<S>
+impl<S: std::os::fd::AsFd> AsyncWrite for &Conn<S>
 where
     S: HalfClose,
     for<'a> &'a S: Write,
@@ -628,32 +591,92 @@ mod tests {
 
     #[test]
     fn a_conn_tries_the_socket_after_a_full_read_and_waits_for_the_reactor_after_a_short_one() {
-        use futures::{AsyncReadExt, AsyncWriteExt};
-        let (near, far) = UnixStream::pair().unwrap();
-        let (near, mut far) = (Conn::new(near).unwrap(), Conn::new(far).unwrap());
-        block_on(async {
-            far.write_all(b"0123456789").await.unwrap();
-            let mut buf = [0u8; 4];
-            // A full read: the socket may hold more, so the next read tries it at once.
-            (&near).read_exact(&mut buf).await.unwrap();
-            assert_eq!(&buf, b"0123");
-            let mut cx = Context::from_waker(futures::task::noop_waker_ref());
-            let first = Pin::new(&mut &near).poll_read(&mut cx, &mut buf);
-            assert!(matches!(first, Poll::Ready(Ok(4))), "{first:?}");
-            // A short read drains it: the next read does not try the socket (that would
-            // almost always fail) but waits for the reactor, and still gets what arrives.
-            let mut big = [0u8; 64];
-            assert_eq!((&near).read(&mut big).await.unwrap(), 2);
-            far.write_all(b"later").await.unwrap();
-            let waits = Pin::new(&mut &near).poll_read(&mut cx, &mut big);
-            assert!(waits.is_pending(), "tried the socket first: {waits:?}");
-            let n = timeout(Duration::from_secs(10), (&near).read(&mut big)).await;
-            assert_eq!(n.map(|n| n.unwrap()), Some(5));
-            assert_eq!(&big[..5], b"later");
-            // End of stream reads as 0 once drained too.
-            far.close().await.unwrap();
-            let end = timeout(Duration::from_secs(10), (&near).read(&mut big)).await;
-            assert_eq!(end.map(|n| n.unwrap()), Some(0));
+        // A reactor of this thread's, turned by hand: nothing is heard unless the test turns it.
+        let reactor = reactor::Reactor::new().unwrap();
+        reactor::Reactor::set_local(Some(reactor.clone()));
+        let turn = || reactor.turn(&mut Vec::with_capacity(8), &mut Vec::new(), false, &|| false);
+        let (near, mut far) = UnixStream::pair().unwrap();
+        let near = Conn::new(near).unwrap();
+        let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+        let mut read = |buf: &mut [u8]| Pin::new(&mut &near).poll_read(&mut cx, buf);
+        let mut buf = [0u8; 4];
+        far.write_all(b"0123456789").unwrap();
+        // First wait: registered, and ready once the reactor has heard so.
+        assert!(read(&mut buf).is_pending());
+        turn();
+        // A full read: the socket may hold more, so the next read tries it at once.
+        assert!(matches!(read(&mut buf), Poll::Ready(Ok(4))));
+        assert!(matches!(read(&mut buf), Poll::Ready(Ok(4))));
+        // A short read drains it: the next read does not try the socket (that would almost
+        // always fail) but waits for the reactor, even with bytes there it has not heard of.
+        let mut big = [0u8; 64];
+        assert!(matches!(read(&mut big), Poll::Ready(Ok(2))));
+        far.write_all(b"later").unwrap();
+        let waits = read(&mut big);
+        assert!(
+            waits.is_pending(),
+            "tried the socket before the reactor's word: {waits:?}"
+        );
+        turn();
+        assert!(matches!(read(&mut big), Poll::Ready(Ok(5))));
+        assert_eq!(&big[..5], b"later");
+        // The end of the stream reads as 0 once drained too, and again after that.
+        drop(far);
+        turn();
+        assert!(matches!(read(&mut big), Poll::Ready(Ok(0))));
+        assert!(matches!(read(&mut big), Poll::Ready(Ok(0))));
+        reactor::Reactor::set_local(None);
+    }
+
+    #[test]
+    fn a_worker_polls_its_tasks_and_waits_on_its_sockets_on_its_own_thread() {
+        let runtime = Runtime::new(std::num::NonZeroUsize::new(2)).unwrap();
+        let (tx, rx) = flume::bounded(16);
+        let task = runtime.enter(|| {
+            spawn_on(1, async move {
+                let (a, b) = UnixStream::pair().unwrap();
+                let (a, b) = (Conn::new(a).unwrap(), Conn::new(b).unwrap());
+                let name = || std::thread::current().name().map(str::to_string);
+                let _ = tx.send(name());
+                let reader = spawn_here(async move {
+                    let mut buf = [0u8; 8];
+                    use futures::AsyncReadExt;
+                    let n = (&b).read(&mut buf).await.unwrap();
+                    (n, std::thread::current().name().map(str::to_string))
+                });
+                Timer::after(Duration::from_millis(5)).await;
+                let _ = tx.send(name());
+                use futures::AsyncWriteExt;
+                (&a).write_all(b"hi").await.unwrap();
+                reader.await
+            })
         });
+        let (n, reader) = block_on(timeout(Duration::from_secs(10), task)).expect("in time");
+        assert_eq!(n, 2);
+        let seen: Vec<_> = rx.try_iter().collect();
+        assert_eq!(seen.len(), 2);
+        for name in seen.iter().chain([&reader]) {
+            assert_eq!(name.as_deref(), Some("relayd-worker-1"));
+        }
+    }
+
+    #[test]
+    fn a_dropped_runtime_drops_the_tasks_still_waiting_on_it() {
+        let runtime = Runtime::new(std::num::NonZeroUsize::new(1)).unwrap();
+        let (held, gone) = flume::bounded::<()>(1);
+        let (a, _b) = UnixStream::pair().unwrap();
+        drop(runtime.spawn(async move {
+            let _held = held;
+            let a = Conn::new(a).unwrap();
+            let mut buf = [0u8; 1];
+            use futures::AsyncReadExt;
+            let _ = (&a).read(&mut buf).await;
+        }));
+        // It waits on a socket that never gets anything; dropping the runtime drops it.
+        drop(runtime);
+        assert_eq!(
+            gone.recv_timeout(Duration::from_secs(10)),
+            Err(flume::RecvTimeoutError::Disconnected)
+        );
     }
 }

@@ -284,8 +284,7 @@ impl Session {
                     return Poll::Ready(Event::Client(datagram.ok()));
                 }
             }
-            if let Poll::Ready(result) = rt::poll_read_when_ready(&upstream.socket, cx, |socket| forward(socket, flow))
-            {
+            if let Poll::Ready(result) = rt::poll_read_with(&upstream.socket, cx, |socket| forward(socket, flow)) {
                 return Poll::Ready(Event::Backend(result));
             }
             Pin::new(&mut *timer).poll(cx).map(|_| Event::Tick)
