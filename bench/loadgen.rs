@@ -10,12 +10,13 @@
 //!     cargo run --release --example loadgen -- tcp-idle 127.0.0.1:9103 [count=9000] [secs=10]
 //!
 //! `udp-pingpong` runs `clients` threads, each with its own socket, sending one datagram and
-//! waiting for its answer before the next, for `secs` seconds; it prints round trips per second
-//! and the p50/p99 round-trip time; `udp-pingpong-loop` does the same with `sockets` sockets
-//! driven by one event loop on one thread (the shape of a single-threaded client). `tcp-conns` runs `workers` threads, each opening a new
-//! connection, sending 64 bytes, reading them back and closing, again and again; it prints
-//! connections per second and how many failed. `tcp-pingpong` is `udp-pingpong` over one
-//! long-lived TCP connection per client. `tcp-hold` accepts connections and keeps them open,
+//! waiting for its answer before the next, for `secs` seconds; it prints how many round trips
+//! it made, round trips per second and the p50/p99 round-trip time; `udp-pingpong-loop` does
+//! the same with `sockets` sockets driven by one event loop on one thread (the shape of a
+//! single-threaded client). `tcp-conns` runs `workers` threads, each opening a new connection,
+//! sending 64 bytes, reading them back and closing, again and again; it prints connections per
+//! second, how many succeeded (`ok`) and how many failed. `tcp-pingpong` is `udp-pingpong`
+//! over one long-lived TCP connection per client. `tcp-hold` accepts connections and keeps them open,
 //! on one thread; `tcp-idle` opens `count` connections, prints `idle N` once they are all open,
 //! holds them for `secs` and exits. Every loop stops by itself.
 
@@ -145,7 +146,8 @@ fn report(target: SocketAddr, clients: usize, size: usize, length: Duration, thr
             .unwrap_or_default()
     };
     println!(
-        "target={target} clients={clients} size={size} round_trips_per_s={:.0} p50_us={} p99_us={} lost={lost}",
+        "target={target} clients={clients} size={size} round_trips={} round_trips_per_s={:.0} p50_us={} p99_us={} lost={lost}",
+        rtts.len(),
         rtts.len() as f64 / length.as_secs_f64(),
         pct(0.50).as_micros(),
         pct(0.99).as_micros(),

@@ -1,12 +1,16 @@
 """Renders bench/run.sh's raw results (figure, target, run, value) as bench/RESULTS.md:
-the median of the runs, and its ratio to the direct path and to HAProxy from the same run."""
+the median of the runs, and its ratio to the direct path and to HAProxy from the same run;
+and what the relay process itself spent per unit of work (the "relay ..." figures).
+
+    report.py RESULTS.tsv RESULTS.md COMMAND CORES COST_NOTE VERSION...
+"""
 import csv
 import statistics
 import sys
 import time
 from collections import defaultdict
 
-raw, out, command, cores, *versions = sys.argv[1:]
+raw, out, command, cores, cost_note, *versions = sys.argv[1:]
 values = defaultdict(lambda: defaultdict(list))
 order = []
 for figure, target, _run, value in csv.reader(open(raw), delimiter="\t"):
@@ -17,9 +21,12 @@ for figure, target, _run, value in csv.reader(open(raw), delimiter="\t"):
     except ValueError:
         pass
 
-# relayd-b is the other build of an A/B run (AB=... bench/run.sh); targets not run are left out.
+# relayd-b is the other build of an A/B run (AB=... bench/run.sh), relayd-1w relayd with one
+# worker (ONLY="... relayd-1w ..."); targets not run are left out.
 seen = {t for figure in values.values() for t in figure}
-targets = [t for t in ["direct", "relayd", "relayd-b", "haproxy", "haproxy-splice", "nginx", "socat"] if t in seen]
+ALL = ["direct", "relayd", "relayd-1w", "relayd-b", "haproxy", "haproxy-splice", "nginx", "socat"]
+targets = [t for t in ALL if t in seen]
+COST = "relay "  # the relay process's own cost per unit: rendered in its own tables at the end
 
 
 def fmt(x):
@@ -31,7 +38,8 @@ lines = [
     "",
     f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
     f"- command: `{command}`",
-    f"- cores: {cores} (client, relay and backend share them; every relay runs {cores} workers)",
+    f"- cores: {cores} (client, relay and backend share them; every relay runs {cores} workers"
+    + (", but relayd-1w runs 1)" if "relayd-1w" in targets else ")"),
     *[f"- {v}" for v in versions],
     "",
     "Each cell is the median of the runs; `× direct` and `× HAProxy` are ratios of medians from",
@@ -48,8 +56,8 @@ def medians_of(figure):
 
 
 for figure in order:
-    if figure.endswith(CPU):
-        continue  # rendered with its ceiling below
+    if figure.endswith(CPU) or figure.startswith(COST):
+        continue  # rendered with its ceiling, or in the cost tables, below
     lines += [
         f"## {figure}",
         "",
@@ -94,5 +102,63 @@ for figure in order:
         of_direct = fmt(ceiling / direct) + "×" if direct else "–"
         used = fmt(measured[t] / ceiling) + "×" if measured.get(t) else "–"
         lines.append(f"| {t} | {fmt(cpu[t])} | {fmt(ceiling)} | {of_direct} | {used} |")
+    lines.append("")
+
+# What the relay process itself (all its threads; nginx's master and workers; socat and the
+# children it forks) spent over each load run, divided by the units the load tool counted.
+relays = [t for t in targets if t != "direct" and any(t in values[f] for f in order if f.startswith(COST))]
+if relays:
+    SUMMARY = [
+        ("CPU µs per new connection", "relay CPU (µs) per new connection"),
+        ("CPU µs per 64 B round trip", "relay CPU (µs) per ping-pong round trip"),
+        ("syscalls per round trip", "relay syscalls per ping-pong round trip"),
+        ("context switches per new connection", "relay context switches per new connection"),
+        ("CPU ms per GB (1 stream)", "relay CPU (ms) per GB, tcp 1 stream"),
+        ("CPU µs per UDP round trip", "relay CPU (µs) per UDP round trip"),
+        ("CPU µs per UDP round trip, one event loop", "relay CPU (µs) per UDP round trip, one event loop"),
+    ]
+
+    def cell(figure, t):
+        runs = values[figure].get(t)
+        return fmt(statistics.median(runs)) if runs else "n/a"
+
+    builds = [v for v in versions if v.startswith("relayd")]
+    lines += [
+        "## Cost per unit (relay process only)",
+        "",
+        f"- command: `{command}`",
+        *[f"- {b}" for b in builds],
+        f"- {cost_note}",
+        "",
+        "What the relay process alone spent over each load run (user+system CPU of all its threads,",
+        "nginx's master and workers, socat and the children it forks; the system calls and context",
+        "switches of those same threads), divided by what the load tool counted: connections made",
+        "(64 B echo, then close; 64 concurrent clients), round trips done (64 B ping-pong, 32 TCP",
+        "connections; UDP, 16 sockets), bytes iperf3 moved. The client and the backends are not in",
+        "it. Medians of the runs; n/a: not counted (no perf, or the target has no such route). CPU",
+        "and context switches come from the runs above (perf's context-switch counter is a software",
+        "one, with no cost seen here); system calls from a pass of their own, since the syscall",
+        "tracepoint slows every system call on the machine while it is on.",
+        "",
+        "| target | " + " | ".join(name for name, _ in SUMMARY) + " |",
+        "|---|" + "---|" * len(SUMMARY),
+    ]
+    for t in relays:
+        lines.append(f"| {t} | " + " | ".join(cell(figure, t) for _, figure in SUMMARY) + " |")
+    lines += [
+        "",
+        "### Every cost figure",
+        "",
+        "| per unit | " + " | ".join(relays) + " |",
+        "|---|" + "---|" * len(relays),
+    ]
+    # One unit's figures together: CPU, system calls, context switches.
+    costs = [f for f in order if f.startswith(COST)]
+    units = list(dict.fromkeys(f.split(" per ", 1)[1] for f in costs))
+    kinds = ["CPU", "syscalls", "context switches"]
+    costs.sort(key=lambda f: (units.index(f.split(" per ", 1)[1]),
+                              next(i for i, k in enumerate(kinds) if f[len(COST):].startswith(k))))
+    for figure in costs:
+        lines.append(f"| {figure[len(COST):]} | " + " | ".join(cell(figure, t) for t in relays) + " |")
     lines.append("")
 open(out, "w").write("\n".join(lines))
