@@ -9,6 +9,10 @@ use std::io;
 /// listeners, the status page and its clients, health checks, DNS, rtnetlink, the runtime's.
 pub const RESERVE_MIN: u64 = 24;
 pub const RESERVE_MAX: u64 = 64;
+/// Descriptors each worker past the first adds to the reserve: its epoll and eventfd, and its
+/// member of each listening group with the copy the relay holds (two routes' worth), which a
+/// quarter of a small limit would not cover.
+pub const RESERVE_PER_WORKER: u64 = 6;
 /// Descriptors one session may hold: its client and its upstream (splice pipes are extra, and
 /// fall back to copying when none can be had).
 pub const PER_SESSION: u64 = 2;
@@ -38,9 +42,11 @@ pub fn raise_nofile() -> io::Result<u64> {
     Ok(nofile()?.0)
 }
 
-/// Live sessions (TCP connections and UDP flows) the descriptor limit `soft` can serve.
-pub fn session_cap(soft: u64) -> u64 {
-    let reserve = (soft / 4).clamp(RESERVE_MIN, RESERVE_MAX);
+/// Live sessions (TCP connections and UDP flows) the descriptor limit `soft` can serve, with
+/// `workers` event loops.
+pub fn session_cap(soft: u64, workers: usize) -> u64 {
+    let extra = RESERVE_PER_WORKER.saturating_mul(workers.saturating_sub(1) as u64);
+    let reserve = (soft / 4).clamp(RESERVE_MIN, RESERVE_MAX).saturating_add(extra);
     (soft.saturating_sub(reserve) / PER_SESSION).max(1)
 }
 
@@ -97,7 +103,7 @@ impl Budget {
 
     /// Reads the limit again; returns the cap it sets.
     pub fn refresh(&self) -> u64 {
-        let cap = session_cap(nofile().map_or(1024, |(soft, _)| soft));
+        let cap = session_cap(nofile().map_or(1024, |(soft, _)| soft), crate::rt::worker_count());
         self.cap.store(cap, std::sync::atomic::Ordering::Relaxed);
         cap
     }
@@ -129,10 +135,12 @@ mod tests {
 
     #[test]
     fn the_cap_leaves_the_reserve_and_never_reaches_zero() {
-        assert_eq!(session_cap(1024), (1024 - 64) / 2);
-        assert_eq!(session_cap(64), (64 - 24) / 2);
-        assert_eq!(session_cap(0), 1);
-        assert_eq!(session_cap(u64::MAX), (u64::MAX - 64) / 2);
+        assert_eq!(session_cap(1024, 1), (1024 - 64) / 2);
+        assert_eq!(session_cap(64, 1), (64 - 24) / 2);
+        assert_eq!(session_cap(64, 2), (64 - 24 - 6) / 2);
+        assert_eq!(session_cap(0, 1), 1);
+        assert_eq!(session_cap(u64::MAX, 1), (u64::MAX - 64) / 2);
+        assert_eq!(session_cap(u64::MAX, usize::MAX), 1);
     }
 }
 

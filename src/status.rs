@@ -69,7 +69,7 @@ impl StatusSocket {
     /// a relayd that is gone is replaced, one that a live process answers on is not.
     pub fn bind(addr: &StatusAddr) -> io::Result<StatusSocket> {
         match addr {
-            StatusAddr::Tcp(addr) => crate::net::bind_tcp(*addr, 64, None).map(StatusSocket::Tcp),
+            StatusAddr::Tcp(addr) => crate::net::bind_tcp(*addr, 64, None, false).map(StatusSocket::Tcp),
             StatusAddr::Unix(path) => {
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {
                     return Err(io::Error::new(io::ErrorKind::AddrInUse, "a process answers on it"));

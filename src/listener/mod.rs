@@ -17,9 +17,9 @@ use crate::rt::{self, Async};
 use crate::session::RouteContext;
 use crate::shutdown::{DrainGuard, Signal};
 
-/// A route's bound listening socket: for UDP, one per worker (see [`udp_group`]).
+/// A route's bound listening sockets, one per worker (see [`group`]).
 pub(crate) enum Bound {
-    Tcp(Async<TcpListener>),
+    Tcp(Vec<Async<TcpListener>>),
     Udp(Vec<Endpoint>),
 }
 
@@ -27,14 +27,17 @@ pub(crate) enum Bound {
 /// the socket to whichever route listens on its address next (a route renamed, or moved
 /// there), so the socket never closes and no client is refused.
 pub(crate) enum Held {
-    Tcp(TcpListener),
+    Tcp(Vec<TcpListener>),
     Udp(Vec<(std::net::UdpSocket, bool)>),
 }
 
 impl Bound {
     pub fn hold(&self) -> io::Result<Held> {
         match self {
-            Bound::Tcp(socket) => Ok(Held::Tcp(socket.get_ref().try_clone()?)),
+            Bound::Tcp(group) => (group.iter())
+                .map(|socket| socket.get_ref().try_clone())
+                .collect::<io::Result<_>>()
+                .map(Held::Tcp),
             Bound::Udp(group) => group
                 .iter()
                 .map(Endpoint::duplicate)
@@ -50,7 +53,9 @@ impl Held {
     /// [`Held::bound`] makes it listen again. A UDP socket cannot pause: an error.
     pub fn pause(&self) -> io::Result<()> {
         match self {
-            Held::Tcp(socket) => socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Read),
+            Held::Tcp(group) => {
+                (group.iter()).try_for_each(|socket| socket2::SockRef::from(socket).shutdown(std::net::Shutdown::Read))
+            }
             Held::Udp(_) => Err(io::ErrorKind::Unsupported.into()),
         }
     }
@@ -58,11 +63,14 @@ impl Held {
     /// The held socket, ready for `route`'s listener (a TCP socket takes its backlog).
     pub fn bound(&self, route: &Route) -> io::Result<Bound> {
         match self {
-            Held::Tcp(socket) => {
-                let socket = socket.try_clone()?;
-                listen(socket2::SockRef::from(&socket), route.backlog)?;
-                Ok(Bound::Tcp(Async::new(socket)?))
-            }
+            Held::Tcp(group) => (group.iter())
+                .map(|socket| {
+                    let socket = socket.try_clone()?;
+                    listen(socket2::SockRef::from(&socket), route.backlog)?;
+                    Async::new(socket)
+                })
+                .collect::<io::Result<_>>()
+                .map(Bound::Tcp),
             Held::Udp(group) => (group.iter())
                 .map(|(socket, pktinfo)| Endpoint::from_socket(socket.try_clone()?, *pktinfo))
                 .collect::<io::Result<_>>()
@@ -75,8 +83,14 @@ impl Held {
 pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
     let (addr, device) = (route.listen, route.listen_device.as_deref());
     let bound = match route.protocol {
-        Protocol::Tcp | Protocol::HttpConnect => bind_tcp(addr, route.backlog, device).map(Bound::Tcp),
-        Protocol::Udp => udp_group(addr, device).map(Bound::Udp),
+        Protocol::Tcp | Protocol::HttpConnect => {
+            let bind = |addr, shared| bind_tcp(addr, route.backlog, device, shared);
+            group(addr, bind, |s| s.get_ref().local_addr()).map(Bound::Tcp)
+        }
+        Protocol::Udp => {
+            let bind = |addr, shared| Endpoint::bind(addr, device, shared);
+            group(addr, bind, Endpoint::local_addr).map(Bound::Udp)
+        }
     };
     bound.map_err(|source| StartError::Listen {
         what: format!("route {}", route.name),
@@ -85,23 +99,26 @@ pub(crate) fn bind(route: &Route) -> Result<Bound, StartError> {
     })
 }
 
-/// A UDP route's sockets on `addr`, one for each worker. The kernel shares the clients between
-/// them (SO_REUSEPORT, as nginx's `listen … udp reuseport`) by their address, so a client
-/// always lands on the same socket: each worker keeps its own clients' flows and serves them on
-/// its own thread, and a datagram is handed to its flow without waking another. (TCP routes
-/// keep one socket: a group gave no more connections per second there, and a closing member
-/// resets the connections waiting in its queue.)
+/// A route's sockets on `addr`, one for each worker. The kernel shares the clients between
+/// them (SO_REUSEPORT, as nginx's `listen … reuseport`) by their addresses, so each worker
+/// accepts its own connections (and keeps its own UDP clients' flows) and serves them on its
+/// own thread: a session is accepted, picked, dialed and relayed without waking another. A
+/// member closes only with its route (its stop, its removal), when the route refuses anyway.
 ///
 /// The address is first bound by a probe without SO_REUSEPORT, which fails if anyone else has
 /// it (another relayd too), and which picks the port when `addr` asks for port 0; the group
 /// binds it once the probe has let go.
-fn udp_group(addr: SocketAddr, device: Option<&str>) -> io::Result<Vec<Endpoint>> {
+fn group<S>(
+    addr: SocketAddr,
+    bind: impl Fn(SocketAddr, bool) -> io::Result<S>,
+    local: impl Fn(&S) -> io::Result<SocketAddr>,
+) -> io::Result<Vec<S>> {
     let count = rt::worker_count();
     if count <= 1 {
-        return Ok(vec![Endpoint::bind(addr, device, false)?]);
+        return Ok(vec![bind(addr, false)?]);
     }
-    let addr = Endpoint::bind(addr, device, false)?.local_addr()?;
-    (0..count).map(|_| Endpoint::bind(addr, device, true)).collect()
+    let addr = local(&bind(addr, false)?)?;
+    (0..count).map(|_| bind(addr, true)).collect()
 }
 
 pub(crate) struct Listener {
@@ -174,7 +191,7 @@ impl Listener {
                     }
                     // Small writes (prompts, handshakes) go out at once, as they came in.
                     let _ = stream.get_ref().set_nodelay(true);
-                    drop(self.context.open(stream, peer, guard.clone()));
+                    drop(self.context.accepted(stream, peer, guard.clone()));
                 }
                 Err(e) if is_transient(&e) => {
                     log::debug!(route = &*route, err:% = e; "accept: connection gone before it was taken");

@@ -16,10 +16,18 @@ const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A listening TCP socket with SO_REUSEADDR (a restart need not wait out TIME_WAIT) and a real
-/// backlog.
-pub(crate) fn bind_tcp(addr: SocketAddr, backlog: u32, device: Option<&str>) -> io::Result<Async<TcpListener>> {
+/// backlog; `shared`: with SO_REUSEPORT, one of a group on the address (one per worker).
+pub(crate) fn bind_tcp(
+    addr: SocketAddr,
+    backlog: u32,
+    device: Option<&str>,
+    shared: bool,
+) -> io::Result<Async<TcpListener>> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if shared {
+        socket.set_reuse_port(true)?;
+    }
     if let Some(device) = device {
         socket.bind_device(Some(device.as_bytes()))?;
     }

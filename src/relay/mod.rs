@@ -344,7 +344,7 @@ impl Relay {
     }
 
     /// Spawns the listeners that serve `socket` with `context` (then whatever `retarget`
-    /// brings): a UDP route's, one on each worker, share its `max_flows`. Returns the address
+    /// brings), one on each worker; a UDP route's share its `max_flows`. Returns the address
     /// they listen on.
     fn start_listener(
         &mut self,
@@ -358,14 +358,18 @@ impl Relay {
             .expect("a relay that is not stopping hands out guards");
         let stop = self.common.stop.clone();
         let listen = match socket {
-            Bound::Tcp(socket) => {
-                let listen = socket.get_ref().local_addr();
-                let listener = Listener {
-                    socket,
-                    context,
-                    retarget: retarget.receiver(),
-                };
-                self.tasks.push(rt::spawn(listener.run(stop, guard)));
+            Bound::Tcp(group) => {
+                let listen = group[0].get_ref().local_addr();
+                for (worker, socket) in group.into_iter().enumerate() {
+                    let listener = Listener {
+                        socket,
+                        context: context.clone(),
+                        retarget: retarget.receiver(),
+                    };
+                    // Its sessions run where it does (see RouteContext::accepted).
+                    let task = rt::spawn_on(worker, listener.run(stop.clone(), guard.clone()));
+                    self.tasks.push(task);
+                }
                 listen
             }
             Bound::Udp(group) => {

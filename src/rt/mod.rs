@@ -211,6 +211,15 @@ pub fn worker_count() -> usize {
     current().workers.len()
 }
 
+/// The number of the worker this thread is, in the current runtime; `None` on any other thread.
+pub fn worker_index() -> Option<u16> {
+    let current = CURRENT.with_borrow(|c| c.as_ref().map(|p| p.id));
+    match HERE.get() {
+        Some((pool, i)) if Some(pool) == current => u16::try_from(i).ok(),
+        _ => None,
+    }
+}
+
 /// Runs `future` on worker `i` (modulo their count) of the current runtime.
 pub fn spawn_on<F>(i: usize, future: F) -> JoinHandle<F::Output>
 where

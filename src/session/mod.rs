@@ -28,7 +28,7 @@ pub use pump::Direction;
 pub(crate) use udp::{Flow, FlowEnded, MAX_DATAGRAM};
 
 use crate::config::Protocol;
-use crate::rt::{self, JoinHandle};
+use crate::rt::{self, JoinHandle, TcpConn};
 use crate::shutdown::DrainGuard;
 use crate::stats::Stats;
 pub use crate::stats::Transfer;
@@ -104,6 +104,11 @@ pub struct SessionReport {
     /// delivered before the close, unless the bounded wait for them ran out: what was then
     /// thrown away is not counted in `bytes_up`/`bytes_down`.
     pub in_flight: u64,
+    /// The worker (its number) whose listener accepted the session, and the one that ran it
+    /// to its end; `None` off the relay's workers (an embedder's injected session is
+    /// accepted on its own thread). A TCP session is accepted and run on one worker.
+    pub accepted_on: Option<u16>,
+    pub worker: Option<u16>,
 }
 
 impl SessionReport {
@@ -121,6 +126,8 @@ impl SessionReport {
             end: SessionEnd::Forced,
             path: Transfer::NotRelayed,
             in_flight: 0,
+            accepted_on: None,
+            worker: None,
         }
     }
 
@@ -235,6 +242,15 @@ impl RouteContext {
         }
     }
 
+    /// Starts a session for a connection a listener accepted, on the listener's worker: its
+    /// sockets' events, its pick and its dial never wake another thread.
+    pub(crate) fn accepted(&self, client: TcpConn, peer: SocketAddr, guard: DrainGuard) -> JoinHandle<SessionReport> {
+        match self.route.protocol {
+            Protocol::HttpConnect => rt::spawn_here(spawned(self, peer, guard, |s| s.run_tunnel(client)).1),
+            Protocol::Tcp | Protocol::Udp => rt::spawn_here(spawned(self, peer, guard, |s| s.run_tcp(client)).1),
+        }
+    }
+
     /// Starts a UDP flow whose first datagram is `first`, on this worker: the datagrams it is
     /// handed, and the replies it sends out of the listener's socket, never wake another thread.
     pub fn open_flow(&self, flow: Flow, first: Vec<u8>, guard: DrainGuard) -> (SessionId, JoinHandle<SessionReport>) {
@@ -255,6 +271,9 @@ where
     F: Future<Output = SessionReport> + Send + 'static,
 {
     let (id, opened) = (SessionId(ctx.stats.opened()), Instant::now());
+    // Called where the session is accepted (a listener's task); the report's end is written
+    // where it ran.
+    let accepted_on = rt::worker_index();
     let mut live = Live {
         stats: ctx.stats.clone(),
         forced: false,
@@ -282,6 +301,13 @@ where
                 report
             }
         };
+        let mut report = report;
+        (report.accepted_on, report.worker) = (accepted_on, rt::worker_index());
+        if accepted_on.is_some() && accepted_on != report.worker {
+            // A session spawned off its listener's worker: its events cross threads (a bug).
+            log::warn!(route = &*report.route, session = id.0, accepted_on:? = accepted_on, worker:? = report.worker;
+                "session ran on another worker than the one that accepted it");
+        }
         live.forced = matches!(report.end, SessionEnd::Forced);
         live.stats.relayed_by(report.path);
         (context.metrics).session_ended(crate::metrics::Ended {
@@ -393,8 +419,9 @@ fn log_end(r: &SessionReport, route: &RouteContext) {
     let why = detail.as_deref().unwrap_or("-");
     let backend = r.backend.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
     let egress = r.egress.as_deref().unwrap_or("-");
+    let worker = r.worker.map_or_else(|| "-".into(), |w| w.to_string());
     log::log!(level, route = &*r.route, session = r.id.0, client:% = r.peer, backend = backend.as_str(),
         egress = egress, bytes_up = r.bytes_up, bytes_down = r.bytes_down, in_flight = r.in_flight,
-        duration_ms = r.duration.as_millis() as u64, end = r.end.word(), why = why, held_back = held;
+        duration_ms = r.duration.as_millis() as u64, end = r.end.word(), why = why, worker = worker.as_str(), held_back = held;
         "session closed");
 }

@@ -406,3 +406,64 @@ fn version_names_the_revision_and_help_names_every_flag() {
         assert!(help.contains(flag), "{flag} missing from\n{help}");
     }
 }
+
+/// Threads of process `pid` named as relayd names its event loops.
+fn event_loops(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    (tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()))
+        .filter(|name| name.starts_with("relayd-worker-"))
+        .count()
+}
+
+#[test]
+fn each_worker_runs_one_event_loop_and_a_session_stays_on_the_worker_that_accepted_it() {
+    let echo = async_std::task::block_on(Backend::echo());
+    for workers in [1, 2] {
+        let config = format!("(workers: {workers}, routes: [{}])", route("web", &[echo.addr], ""));
+        let daemon = Daemon::spawn(&[], &config);
+        let addr = daemon.listening("web");
+        // Threads name themselves as they start: bounded wait for them to settle.
+        let started = std::time::Instant::now();
+        while event_loops(daemon.pid()) != workers && started.elapsed() < PATIENCE {
+            std::thread::yield_now();
+        }
+        assert_eq!(
+            event_loops(daemon.pid()),
+            workers,
+            "workers: {workers} → that many event loops"
+        );
+        const CLIENTS: usize = 40;
+        for i in 0..CLIENTS {
+            let mut client = TcpStream::connect(addr).unwrap();
+            client.set_read_timeout(Some(PATIENCE)).unwrap();
+            let ping = format!("ping {i}");
+            client.write_all(ping.as_bytes()).unwrap();
+            let mut echoed = vec![0u8; ping.len()];
+            client.read_exact(&mut echoed).unwrap();
+            assert_eq!(echoed, ping.as_bytes());
+        }
+        let ended = |l: &str| l.contains("session closed");
+        let lines = (0..CLIENTS)
+            .map(|_| daemon.wait_for(ended).expect("a session line for each client"))
+            .collect::<Vec<_>>();
+        let mut seen = std::collections::BTreeMap::<String, usize>::new();
+        for line in &lines {
+            *seen
+                .entry(
+                    field(line, "worker")
+                        .expect("the session line names its worker")
+                        .to_string(),
+                )
+                .or_default() += 1;
+        }
+        let want: Vec<String> = (0..workers).map(|w| w.to_string()).collect();
+        // The kernel spreads connections over the workers' sockets by their addresses (40
+        // source ports: all on one of two sockets is a chance of 2^-39), and each session ran
+        // on the worker that accepted it: a listener spawns its sessions on its own thread,
+        // where their sockets are then registered and their events heard.
+        assert_eq!(seen.keys().cloned().collect::<Vec<_>>(), want, "{seen:?}");
+        let log = daemon.stop();
+        let moved: Vec<_> = log.iter().filter(|l| l.contains("another worker")).collect();
+        assert!(moved.is_empty(), "{moved:?}");
+    }
+}
