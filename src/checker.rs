@@ -25,7 +25,7 @@ pub(crate) async fn run(route: Arc<str>, check: Check, balancer: BalancerHandle,
             let (check, balancer, dialer) = (check.clone(), balancer.clone(), dialer.clone());
             rt::detach(async move {
                 if let Some(verdict) = probe(&check, &dialer, target).await {
-                    let _ = balancer.checked(target.backend, verdict).await;
+                    let _ = balancer.checked(&target, verdict).await;
                 }
             });
         }

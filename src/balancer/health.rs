@@ -187,10 +187,23 @@ impl Balancer {
     /// it back. Only the backend's own faults and successes judge the backend; the Dialer
     /// judges egresses, and a path fault is nobody's.
     pub(super) fn connected(&mut self, id: BackendId, outcome: Result<(), (Fault, String)>) {
-        let now = Instant::now();
         if outcome.is_err() {
             self.unpicked(id);
         }
+        self.judged(id, outcome);
+    }
+
+    /// This shard's backend `id`, or the one at `addr` when another shard's word names a
+    /// backend by an id this one gave another (resolution and reloads met in another order).
+    pub(super) fn known(&self, id: BackendId, addr: std::net::SocketAddr) -> Option<BackendId> {
+        let by_id = self.entries.iter().find(|e| e.id == id && e.addr == addr);
+        let by_addr = || (self.entries.iter().filter(|e| e.addr == addr)).min_by_key(|e| e.retired);
+        by_id.or_else(by_addr).map(|e| e.id)
+    }
+
+    /// What a dial's outcome says of the backend's health (another shard's session's too).
+    pub(super) fn judged(&mut self, id: BackendId, outcome: Result<(), (Fault, String)>) {
+        let now = Instant::now();
         let outcome = match &outcome {
             Ok(()) => Ok(()),
             Err((Fault::Backend, why)) => Err(why.as_str()),
@@ -238,7 +251,9 @@ impl Balancer {
 
     /// One log line per change of a backend's standing.
     pub(super) fn report(&self, id: BackendId, change: Option<Change>) {
-        let Some(change) = change else { return };
+        let Some(change) = change.filter(|_| self.voice) else {
+            return;
+        };
         let Some(entry) = self.entries.iter().find(|e| e.id == id) else {
             return;
         };
@@ -260,7 +275,7 @@ impl Balancer {
 
     /// The Dialer logs egress changes once for the relay; each route notes them at debug.
     pub(super) fn egress_report(&self, egress: EgressId, changed: bool, up: bool) {
-        if changed {
+        if changed && self.voice {
             let name = self.egress_names.get(egress.0).map_or("?", |n| &**n);
             log::debug!(route = &*self.route, egress = name, up = up; "egress standing changed");
             self.stats.health_changed();

@@ -1,7 +1,16 @@
-//! Balancer actor, one per route: picks a (backend, egress) pair for each new session and owns
-//! every piece of balancing state: cursors, counts, backend health, and its view of egress
-//! health. Sessions ask with [`BalancerHandle::pick`] and report how their connects and
-//! sessions ended; the health checker, the resolver and the Dialer send it what they learn.
+//! Balancer actors, one per route on each worker (its shards): each picks a (backend, egress)
+//! pair for the sessions of its worker and owns its balancing state without locks: its
+//! cursors, its sessions' counts, and its copy of backend and egress health. Sessions ask the
+//! shard of their own worker with [`BalancerHandle::pick`] and tell it how their connects and
+//! sessions ended, so a pick never wakes another thread.
+//!
+//! Health stays relay-wide: what judges a backend (a connect's outcome, an active check) and
+//! what the resolver, the Dialer and a reload say reaches every shard, in the same order from
+//! each sender, so every shard counts every failure and takes a backend out at the same
+//! `fall`; only shard 0 speaks of it (its log lines and counters), and shard 0 answers the
+//! checker. A shard's counts are its own sessions': least-connections weighs the connections
+//! of its worker (as nginx's least_conn without a shared zone), and a snapshot adds the
+//! shards up. A backend's trial after its cool-down is one session per shard.
 
 mod health;
 mod pick;
@@ -140,16 +149,20 @@ pub(crate) enum BalancerMsg {
         reply: flume::Sender<Result<Pick, NoPick>>,
     },
     /// A session's dial (or a UDP flow's first answer) failed, with whose fault and why, or
-    /// succeeded where that is news ([`Pick::report_success`]).
+    /// succeeded where that is news ([`Pick::report_success`]). `counted`: this shard's pick
+    /// counted the session (a failure takes it back); the other shards hear it by address.
     Connected {
         backend: BackendId,
+        addr: SocketAddr,
         outcome: Result<(), (Fault, String)>,
+        counted: bool,
     },
     /// A session on `backend` has ended.
     Closed { backend: BackendId },
     /// An active check passed, or failed and why.
     Checked {
         backend: BackendId,
+        addr: SocketAddr,
         verdict: Result<(), String>,
     },
     /// The egress for a target the client named (CONNECT routes), other than `avoid`; or why
@@ -180,34 +193,52 @@ pub(crate) enum BalancerMsg {
     },
 }
 
-/// Talks to one route's balancer. Cheap to clone.
+/// Talks to one route's balancer shards. Cheap to clone.
 #[derive(Clone)]
 pub struct BalancerHandle {
-    tx: flume::Sender<BalancerMsg>,
+    /// One mailbox per worker, by the worker's number.
+    shards: Arc<[flume::Sender<BalancerMsg>]>,
 }
 
 impl BalancerHandle {
-    /// A balancer for `route`; `egress_names` are the relay's, indexed by [`EgressId`].
+    /// A balancer for `route`, a shard on each worker of the current runtime; `egress_names`
+    /// are the relay's, indexed by [`EgressId`].
     pub(crate) fn spawn(
         route: &Route,
         egress_names: Arc<[Arc<str>]>,
         stats: Arc<Stats>,
         mailbox: usize,
-    ) -> (Self, rt::JoinHandle<()>) {
-        let (tx, rx) = flume::bounded(mailbox);
-        (
-            BalancerHandle { tx },
-            rt::spawn(Balancer::new(route, egress_names, stats).run(rx)),
-        )
+    ) -> (Self, Vec<rt::JoinHandle<()>>) {
+        let (shards, tasks) = (0..rt::worker_count().max(1))
+            .map(|i| {
+                let (tx, rx) = flume::bounded(mailbox);
+                let shard = Balancer::new(route, egress_names.clone(), stats.clone(), i == 0);
+                (tx, rt::spawn_on(i, shard.run(rx)))
+            })
+            .unzip::<_, _, Vec<_>, Vec<_>>();
+        (BalancerHandle { shards: shards.into() }, tasks)
     }
 
-    async fn send(&self, msg: BalancerMsg) -> Result<(), Gone> {
-        self.tx.send_async(msg).await.map_err(|_| Gone("balancer"))
+    /// The shard of the worker this runs on (shard 0 off the workers).
+    fn local(&self) -> usize {
+        rt::worker_index().map_or(0, usize::from) % self.shards.len()
     }
 
-    async fn ask<T>(&self, msg: impl FnOnce(flume::Sender<T>) -> BalancerMsg) -> Result<T, Gone> {
+    async fn send_to(&self, shard: usize, msg: BalancerMsg) -> Result<(), Gone> {
+        self.shards[shard].send_async(msg).await.map_err(|_| Gone("balancer"))
+    }
+
+    /// Sends `msg(shard)` to every shard, in turn.
+    async fn broadcast(&self, msg: impl Fn(usize) -> BalancerMsg) -> Result<(), Gone> {
+        for shard in 0..self.shards.len() {
+            self.send_to(shard, msg(shard)).await?;
+        }
+        Ok(())
+    }
+
+    async fn ask<T>(&self, shard: usize, msg: impl FnOnce(flume::Sender<T>) -> BalancerMsg) -> Result<T, Gone> {
         let (reply, answer) = flume::bounded(1);
-        self.send(msg(reply)).await?;
+        self.send_to(shard, msg(reply)).await?;
         answer.recv_async().await.map_err(|_| Gone("balancer"))
     }
 
@@ -215,70 +246,116 @@ impl BalancerHandle {
     /// usable pair is left (every backend or egress is down: fail fast).
     pub async fn pick(&self, client: IpAddr, tried: &[Tried]) -> Result<Result<Pick, NoPick>, Gone> {
         let tried = tried.to_vec();
-        self.ask(|reply| BalancerMsg::Pick { client, tried, reply }).await
+        self.ask(self.local(), |reply| BalancerMsg::Pick { client, tried, reply })
+            .await
     }
 
-    pub async fn connected(&self, backend: BackendId, outcome: Result<(), (Fault, String)>) -> Result<(), Gone> {
-        self.send(BalancerMsg::Connected { backend, outcome }).await
+    /// How the dial of `pick` (made on this worker) went: told to this worker's shard, which
+    /// counted it, and to the others, whose health it judges too.
+    pub async fn connected(&self, pick: &Pick, outcome: Result<(), (Fault, String)>) -> Result<(), Gone> {
+        let (local, backend, addr) = (self.local(), pick.backend, pick.addr);
+        self.broadcast(|shard| BalancerMsg::Connected {
+            backend,
+            addr,
+            outcome: outcome.clone(),
+            counted: shard == local,
+        })
+        .await
     }
 
     pub async fn closed(&self, backend: BackendId) -> Result<(), Gone> {
-        self.send(BalancerMsg::Closed { backend }).await
+        self.send_to(self.local(), BalancerMsg::Closed { backend }).await
     }
 
     /// What a pick counted for a session on `backend`, released when the guard drops: at the
-    /// session's end, however it ends (a panic included).
+    /// session's end, however it ends (a panic included), on the shard that counted it.
     pub(crate) fn counted(&self, backend: BackendId) -> Counted {
         Counted {
             balancer: self.clone(),
+            shard: self.local(),
             backend,
         }
     }
 
-    pub async fn checked(&self, backend: BackendId, verdict: Result<(), String>) -> Result<(), Gone> {
-        self.send(BalancerMsg::Checked { backend, verdict }).await
+    /// An active check of `target` (one of [`BalancerHandle::targets`]) passed, or failed.
+    pub async fn checked(&self, target: &Pick, verdict: Result<(), String>) -> Result<(), Gone> {
+        let (backend, addr) = (target.backend, target.addr);
+        self.broadcast(|_| BalancerMsg::Checked {
+            backend,
+            addr,
+            verdict: verdict.clone(),
+        })
+        .await
     }
 
     /// An egress for a client-chosen target, other than `avoid`.
     pub async fn egress(&self, avoid: &[EgressId]) -> Result<Result<EgressId, NoPick>, Gone> {
         let avoid = avoid.to_vec();
-        self.ask(|reply| BalancerMsg::Egress { avoid, reply }).await
+        self.ask(self.local(), |reply| BalancerMsg::Egress { avoid, reply })
+            .await
     }
 
     pub(crate) async fn egress_news(&self, egress: EgressId, down: Option<Arc<str>>, seq: u64) -> Result<(), Gone> {
-        self.send(BalancerMsg::EgressNews { egress, down, seq }).await
+        self.broadcast(|_| BalancerMsg::EgressNews {
+            egress,
+            down: down.clone(),
+            seq,
+        })
+        .await
     }
 
     pub(crate) async fn resolved(&self, source: usize, addrs: Vec<SocketAddr>) -> Result<(), Gone> {
-        self.send(BalancerMsg::Resolved { source, addrs }).await
+        self.broadcast(|_| BalancerMsg::Resolved {
+            source,
+            addrs: addrs.clone(),
+        })
+        .await
     }
 
     pub(crate) async fn reconfigure(&self, route: Route, egress_names: Arc<[Arc<str>]>) -> Result<(), Gone> {
-        let route = Box::new(route);
-        self.send(BalancerMsg::Reconfigure { route, egress_names }).await
+        self.broadcast(|_| BalancerMsg::Reconfigure {
+            route: Box::new(route.clone()),
+            egress_names: egress_names.clone(),
+        })
+        .await
     }
 
+    /// What the checker should check now: shard 0's word.
     pub(crate) async fn targets(&self) -> Result<Vec<Pick>, Gone> {
-        self.ask(|reply| BalancerMsg::Targets { reply }).await
+        self.ask(0, |reply| BalancerMsg::Targets { reply }).await
     }
 
+    /// The route's backends and egresses: shard 0's view of their health, with every shard's
+    /// counts added up (a retired backend one shard still serves is listed too).
     pub async fn snapshot(&self) -> Result<(Vec<BackendSnapshot>, Vec<EgressSnapshot>), Gone> {
-        self.ask(|reply| BalancerMsg::Snapshot { reply }).await
+        let (mut backends, egresses) = self.ask(0, |reply| BalancerMsg::Snapshot { reply }).await?;
+        for shard in 1..self.shards.len() {
+            let (theirs, _) = self.ask(shard, |reply| BalancerMsg::Snapshot { reply }).await?;
+            for b in theirs {
+                match backends.iter_mut().find(|o| o.addr == b.addr && o.source == b.source) {
+                    Some(o) => (o.active, o.sessions) = (o.active + b.active, o.sessions + b.sessions),
+                    None => backends.push(b),
+                }
+            }
+        }
+        Ok((backends, egresses))
     }
 }
 
 /// Tells the balancer a session on its backend has ended when dropped.
 pub(crate) struct Counted {
     balancer: BalancerHandle,
+    shard: usize,
     backend: BackendId,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
         let msg = BalancerMsg::Closed { backend: self.backend };
+        let tx = &self.balancer.shards[self.shard];
         // A full mailbox is no reason to block a drop: the word goes from a task instead.
-        if let Err(flume::TrySendError::Full(msg)) = self.balancer.tx.try_send(msg) {
-            let tx = self.balancer.tx.clone();
+        if let Err(flume::TrySendError::Full(msg)) = tx.try_send(msg) {
+            let tx = tx.clone();
             rt::detach(async move {
                 let _ = tx.send_async(msg).await;
             });
@@ -337,6 +414,8 @@ struct Balancer {
     /// Name backends the resolver has not answered for yet, and the picks waiting for it.
     unresolved: Vec<usize>,
     held: Vec<HeldPick>,
+    /// Shard 0: the one whose health changes are logged and counted.
+    voice: bool,
 }
 
 /// A pick waiting for the first lookup of the route's names: who asked, what they tried, and
@@ -347,8 +426,8 @@ type HeldPick = (IpAddr, Vec<Tried>, flume::Sender<Result<Pick, NoPick>>);
 const HELD_MAX: usize = 1024;
 
 impl Balancer {
-    fn new(route: &Route, egress_names: Arc<[Arc<str>]>, stats: Arc<Stats>) -> Self {
-        if route.balance == Balance::WeightedRoundRobin {
+    fn new(route: &Route, egress_names: Arc<[Arc<str>]>, stats: Arc<Stats>, voice: bool) -> Self {
+        if voice && route.balance == Balance::WeightedRoundRobin {
             log::info!(route = route.name.as_str();
                 "balance WeightedRoundRobin is RoundRobin now: round robin honours weights");
         }
@@ -369,6 +448,7 @@ impl Balancer {
             stats,
             unresolved: Vec::new(),
             held: Vec::new(),
+            voice,
         };
         // Addresses now; names once the resolver has looked them up (its first pass runs at
         // once): picks that come before it are held until then.
@@ -391,9 +471,25 @@ impl Balancer {
                         self.held.push((client, tried, reply));
                     }
                 }
-                BalancerMsg::Connected { backend, outcome } => self.connected(backend, outcome),
+                BalancerMsg::Connected {
+                    backend,
+                    outcome,
+                    counted: true,
+                    ..
+                } => self.connected(backend, outcome),
+                BalancerMsg::Connected {
+                    backend, addr, outcome, ..
+                } => {
+                    if let Some(backend) = self.known(backend, addr) {
+                        self.judged(backend, outcome);
+                    }
+                }
                 BalancerMsg::Closed { backend } => self.closed(backend),
-                BalancerMsg::Checked { backend, verdict } => self.checked(backend, verdict),
+                BalancerMsg::Checked { backend, addr, verdict } => {
+                    if let Some(backend) = self.known(backend, addr) {
+                        self.checked(backend, verdict);
+                    }
+                }
                 BalancerMsg::Egress { avoid, reply } => {
                     let _ = reply.send(self.client_egress(&avoid));
                 }

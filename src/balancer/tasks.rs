@@ -85,7 +85,7 @@ impl Balancer {
             }
         }
         if let BackendAddr::Name { host, .. } = &self.sources[source].addr {
-            if !added.is_empty() || !retired.is_empty() {
+            if self.voice && (!added.is_empty() || !retired.is_empty()) {
                 log::info!(route = &*self.route, backend = host.as_str(), added:? = added, retired:? = retired;
                     "backend addresses changed");
             }

@@ -13,7 +13,7 @@ fn settings(route: &str) -> Settings {
 fn balancer(route: &str) -> Balancer {
     let s = settings(route);
     let names: Arc<[Arc<str>]> = s.egress.iter().map(|e| e.name.as_str().into()).collect();
-    Balancer::new(&s.routes[0], names, Arc::default())
+    Balancer::new(&s.routes[0], names, Arc::default(), true)
 }
 
 fn ports(b: &mut Balancer, n: usize) -> Vec<u16> {
@@ -148,13 +148,13 @@ fn the_actor_serves_its_handle() {
     let (handle, task) = BalancerHandle::spawn(&s.routes[0], names, Arc::default(), 8);
     let (first, snapshot) = rt::block_on(async {
         let first = handle.pick(CLIENT, &[]).await.unwrap().unwrap();
-        handle.connected(first.backend, Ok(())).await.unwrap();
+        handle.connected(&first, Ok(())).await.unwrap();
         (first, handle.snapshot().await.unwrap())
     });
     assert_eq!(first.addr.port(), 1);
     assert_eq!((snapshot.0[0].active, snapshot.0[0].sessions), (1, 1));
     drop(handle);
-    rt::block_on(task);
+    rt::block_on(futures::future::join_all(task));
 }
 
 #[test]
@@ -193,7 +193,7 @@ fn picks_before_a_names_first_lookup_wait_for_it() {
     let picked = rt::block_on(waiting).unwrap().unwrap();
     assert_eq!(picked.addr, addr, "answered with the first addresses");
     drop(handle);
-    rt::block_on(task);
+    rt::block_on(futures::future::join_all(task));
 }
 
 #[test]
@@ -292,4 +292,63 @@ fn round_robin_by_default_honours_weights_and_rotates_plainly_when_they_are_equa
     );
     let mut plain = balancer(THREE);
     assert_eq!(ports(&mut plain, 6), [1, 2, 3, 1, 2, 3]);
+}
+
+#[test]
+fn each_worker_picks_from_its_own_shard_and_a_failure_on_one_takes_the_backend_out_on_all() {
+    let s = settings(&format!(r#"{THREE}, health: (fall: 2, cooldown: "1m")"#));
+    let names: Arc<[Arc<str>]> = s.egress.iter().map(|e| e.name.as_str().into()).collect();
+    let runtime = rt::Runtime::new(std::num::NonZeroUsize::new(2)).unwrap();
+    let stats = Arc::<Stats>::default();
+    let (handle, shards) = runtime.enter(|| BalancerHandle::spawn(&s.routes[0], names, stats.clone(), 8));
+    assert_eq!(shards.len(), 2, "a shard on each worker");
+    let on = |worker: usize, n: usize| {
+        let handle = handle.clone();
+        rt::block_on(runtime.enter(|| {
+            rt::spawn_on(worker, async move {
+                let mut picks = Vec::new();
+                for _ in 0..n {
+                    picks.push(handle.pick(CLIENT, &[]).await.unwrap().unwrap());
+                }
+                picks
+            })
+        }))
+    };
+    // Each shard has its own cursor: both start at the first backend.
+    let (zero, one) = (on(0, 3), on(1, 3));
+    let ports = |picks: &[Pick]| picks.iter().map(|p| p.addr.port()).collect::<Vec<_>>();
+    assert_eq!((ports(&zero), ports(&one)), (vec![1, 2, 3], vec![1, 2, 3]));
+    let snapshot = rt::block_on(handle.snapshot()).unwrap().0;
+    assert_eq!(
+        snapshot.iter().map(|b| b.sessions).collect::<Vec<_>>(),
+        [2, 2, 2],
+        "the shards added up"
+    );
+    // Worker 1's sessions fail twice on backend 2: every shard takes it out, once.
+    let second = one[1];
+    for _ in 0..2 {
+        let handle = handle.clone();
+        let failed = runtime.enter(|| {
+            rt::spawn_on(1, async move {
+                handle
+                    .connected(&second, Err((Fault::Backend, "refused".into())))
+                    .await
+                    .unwrap();
+            })
+        });
+        rt::block_on(failed);
+    }
+    let ports_now = [ports(&on(0, 4)), ports(&on(1, 4))];
+    for (worker, ports) in ports_now.iter().enumerate() {
+        assert!(
+            !ports.contains(&2),
+            "worker {worker} still offered the ejected backend: {ports:?}"
+        );
+    }
+    let snapshot = rt::block_on(handle.snapshot()).unwrap().0;
+    assert_eq!(snapshot[1].state, HealthState::Down);
+    assert_eq!(snapshot[1].connect_failures, 2, "counted once, not once a shard");
+    assert_eq!(stats.health_changes(), 1, "one shard speaks of the change");
+    drop(handle);
+    rt::block_on(futures::future::join_all(shards));
 }

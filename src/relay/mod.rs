@@ -262,13 +262,13 @@ impl Relay {
     /// A new route: its Balancer, its checker and resolver, and its context; the caller then
     /// has it served ([`Relay::serve`]).
     fn start_route(&mut self, route: Route) {
-        let (balancer, balancer_task) = BalancerHandle::spawn(
+        let (balancer, shards) = BalancerHandle::spawn(
             &route,
             self.common.egress_names.clone(),
             self.common.stats.clone(),
             self.common.mailbox,
         );
-        self.tasks.push(balancer_task);
+        self.tasks.extend(shards);
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let gate = route.max_connections.map(|n| limits::Gate::new(n.get() as u64));

@@ -46,7 +46,7 @@ impl Session {
                         let (egress, took) = (ctx.egress_name(&pick), Ok(started.elapsed()));
                         (ctx.metrics).dialed(&ctx.route_name, pick.addr, &egress, took);
                         if pick.report_success {
-                            let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
+                            let _ = ctx.balancer.connected(&pick, Ok(())).await;
                         }
                     }
                     return Ok((pick, upstream));
@@ -56,7 +56,7 @@ impl Session {
             };
             let fault = e.fault().unwrap_or(Fault::Backend);
             (ctx.metrics).dialed(&ctx.route_name, pick.addr, &ctx.egress_name(&pick), Err(fault));
-            let _ = ctx.balancer.connected(pick.backend, Err((fault, e.to_string()))).await;
+            let _ = ctx.balancer.connected(&pick, Err((fault, e.to_string()))).await;
             if let Some(held) = ctx.dial_failures.admit() {
                 log::warn!(route = &*ctx.route_name, session = id.0, client:% = peer, backend:% = pick.addr,
                     egress = &*ctx.egress_name(&pick), fault = fault.word(), err:% = e, held_back = held; "connect failed");

@@ -152,7 +152,7 @@ impl Session {
         }
         let why = format!("udp: {e}");
         (ctx.metrics).dialed(&ctx.route_name, pick.addr, &ctx.egress_name(pick), Err(Fault::Backend));
-        let _ = ctx.balancer.connected(pick.backend, Err((Fault::Backend, why))).await;
+        let _ = ctx.balancer.connected(pick, Err((Fault::Backend, why))).await;
     }
 
     /// Relays until the flow ends, its backend fails, or its egress goes. `carried.last` is the
@@ -234,7 +234,7 @@ impl Session {
                         ctx.metrics
                             .dialed(&ctx.route_name, pick.addr, &egress, Ok(sent.elapsed()));
                         if pick.report_success {
-                            let _ = ctx.balancer.connected(pick.backend, Ok(())).await;
+                            let _ = ctx.balancer.connected(pick, Ok(())).await;
                         }
                     }
                     moved = Instant::now();

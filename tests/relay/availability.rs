@@ -83,7 +83,10 @@ async fn a_killed_backend_is_taken_out_without_failing_clients_and_comes_back_af
         "two passed checks bring it back"
     );
     let (answered, failed) = round(&h, 30).await;
-    assert_eq!((answered.get("b"), failed), (Some(&10), 0), "{answered:?}");
+    // Its share again: a third of each worker's sessions, by that worker's own cursor (within
+    // one of a third on each of the two).
+    let b = answered.get("b").copied().unwrap_or(0);
+    assert!((8..=12).contains(&b) && failed == 0, "{answered:?}");
     assert_eq!(h.shutdown().await.forced, 0);
 }
 
@@ -122,7 +125,10 @@ async fn with_every_backend_out_sessions_fail_fast_without_dialing() {
 #[async_std::test]
 async fn least_connections_sends_new_sessions_to_the_least_busy_backend() {
     let (a, b) = (Backend::echo().await, Backend::echo().await);
-    let h = Harness::start(&config(&[route("r", &[a.addr, b.addr], "balance: LeastConnections")]));
+    // One worker: the order of one shard's counts (each worker's shard keeps its own).
+    let h = Harness::start(
+        &config(&[route("r", &[a.addr, b.addr], "balance: LeastConnections")]).replacen('(', "(workers: 1, ", 1),
+    );
     let mut open = Vec::new();
     for _ in 0..3 {
         let mut s = h.inject("r");
@@ -194,7 +200,8 @@ async fn weighted_round_robin_interleaves_by_weight_and_weight_zero_drains() {
         r#"(name: "r", listen: "127.0.0.1:0", balance: WeightedRoundRobin, backends: [(addr: "{}", weight: 3), (addr: "{}"), (addr: "{}", weight: 0)])"#,
         a.addr, b.addr, c.addr
     );
-    let h = Harness::start(&config(&[route]));
+    // One worker: the order of one shard's cursor (each worker's shard keeps its own).
+    let h = Harness::start(&config(&[route]).replacen('(', "(workers: 1, ", 1));
     let mut order = String::new();
     for _ in 0..8 {
         let mut client = h.connect("r").await;

@@ -211,9 +211,15 @@ async fn a_refused_target_is_502_and_a_silent_one_504() {
 }
 
 /// A TCP route (or a CONNECT route) whose egress goes through another relayd's CONNECT route.
-fn chained(upstream: SocketAddr, routes: &str) -> Harness {
+/// A relay whose egress `chain` leaves through `upstream`, on `workers` workers (0: one per core).
+fn chained(upstream: SocketAddr, routes: &str, workers: usize) -> Harness {
+    let workers = if workers == 0 {
+        String::new()
+    } else {
+        format!("workers: {workers}, ")
+    };
     Harness::start(&format!(
-        r#"(egress: {{"chain": (via_proxy: "{upstream}", via_proxy_auth: (user: "relay", password: "pw"))}}, routes: [{routes}])"#
+        r#"({workers}egress: {{"chain": (via_proxy: "{upstream}", via_proxy_auth: (user: "relay", password: "pw"))}}, routes: [{routes}])"#
     ))
 }
 
@@ -229,7 +235,8 @@ async fn a_tcp_route_reaches_its_backend_through_an_upstream_proxy_and_fails_ove
         r#"(name: "t", listen: "127.0.0.1:0", egress: "chain", backends: [(addr: "{}"), (addr: "{}")])"#,
         forbidden.addr, allowed.addr
     );
-    let h = chained(upstream.addr("p"), &route);
+    // One worker: the order below is one shard's cursor.
+    let h = chained(upstream.addr("p"), &route, 1);
     for _ in 0..2 {
         let mut client = h.connect("t").await;
         assert_eq!(
@@ -259,7 +266,7 @@ async fn connect_routes_chain_through_an_upstream_proxy() {
         r#"(name: "p", listen: "127.0.0.1:0", protocol: HttpConnect, egress: "chain", connect: ({}))"#,
         loopback(&[web.addr.port()], "")
     );
-    let h = chained(upstream.addr("p"), &route);
+    let h = chained(upstream.addr("p"), &route, 0);
     let (code, body, err) = curl(h.addr("p"), &format!("http://{}/chained", web.addr), &[]).await;
     assert_eq!((code, body.as_str()), (0, "hello from backend /chained"), "{err}");
     assert_eq!(h.shutdown().await.forced, 0);

@@ -21,7 +21,11 @@ fn fetch(addr: std::net::SocketAddr) -> String {
 #[async_std::test]
 async fn the_daemon_relays_round_robin_and_exits_zero_on_sigterm() {
     let (a, b) = (Backend::greeter("a").await, Backend::greeter("b").await);
-    let daemon = Daemon::spawn(&[], &format!("(routes: [{}])", route("web", &[a.addr, b.addr], "")));
+    // One worker: the rotation of one shard's cursor.
+    let daemon = Daemon::spawn(
+        &[],
+        &format!("(workers: 1, routes: [{}])", route("web", &[a.addr, b.addr], "")),
+    );
     let addr = daemon.listening("web");
     let answers: Vec<String> = (0..4).map(|_| fetch(addr)).collect();
     assert_eq!(answers, ["a", "b", "a", "b"]);

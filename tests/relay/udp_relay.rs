@@ -46,7 +46,7 @@ async fn two_hundred_clients_each_get_their_own_replies_in_order() {
         within(c).await;
     }
     assert_eq!(h.relay().stats().total(), 200, "one flow per client");
-    let mut flows: Vec<usize> = backends
+    let flows: Vec<usize> = backends
         .iter()
         .map(|b| {
             b.drain()
@@ -56,8 +56,13 @@ async fn two_hundred_clients_each_get_their_own_replies_in_order() {
                 .len()
         })
         .collect();
-    flows.sort_unstable();
-    assert_eq!(flows, [66, 67, 67], "flows are spread round robin");
+    // Round robin on each worker's shard, each over the flows the kernel gave its socket:
+    // within one of a third on each.
+    assert_eq!(flows.iter().sum::<usize>(), 200);
+    assert!(
+        flows.iter().all(|n| (64..=69).contains(n)),
+        "flows are spread round robin: {flows:?}"
+    );
     assert_eq!(h.shutdown().await.forced, 0);
 }
 
@@ -209,7 +214,8 @@ async fn a_udp_address_someone_else_has_fails_the_start_with_its_name() {
 async fn a_flow_sent_to_a_dead_backend_fails_over_and_others_go_on() {
     let echo = UdpBackend::echo().await;
     let dead = unreachable_addr();
-    let h = Harness::start(&config(&[udp("u", &[echo.addr, dead], "")]));
+    // One worker: one shard's cursor sends the second flow to the second backend.
+    let h = Harness::start(&config(&[udp("u", &[echo.addr, dead], "")]).replacen('(', "(workers: 1, ", 1));
     let (live, moved) = (client(h.addr("u")).await, client(h.addr("u")).await);
     assert_eq!(round_trip(&live, b"first").await, b"first");
     // Round robin sends the second flow to the dead port. Its ICMP error comes back before any
