@@ -1,9 +1,10 @@
-//! Dialer actor, one per relay: holds a socket [`Factory`] per egress and hands out upstream
-//! sockets, built and bound as the egress says. It builds each socket in its loop (quick,
-//! non-blocking); the connect runs in the asking task, so one slow or dead backend never holds
-//! up another session's dial.
+//! Dialer actors, one on each worker (its shards): each holds a socket [`Factory`] per egress
+//! and hands the sessions of its worker upstream sockets, built and bound as the egress says.
+//! It builds each socket in its loop (quick, non-blocking); the connect runs in the asking
+//! task, so one slow or dead backend never holds up another session's dial, and no dial wakes
+//! another thread.
 //!
-//! It also keeps the relay-wide word on each egress, from what does not depend on any one
+//! Shard 0 also keeps the relay-wide word on each egress, from what does not depend on any one
 //! target: the kernel's verdict (the egress watcher's), a device or source that cannot be
 //! bound, and dials that time out towards several targets while another egress connects. Each
 //! change goes out as [`EgressNews`] (the relay hands it to every balancer); dials in flight by
@@ -52,6 +53,15 @@ pub(crate) enum DialerMsg {
     /// A reload's egresses, by the same ids (new ones at the end): a changed one is built
     /// anew for the dials to come and judged afresh; sockets it made already are untouched.
     Egresses(Vec<Egress>),
+    /// To shard 0, from another: a socket could not be built for the egress's own fault.
+    Evidence { egress: EgressId, why: String },
+    /// From shard 0 to the others: its word on an egress (`Some(why)`: down; their dials in
+    /// flight by it are cut short), and whether successes are worth hearing of now.
+    Told {
+        egress: EgressId,
+        down: Option<Arc<str>>,
+        weighing: bool,
+    },
 }
 
 /// A TCP socket ready for its connect, and what the connect needs to know.
@@ -81,32 +91,68 @@ pub struct EgressNews {
     pub seq: u64,
 }
 
-/// Asks the relay's dialer for upstream sockets. Cheap to clone.
+/// Asks the relay's dialer shards for upstream sockets. Cheap to clone.
 #[derive(Clone)]
 pub struct DialerHandle {
-    tx: flume::Sender<DialerMsg>,
+    /// One mailbox per worker, by the worker's number; shard 0 judges the egresses.
+    shards: Arc<[flume::Sender<DialerMsg>]>,
 }
 
 impl DialerHandle {
     /// Starts a dialer with one factory per egress ([`crate::Settings::egress`]; an
     /// [`EgressId`] is an index into it). The receiver hears when an egress goes down or comes
     /// back. The dialer ends when the last handle is dropped.
-    pub fn spawn(egress: &[Egress], mailbox: usize) -> (Self, rt::JoinHandle<()>, flume::Receiver<EgressNews>) {
-        let (tx, rx) = flume::bounded(mailbox);
+    ///
+    /// A shard runs on each worker of the current runtime. Shard 0 judges each egress for the
+    /// relay (the kernel's word, what dials showed) and tells the others; theirs hand it what
+    /// their dials show.
+    pub fn spawn(egress: &[Egress], mailbox: usize) -> (Self, Vec<rt::JoinHandle<()>>, flume::Receiver<EgressNews>) {
         let (news, heard) = flume::bounded(mailbox);
-        let dialer = Dialer {
-            factories: egress.iter().cloned().map(Factory::new).collect(),
-            names: egress.iter().map(|e| e.name.as_str().into()).collect(),
-            standing: egress.iter().map(|_| Standing::new()).collect(),
-            seq: 0,
-            news,
-        };
-        (DialerHandle { tx }, rt::spawn(dialer.run(rx)), heard)
+        let (shards, mailboxes): (Vec<_>, Vec<_>) =
+            (0..rt::worker_count().max(1)).map(|_| flume::bounded(mailbox)).unzip();
+        let tasks = (mailboxes.into_iter().enumerate())
+            .map(|(i, rx)| {
+                let role = match i {
+                    0 => Role::Judge {
+                        news: news.clone(),
+                        others: shards[1..].iter().map(flume::Sender::downgrade).collect(),
+                        weighing: false,
+                    },
+                    _ => Role::Shard {
+                        judge: shards[0].downgrade(),
+                        weighing: false,
+                    },
+                };
+                let dialer = Dialer {
+                    factories: egress.iter().cloned().map(Factory::new).collect(),
+                    names: egress.iter().map(|e| e.name.as_str().into()).collect(),
+                    standing: egress.iter().map(|_| Standing::new()).collect(),
+                    seq: 0,
+                    role,
+                };
+                rt::spawn_on(i, dialer.run(rx))
+            })
+            .collect();
+        (DialerHandle { shards: shards.into() }, tasks, heard)
+    }
+
+    /// The shard of the worker this runs on (shard 0 off the workers).
+    fn local(&self) -> &flume::Sender<DialerMsg> {
+        let i = rt::worker_index().map_or(0, usize::from) % self.shards.len();
+        &self.shards[i]
     }
 
     async fn ask<T>(&self, msg: DialerMsg, answer: flume::Receiver<Result<T, DialError>>) -> Result<T, DialError> {
-        self.tx.send_async(msg).await.map_err(|_| Gone("dialer"))?;
+        self.local().send_async(msg).await.map_err(|_| Gone("dialer"))?;
         answer.recv_async().await.map_err(|_| Gone("dialer"))?
+    }
+
+    /// Sends `msg` to every shard.
+    async fn broadcast(&self, msg: impl Fn() -> DialerMsg) -> Result<(), Gone> {
+        for shard in self.shards.iter() {
+            shard.send_async(msg()).await.map_err(|_| Gone("dialer"))?;
+        }
+        Ok(())
     }
 
     /// A TCP connection to `target` leaving by `egress`, or why not within `timeout`.
@@ -139,7 +185,9 @@ impl DialerHandle {
                 target,
                 timed_out,
             };
-            let _ = self.tx.send_async(msg).await;
+            // Straight to the judge: timeouts are rare, and successes are asked for only while
+            // it weighs some.
+            let _ = self.shards[0].send_async(msg).await;
         }
         opened
     }
@@ -152,14 +200,13 @@ impl DialerHandle {
 
     /// A reload's egresses: ids as before, new ones after them.
     pub(crate) async fn reconfigure(&self, egress: Vec<Egress>) -> Result<(), Gone> {
-        let msg = DialerMsg::Egresses(egress);
-        self.tx.send_async(msg).await.map_err(|_| Gone("dialer"))
+        self.broadcast(|| DialerMsg::Egresses(egress.clone())).await
     }
 
-    /// The kernel's verdict on `egress` changed.
+    /// The kernel's verdict on `egress` changed: the judge's to weigh.
     pub(crate) async fn kernel(&self, egress: EgressId, down: Option<String>) -> Result<(), Gone> {
         let msg = DialerMsg::Kernel { egress, down };
-        self.tx.send_async(msg).await.map_err(|_| Gone("dialer"))
+        self.shards[0].send_async(msg).await.map_err(|_| Gone("dialer"))
     }
 }
 
@@ -172,7 +219,37 @@ struct Dialer {
     standing: Vec<Standing>,
     /// Numbers the news, so that a balancer can tell old from new.
     seq: u64,
-    news: flume::Sender<EgressNews>,
+    role: Role,
+}
+
+/// A dialer shard's part in judging the egresses.
+enum Role {
+    /// Shard 0: weighs the evidence, tells the balancers (`news`) and the other shards.
+    ///
+    /// The shards hold each other weakly: they end, as any actor, once the relay's handles
+    /// are gone.
+    Judge {
+        news: flume::Sender<EgressNews>,
+        others: Vec<flume::WeakSender<DialerMsg>>,
+        /// What the others were last told of it.
+        weighing: bool,
+    },
+    /// Any other: hands its evidence to the judge, and keeps the judge's word (in each
+    /// standing's kernel verdict).
+    Shard {
+        judge: flume::WeakSender<DialerMsg>,
+        weighing: bool,
+    },
+}
+
+/// Sends without waiting in an actor's loop: a full mailbox hands the word to a task.
+fn tell<T: Send + 'static>(tx: &flume::Sender<T>, msg: T) {
+    if let Err(flume::TrySendError::Full(msg)) = tx.try_send(msg) {
+        let tx = tx.clone();
+        rt::detach(async move {
+            let _ = tx.send_async(msg).await;
+        });
+    }
 }
 
 impl Dialer {
@@ -208,7 +285,24 @@ impl Dialer {
                         self.announce(egress);
                     }
                 }
+                DialerMsg::Evidence { egress, why } => {
+                    if let Some(standing) = self.standing.get_mut(egress.0) {
+                        standing.failed(why, Instant::now());
+                        self.announce(egress);
+                    }
+                }
+                DialerMsg::Told { egress, down, weighing } => {
+                    if let Role::Shard { weighing: w, .. } = &mut self.role {
+                        *w = weighing;
+                    }
+                    if let Some(standing) = self.standing.get_mut(egress.0) {
+                        standing.kernel = down;
+                        // Going down fires its lost signal: this shard's dials by it end.
+                        let _ = standing.change();
+                    }
+                }
             }
+            self.tell_weighing();
         }
         log::debug!(actor = "dialer"; "stopped, no handles left");
     }
@@ -253,7 +347,7 @@ impl Dialer {
             egress_name: self.names[egress.0].clone(),
             proxy,
             lost: self.standing[egress.0].lost(),
-            report_success: self.standing.iter().any(Standing::weighing),
+            report_success: self.weighing(),
         });
         self.learn(egress, prepared.as_ref().err());
         let _ = reply.send(prepared);
@@ -274,6 +368,13 @@ impl Dialer {
     fn learn(&mut self, egress: EgressId, failed: Option<&DialError>) {
         let Some(e) = failed else { return };
         if e.fault() != Some(Fault::Egress) || matches!(e, DialError::EgressDown { .. }) {
+            return;
+        }
+        if let Role::Shard { judge, .. } = &self.role {
+            let why = e.to_string();
+            if let Some(judge) = judge.upgrade() {
+                tell(&judge, DialerMsg::Evidence { egress, why });
+            }
             return;
         }
         if let Some(standing) = self.standing.get_mut(egress.0) {
@@ -308,6 +409,38 @@ impl Dialer {
         }
     }
 
+    /// Successes are worth hearing of: the judge weighs timeouts or has a trial on.
+    fn weighing(&self) -> bool {
+        match &self.role {
+            Role::Judge { .. } => self.standing.iter().any(Standing::weighing),
+            Role::Shard { weighing, .. } => *weighing,
+        }
+    }
+
+    /// The judge tells the other shards when that changed.
+    fn tell_weighing(&mut self) {
+        let now = self.standing.iter().any(Standing::weighing);
+        if let Role::Judge { others, weighing, .. } = &mut self.role {
+            if *weighing != now {
+                *weighing = now;
+                for (i, standing) in self.standing.iter().enumerate() {
+                    let (egress, down) = (EgressId(i), standing.down().cloned());
+                    for other in others.iter().filter_map(flume::WeakSender::upgrade) {
+                        let down = down.clone();
+                        tell(
+                            &other,
+                            DialerMsg::Told {
+                                egress,
+                                down,
+                                weighing: now,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     fn trials(&mut self, now: Instant) {
         for i in 0..self.standing.len() {
             if self.standing[i].trial(now) {
@@ -316,8 +449,12 @@ impl Dialer {
         }
     }
 
-    /// Tells every balancer the egress's standing when it changed, and logs it once.
+    /// Tells every balancer and every other shard the egress's standing when it changed, and
+    /// logs it once (the judge; another shard has nothing to announce).
     fn announce(&mut self, egress: EgressId) {
+        let Role::Judge { news, others, weighing } = &mut self.role else {
+            return;
+        };
         let name = self.names[egress.0].clone();
         let Some(change) = self.standing[egress.0].change() else {
             return;
@@ -327,18 +464,17 @@ impl Dialer {
             Some(why) => log::warn!(egress = &*name, why = &**why; "egress down"),
             None => log::info!(egress = &*name; "egress up"),
         }
-        let news = EgressNews {
+        *weighing = self.standing.iter().any(Standing::weighing);
+        for other in others.iter().filter_map(flume::WeakSender::upgrade) {
+            let (down, weighing) = (change.clone(), *weighing);
+            tell(&other, DialerMsg::Told { egress, down, weighing });
+        }
+        let news_of = EgressNews {
             egress,
             down: change,
             seq: self.seq,
         };
-        // Never wait in the actor's loop: a full queue hands the word to a task.
-        if let Err(flume::TrySendError::Full(news)) = self.news.try_send(news) {
-            let tx = self.news.clone();
-            rt::detach(async move {
-                let _ = tx.send_async(news).await;
-            });
-        }
+        tell(news, news_of);
     }
 }
 
@@ -402,6 +538,36 @@ mod tests {
     }
 
     #[test]
+    fn the_judges_word_on_an_egress_reaches_every_shard_and_cuts_its_flows_and_dials() {
+        let runtime = crate::rt::Runtime::new(std::num::NonZeroUsize::new(2)).unwrap();
+        let (dialer, shards, news) = runtime.enter(|| DialerHandle::spawn(&[egress("default", None)], 4));
+        assert_eq!(shards.len(), 2, "a shard on each worker");
+        let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let on_one = |dialer: DialerHandle| {
+            runtime.enter(|| crate::rt::spawn_on(1, async move { dialer.udp(target, EgressId(0)).await }))
+        };
+        // A flow's socket from worker 1's shard, and its lost signal.
+        let flow = crate::rt::block_on(on_one(dialer.clone())).expect("a socket while the egress is up");
+        // The kernel's word goes to the judge (shard 0), which tells worker 1's shard.
+        crate::rt::block_on(dialer.kernel(EgressId(0), Some("carrier lost on eth9".into()))).unwrap();
+        let told = crate::rt::block_on(crate::rt::timeout(Duration::from_secs(10), flow.lost.wait()));
+        assert!(told.is_some(), "worker 1's flow never heard that its egress went down");
+        let refused = crate::rt::block_on(on_one(dialer.clone()))
+            .err()
+            .expect("refused by worker 1's shard");
+        assert!(matches!(refused, DialError::EgressDown { .. }), "{refused}");
+        // The balancers hear it once, from the judge.
+        let heard = news.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert_eq!(heard.down.as_deref(), Some("carrier lost on eth9"));
+        assert!(news.try_recv().is_err());
+        drop(dialer);
+        for shard in shards {
+            crate::rt::block_on(crate::rt::timeout(Duration::from_secs(10), shard))
+                .expect("shards end with their handles");
+        }
+    }
+
+    #[test]
     fn an_unknown_egress_is_an_error_not_a_crash() {
         let (dialer, _task, _news) = DialerHandle::spawn(&[egress("default", None)], 4);
         let target: SocketAddr = "127.0.0.1:9".parse().unwrap();
@@ -445,7 +611,11 @@ mod tests {
             names: egress.iter().map(|e| e.name.as_str().into()).collect(),
             standing: egress.iter().map(|_| Standing::new()).collect(),
             seq: 0,
-            news: flume::bounded(8).0,
+            role: Role::Judge {
+                news: flume::bounded(8).0,
+                others: Vec::new(),
+                weighing: false,
+            },
         };
         let (a, b): (SocketAddr, SocketAddr) = ("198.18.9.1:80".parse().unwrap(), "198.18.9.2:80".parse().unwrap());
         d.dialed(EgressId(1), a, true);

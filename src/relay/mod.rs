@@ -165,7 +165,7 @@ impl Relay {
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let mailbox = settings.mailbox.get();
-        let (dialer, dialer_task, egress_changes) = DialerHandle::spawn(&settings.egress, mailbox);
+        let (dialer, dialer_shards, egress_changes) = DialerHandle::spawn(&settings.egress, mailbox);
         let mut balancers = Slot::new();
         let fan_out = rt::spawn(egress_news(egress_changes, balancers.receiver()));
         // The descriptors there are decide how many sessions can be served at once.
@@ -192,7 +192,7 @@ impl Relay {
             force,
             drain: Drain::new(),
             drain_timeout: settings.drain_timeout,
-            tasks: vec![dialer_task, fan_out],
+            tasks: dialer_shards.into_iter().chain([fan_out]).collect(),
             status: None,
             common,
             egresses: settings.egress.clone(),
