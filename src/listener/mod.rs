@@ -189,8 +189,7 @@ impl Listener {
                         drop(stream);
                         continue;
                     }
-                    // Small writes (prompts, handshakes) go out at once, as they came in.
-                    let _ = stream.get_ref().set_nodelay(true);
+                    // TCP_NODELAY came with it from the listening socket (see bind_tcp).
                     drop(self.context.accepted(stream, peer, guard.clone()));
                 }
                 Err(e) if is_transient(&e) => {

@@ -16,7 +16,9 @@ const BACKOFF_MIN: Duration = Duration::from_millis(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// A listening TCP socket with SO_REUSEADDR (a restart need not wait out TIME_WAIT) and a real
-/// backlog; `shared`: with SO_REUSEPORT, one of a group on the address (one per worker).
+/// backlog; `shared`: with SO_REUSEPORT, one of a group on the address (one per worker). It has
+/// TCP_NODELAY, which Linux hands every accepted socket (small writes, prompts and handshakes,
+/// go out at once, as they came in), so an accept needs no setsockopt of its own.
 pub(crate) fn bind_tcp(
     addr: SocketAddr,
     backlog: u32,
@@ -28,6 +30,7 @@ pub(crate) fn bind_tcp(
     if shared {
         socket.set_reuse_port(true)?;
     }
+    socket.set_tcp_nodelay(true)?;
     if let Some(device) = device {
         socket.bind_device(Some(device.as_bytes()))?;
     }
@@ -91,4 +94,21 @@ pub(crate) async fn accept(listener: &Async<TcpListener>) -> io::Result<(TcpConn
         .as_socket()
         .ok_or_else(|| io::Error::other("accepted a non-IP peer"))?;
     Ok((TcpConn::new_nonblocking(stream), peer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_accepted_socket_inherits_nodelay_from_its_listener() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 8, None, false).unwrap();
+        let addr = listener.get_ref().local_addr().unwrap();
+        let _client = TcpStream::connect(addr).unwrap();
+        let (accepted, _) = rt::block_on(accept(&listener)).unwrap();
+        assert!(
+            accepted.get_ref().nodelay().unwrap(),
+            "no setsockopt after accept needed"
+        );
+    }
 }
