@@ -114,6 +114,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
         _ => None,
     };
     listeners_apart(config, status_tcp, &mut p);
+    no_loops(config, &routes, &mut p);
     // Loopback only unless the file says otherwise: the page, /metrics and /config describe
     // the whole relay, and a wider audience is an explicit choice.
     let status_allow = match config.status_allow.is_empty() {
@@ -574,6 +575,79 @@ fn listeners_apart(config: &Config, status: Option<SocketAddr>, p: &mut Problems
     }
 }
 
+/// Routes whose backends lead, through other routes' listeners, back to themselves: every
+/// session picked there would be relayed round the loop until the session cap is full. A
+/// route that hands on to another (a chain) is fine; a cycle is refused, once, at the
+/// backend that closes it. A listener on an unspecified address is taken to be reached by a
+/// backend on loopback or on that address.
+fn no_loops(config: &Config, routes: &[Route], p: &mut Problems) {
+    let reaches = |b: SocketAddr, r: &Route| {
+        let (b, l) = (unmapped(b), unmapped(r.listen));
+        l.port() != 0
+            && b.port() == l.port()
+            && (b.ip() == l.ip() || l.ip().is_unspecified() && (b.ip().is_loopback() || b.ip().is_unspecified()))
+    };
+    let same_kind = |a: &Route, b: &Route| (a.protocol == Protocol::Udp) == (b.protocol == Protocol::Udp);
+    // Edges: route i's backend k reaches route j.
+    let edges: Vec<Vec<(usize, usize)>> = (routes.iter())
+        .map(|from| {
+            let ips = from.backends.iter().enumerate().filter_map(|(k, b)| match b.addr {
+                BackendAddr::Ip(addr) => Some((k, addr)),
+                BackendAddr::Name { .. } => None,
+            });
+            ips.flat_map(|(k, addr)| {
+                // A route that is its own backend is refused on its own (its own listen address).
+                (routes.iter().enumerate())
+                    .filter(move |(_, to)| !std::ptr::eq(*to, from) && same_kind(from, to) && reaches(addr, to))
+                    .map(move |(j, _)| (k, j))
+            })
+            .collect()
+        })
+        .collect();
+    let mut reported = vec![false; routes.len()];
+    for start in 0..routes.len() {
+        // Depth-first from `start`, looking for the way back to it.
+        let mut stack = vec![(start, 0usize)];
+        let mut seen = vec![false; routes.len()];
+        let mut path: Vec<(usize, usize)> = Vec::new();
+        while let Some((at, next)) = stack.pop() {
+            let Some(&(k, to)) = edges[at].get(next) else {
+                path.pop();
+                continue;
+            };
+            stack.push((at, next + 1));
+            if to == start && !reported[start] {
+                let trail: Vec<&str> = (path.iter().map(|(r, _)| routes[*r].name.as_str()))
+                    .chain([routes[at].name.as_str(), routes[start].name.as_str()])
+                    .collect();
+                let i = config
+                    .routes
+                    .iter()
+                    .position(|c| c.name == routes[at].name)
+                    .unwrap_or(at);
+                let addr = &routes[at].backends[k].addr;
+                p.add(
+                    format!("routes[{i}].backends[{k}].addr"),
+                    format!(
+                        "{addr} is route {}'s listener, and the routes lead round in a loop ({}): every session would go round until the session cap is full",
+                        routes[to].name,
+                        trail.join(" → ")
+                    ),
+                );
+                trail.iter().for_each(|name| {
+                    if let Some(r) = routes.iter().position(|r| r.name == *name) {
+                        reported[r] = true;
+                    }
+                });
+            } else if !seen[to] && to != start {
+                seen[to] = true;
+                path.push((at, k));
+                stack.push((to, 0));
+            }
+        }
+    }
+}
+
 fn backend(
     path: &str,
     b: &BackendConfig,
@@ -944,6 +1018,40 @@ mod edge_tests {
 
     fn has(found: &[String], want: &str) -> bool {
         found.iter().any(|f| f.contains(want))
+    }
+
+    #[test]
+    fn routes_that_lead_round_in_a_loop_are_refused_and_a_chain_is_not() {
+        let found = problems(
+            r#"(routes: [
+                (name: "a", listen: "127.0.0.1:9101", backends: [(addr: "127.0.0.1:9102")]),
+                (name: "b", listen: "0.0.0.0:9102", backends: [(addr: "127.0.0.1:1"), (addr: "127.0.0.1:9103")]),
+                (name: "c", listen: "127.0.0.1:9103", backends: [(addr: "127.0.0.1:9101")]),
+                (name: "self", listen: "127.0.0.1:9104", backends: [(addr: "127.0.0.1:9104")]),
+                (name: "udp", listen: "127.0.0.1:9101", protocol: Udp, backends: [(addr: "127.0.0.1:9105")]),
+            ])"#,
+        );
+        let loops: Vec<_> = found.iter().filter(|f| f.contains("in a loop")).collect();
+        assert_eq!(loops.len(), 1, "one line a loop: {found:?}");
+        assert!(
+            loops[0].starts_with("routes[2].backends[0].addr") && loops[0].contains("a → b → c → a"),
+            "{loops:?}"
+        );
+        // A route that is its own backend has a line of its own, not a second one.
+        let own: Vec<_> = found
+            .iter()
+            .filter(|f| f.starts_with("routes[3].backends[0]"))
+            .collect();
+        assert!(own.len() == 1 && own[0].contains("own listen address"), "{own:?}");
+        // A chain that ends at a real backend (a TCP route to a UDP one's port is none either).
+        let chain = problems(
+            r#"(routes: [
+                (name: "front", listen: "127.0.0.1:9201", backends: [(addr: "127.0.0.1:9202")]),
+                (name: "back", listen: "127.0.0.1:9202", backends: [(addr: "127.0.0.1:9203")]),
+                (name: "u", listen: "127.0.0.1:9203", protocol: Udp, backends: [(addr: "127.0.0.1:9201")]),
+            ])"#,
+        );
+        assert!(chain.is_empty(), "{chain:?}");
     }
 
     #[test]
