@@ -8,34 +8,17 @@ mod harness;
 use async_std::os::unix::net::UnixStream;
 use async_std::prelude::*;
 use harness::backend::Backend;
-use harness::{config, route, within};
+use harness::{config, event_loops, route, within};
 use relayd::{Config, Relay};
-
-/// Threads of this process named as relayd names its workers.
-fn workers() -> usize {
-    let tasks = std::fs::read_dir("/proc/self/task").unwrap();
-    (tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()))
-        .filter(|name| name.trim().starts_with("relayd-worker-"))
-        .count()
-}
-
-/// Waits (bounded) until `n` worker threads exist: a new thread names itself once it runs.
-fn until_workers(n: usize) -> usize {
-    let started = std::time::Instant::now();
-    while workers() != n && started.elapsed() < harness::PATIENCE {
-        std::thread::yield_now();
-    }
-    workers()
-}
 
 #[async_std::test]
 async fn a_relay_runs_on_the_workers_it_is_given_and_takes_them_when_it_stops() {
     let greeter = Backend::greeter("hello").await;
-    assert_eq!(workers(), 0);
+    assert_eq!(event_loops("self", 0), 0);
     let text = config(&[route("r", &[greeter.addr], "")]).replacen('(', "(workers: 1, ", 1);
     let relay = Relay::start(&Config::parse(&text, "test").unwrap()).unwrap();
     assert_eq!(
-        (relay.workers(), until_workers(1)),
+        (relay.workers(), event_loops("self", 1)),
         (1, 1),
         "one worker asked, one thread"
     );
@@ -50,5 +33,5 @@ async fn a_relay_runs_on_the_workers_it_is_given_and_takes_them_when_it_stops() 
         assert!(matches!(within(session).await.end, relayd::SessionEnd::Done));
     }
     assert_eq!(within(relay.shutdown()).await.forced, 0);
-    assert_eq!(until_workers(0), 0, "the relay's threads end with it");
+    assert_eq!(event_loops("self", 0), 0, "the relay's threads end with it");
 }

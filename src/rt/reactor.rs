@@ -258,6 +258,16 @@ struct Registration {
     source: Arc<Source>,
 }
 
+impl Registration {
+    /// Deletes `fd` from the epoll and the source from the slab: before `fd` closes, since
+    /// epoll knows an open file, not a descriptor, and one that outlived its descriptor (a dup)
+    /// would keep reporting to a dead key.
+    fn deregister(&self, fd: impl AsFd) {
+        let _ = epoll::delete(&self.reactor.epoll, fd);
+        lock(&self.reactor.sources).remove((self.source.key & 0xffff_ffff) as usize);
+    }
+}
+
 /// What a readiness was when it was looked at: a clear with it loses to any event since.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Tick(u64);
@@ -319,8 +329,7 @@ impl<T: AsFd> Async<T> {
         let registration = Reactor::current().register(self.get_ref())?;
         if let Err(lost) = self.registration.set(registration) {
             // Another thread registered it first: keep theirs.
-            let _ = epoll::delete(&lost.reactor.epoll, self.get_ref());
-            lock(&lost.reactor.sources).remove((lost.source.key & 0xffff_ffff) as usize);
+            lost.deregister(self.get_ref());
         }
         Ok(self.registration.get().expect("set above"))
     }
@@ -357,17 +366,9 @@ impl<T: AsFd> Async<T> {
         }
     }
 
-    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_ready(Dir::Read, cx).map_ok(drop)
-    }
-
-    pub fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.poll_ready(Dir::Write, cx).map_ok(drop)
-    }
-
     /// Waits until the socket is writable (a connect has finished, one way or the other).
     pub async fn writable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| self.poll_writable(cx)).await
+        std::future::poll_fn(|cx| self.poll_ready(Dir::Write, cx).map_ok(drop)).await
     }
 
     /// `op` (a read-side system call of the caller's) once it does not find nothing.
@@ -384,10 +385,7 @@ impl<T: AsFd> Async<T> {
 impl<T: AsFd> Drop for Async<T> {
     fn drop(&mut self) {
         if let (Some(registration), Some(io)) = (self.registration.take(), self.io.take()) {
-            // Deleted before `io` closes: epoll knows an open file, not a descriptor, and one
-            // that outlived its descriptor (a dup) would keep reporting to a dead key.
-            let _ = epoll::delete(&registration.reactor.epoll, &io);
-            lock(&registration.reactor.sources).remove((registration.source.key & 0xffff_ffff) as usize);
+            registration.deregister(&io);
         }
     }
 }
@@ -496,10 +494,6 @@ impl Timer {
         self.at = at;
     }
 
-    pub fn set_after(&mut self, duration: Duration) {
-        self.set_at(Instant::now().checked_add(duration).unwrap_or_else(far_future));
-    }
-
     fn cancel(&mut self) {
         if let Some((reactor, key)) = self.entry.take() {
             lock(&reactor.timers).remove(&key);
@@ -573,12 +567,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_socket_is_deleted_from_its_epoll_before_it_closes_and_its_slot_is_reused_safely() {
+    /// A reactor made this thread's, and a waker that raises a flag.
+    fn local() -> (Arc<Reactor>, Arc<Flag>, Waker) {
         let reactor = Reactor::new().unwrap();
         Reactor::set_local(Some(reactor.clone()));
         let flag = Arc::new(Flag(AtomicBool::new(false)));
-        let waker = Waker::from(flag.clone());
+        (reactor, flag.clone(), Waker::from(flag))
+    }
+
+    #[test]
+    fn a_socket_is_deleted_from_its_epoll_before_it_closes_and_its_slot_is_reused_safely() {
+        let (reactor, flag, waker) = local();
         let mut cx = Context::from_waker(&waker);
         let (a, b) = UnixStream::pair().unwrap();
         let a = Async::new(a).unwrap();
@@ -613,10 +612,7 @@ mod tests {
 
     #[test]
     fn a_short_read_waits_for_an_event_but_the_end_of_the_stream_stays_readable() {
-        let reactor = Reactor::new().unwrap();
-        Reactor::set_local(Some(reactor.clone()));
-        let flag = Arc::new(Flag(AtomicBool::new(false)));
-        let waker = Waker::from(flag.clone());
+        let (reactor, flag, waker) = local();
         let mut cx = Context::from_waker(&waker);
         let (a, b) = UnixStream::pair().unwrap();
         let a = Async::new(a).unwrap();

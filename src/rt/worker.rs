@@ -14,21 +14,16 @@ use async_task::{Runnable, Task};
 use super::reactor::Reactor;
 
 pub(super) struct Worker {
-    queue: Mutex<Queue>,
+    queue: Mutex<VecDeque<Runnable>>,
     /// Set (with the queue locked) when the worker stops: a task scheduled then is dropped.
     closed: AtomicBool,
     pub reactor: Arc<Reactor>,
 }
 
-#[derive(Default)]
-struct Queue {
-    runnables: VecDeque<Runnable>,
-}
-
 impl Worker {
     pub fn new() -> io::Result<Arc<Worker>> {
         Ok(Arc::new(Worker {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(VecDeque::new()),
             closed: AtomicBool::new(false),
             reactor: Reactor::new()?,
         }))
@@ -59,7 +54,7 @@ impl Worker {
             blocking::unblock(move || drop(runnable)).detach();
             return;
         }
-        queue.runnables.push_back(runnable);
+        queue.push_back(runnable);
         drop(queue);
         // Only a sleeping loop needs the call; one that is running sees the queue itself.
         self.reactor.wake();
@@ -67,15 +62,12 @@ impl Worker {
 
     /// Swaps the queue for `batch` (empty): its two buffers take turns, so nothing allocates.
     fn take_into(&self, batch: &mut VecDeque<Runnable>) {
-        std::mem::swap(
-            batch,
-            &mut self.queue.lock().unwrap_or_else(|e| e.into_inner()).runnables,
-        );
+        std::mem::swap(batch, &mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     fn has_work(&self) -> bool {
         let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        !queue.runnables.is_empty() || self.closed.load(Ordering::Relaxed)
+        !queue.is_empty() || self.closed.load(Ordering::Relaxed)
     }
 
     /// The loop, on the worker's thread, until [`Worker::close`]: runs what is queued, then

@@ -288,7 +288,7 @@ where
     // its counts are released by their guards, and it is logged.
     let finished = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(session));
     let finished = futures::FutureExt::map(finished, move |ended| {
-        let report = match ended {
+        let mut report = match ended {
             Ok(report) => report,
             Err(panic) => {
                 let what = (panic.downcast_ref::<&str>().map(|s| s.to_string()))
@@ -301,7 +301,6 @@ where
                 report
             }
         };
-        let mut report = report;
         (report.accepted_on, report.worker) = (accepted_on, rt::worker_index());
         if accepted_on.is_some() && accepted_on != report.worker {
             // A session spawned off its listener's worker: its events cross threads (a bug).

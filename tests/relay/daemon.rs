@@ -411,14 +411,6 @@ fn version_names_the_revision_and_help_names_every_flag() {
     }
 }
 
-/// Threads of process `pid` named as relayd names its event loops.
-fn event_loops(pid: u32) -> usize {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
-    (tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()))
-        .filter(|name| name.starts_with("relayd-worker-"))
-        .count()
-}
-
 #[test]
 fn each_worker_runs_one_event_loop_and_a_session_stays_on_the_worker_that_accepted_it() {
     let echo = async_std::task::block_on(Backend::echo());
@@ -426,13 +418,8 @@ fn each_worker_runs_one_event_loop_and_a_session_stays_on_the_worker_that_accept
         let config = format!("(workers: {workers}, routes: [{}])", route("web", &[echo.addr], ""));
         let daemon = Daemon::spawn(&[], &config);
         let addr = daemon.listening("web");
-        // Threads name themselves as they start: bounded wait for them to settle.
-        let started = std::time::Instant::now();
-        while event_loops(daemon.pid()) != workers && started.elapsed() < PATIENCE {
-            std::thread::yield_now();
-        }
         assert_eq!(
-            event_loops(daemon.pid()),
+            harness::event_loops(&daemon.pid().to_string(), workers),
             workers,
             "workers: {workers} → that many event loops"
         );

@@ -48,6 +48,22 @@ pub fn have(tools: &[&str], packages: &str) -> bool {
 }
 
 /// A loopback port free for TCP (bound, then let go) for tools that need a fixed one.
+/// Threads of `process` (`"self"` or a PID) named as relayd names its event loops, once `n`
+/// of them run or [`PATIENCE`] has passed (a new thread names itself once it runs).
+pub fn event_loops(process: &str, n: usize) -> usize {
+    let count = || {
+        let tasks = std::fs::read_dir(format!("/proc/{process}/task")).unwrap();
+        (tasks.filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok()))
+            .filter(|name| name.starts_with("relayd-worker-"))
+            .count()
+    };
+    let started = std::time::Instant::now();
+    while count() != n && started.elapsed() < PATIENCE {
+        std::thread::yield_now();
+    }
+    count()
+}
+
 pub fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
     listener.local_addr().unwrap().port()
