@@ -20,11 +20,14 @@
 //! - [`shutdown`]: stop signals and the session drain.
 //! - [`stats`]: relay-wide counters, with a way to wait on them.
 //! - `status`: the status listener: a page for people, and `/metrics` (`metrics`) for Prometheus.
+//! - [`admin`]: the admin socket, where an operator drains, disables and enables backends and
+//!   egresses at run time (`relayd ctl`).
 //! - [`rt`]: the only module that names the async runtime.
 //! - [`logging`]: the daemon's log output (pretty or ndjson).
 //! - [`limits`]: the file-descriptor budget and the session cap it sets.
 
 pub mod acl;
+pub mod admin;
 pub mod balancer;
 mod checker;
 pub mod config;

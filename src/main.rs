@@ -11,6 +11,7 @@ use relayd::{Config, Relay, ShutdownReport, StartError, rt};
 
 const USAGE: &str =
     "usage: relayd [--config PATH] [--check] [--log-level LEVEL] [--log-format auto|pretty|json] [--version] [--help]
+       relayd ctl [--admin PATH | --config PATH] COMMAND
 
   -c, --config PATH       RON config file (default: config/relayd.ron)
       --check             validate the config, say what a reload of the running relayd would
@@ -18,7 +19,15 @@ const USAGE: &str =
       --log-level LEVEL   error, warn, info, debug or trace (overrides the config's log_level)
       --log-format FMT    pretty on a terminal and json otherwise (auto, the default), or as given
   -V, --version           the version and the git revision it was built from
-  -h, --help              this text";
+  -h, --help              this text
+
+relayd ctl sends COMMAND to a running relayd's admin socket (--admin, else the config's
+`admin`) and prints its answer; it exits 1 when the command is refused:
+  show                                       routes, backends, their state and sessions
+  backend ROUTE ADDR drain|disable|enable    drain: no new sessions, live ones go on;
+                                             disable: as drain, and its checks stop;
+                                             enable: back to its health
+  egress NAME drain|enable                   drain: no new session leaves by it";
 
 /// Exit code for a config or usage error; 1 is for a failure to run.
 const BAD_INPUT: u8 = 2;
@@ -65,7 +74,11 @@ impl Args {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::parse(std::env::args().skip(1)) {
+    let mut argv = std::env::args().skip(1).peekable();
+    if argv.peek().is_some_and(|a| a == "ctl") {
+        return ctl(argv.skip(1));
+    }
+    let args = match Args::parse(argv) {
         Ok(Some(args)) => args,
         Ok(None) => {
             println!("{USAGE}");
@@ -105,6 +118,66 @@ fn main() -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!(err:% = e; "cannot start");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `relayd ctl`: one command to the admin socket, its answer on stdout (a refusal on stderr).
+fn ctl(mut args: impl Iterator<Item = String>) -> ExitCode {
+    let (mut admin, mut config, mut words) = (None::<PathBuf>, PathBuf::from("config/relayd.ron"), Vec::new());
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--admin" | "--config" | "-c" => {
+                let Some(value) = args.next() else {
+                    eprintln!("relayd ctl: {arg} needs a value\n{USAGE}");
+                    return ExitCode::from(BAD_INPUT);
+                };
+                match arg.as_str() {
+                    "--admin" => admin = Some(value.into()),
+                    _ => config = value.into(),
+                }
+            }
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            _ => words.push(arg),
+        }
+    }
+    if words.is_empty() {
+        eprintln!("relayd ctl: no command\n{USAGE}");
+        return ExitCode::from(BAD_INPUT);
+    }
+    let path = match admin {
+        Some(path) => path,
+        None => {
+            let file = std::fs::read_to_string(&config).map_err(|e| e.to_string());
+            let parsed =
+                file.and_then(|text| Config::parse(&text, &config.display().to_string()).map_err(|e| e.to_string()));
+            match parsed.map(|c| c.admin) {
+                Ok(Some(path)) => path.into(),
+                Ok(None) => {
+                    eprintln!(
+                        "relayd ctl: {} has no admin socket: give --admin PATH",
+                        config.display()
+                    );
+                    return ExitCode::from(BAD_INPUT);
+                }
+                Err(e) => {
+                    eprintln!("relayd ctl: {e} (or give --admin PATH)");
+                    return ExitCode::from(BAD_INPUT);
+                }
+            }
+        }
+    };
+    match relayd::admin::send(&path, &words.join(" ")) {
+        Ok(answer) => {
+            print!("{answer}");
+            ExitCode::SUCCESS
+        }
+        Err(why) => {
+            eprintln!("relayd ctl: {why}");
             ExitCode::FAILURE
         }
     }

@@ -19,7 +19,7 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry, Unit};
 
-use crate::balancer::{BackendSnapshot, RouteSnapshot};
+use crate::balancer::{ADMIN_STATES, BackendSnapshot, RouteSnapshot};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RouteLabels {
@@ -83,6 +83,13 @@ struct FaultLabels {
 struct EgressLabels {
     route: String,
     egress: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EgressStateLabels {
+    route: String,
+    egress: String,
+    state: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -474,6 +481,21 @@ impl Collector for Standing {
         )?;
         encode(
             &mut encoder,
+            "backend_admin_state",
+            "1 for the operator's word on each backend (the admin socket's), 0 for the others (enabled, drain, disabled)",
+            backends().flat_map(|(route, backend, b)| {
+                ADMIN_STATES.map(|state| {
+                    let labels = StateLabels {
+                        route: route.clone(),
+                        backend: backend.clone(),
+                        state: state.word(),
+                    };
+                    (labels, ConstGauge::new(i64::from(state == b.admin)))
+                })
+            }),
+        )?;
+        encode(
+            &mut encoder,
             "backend_active_sessions",
             "Live sessions per backend",
             backends().map(|(route, backend, b)| (BackendLabels { route, backend }, ConstGauge::new(b.active as i64))),
@@ -499,17 +521,32 @@ impl Collector for Standing {
                 })
             }),
         )?;
-        let egresses = (routes.iter()).flat_map(|r| r.egresses.iter().map(move |e| (r.name.clone(), e)));
+        let egresses = || (routes.iter()).flat_map(|r| r.egresses.iter().map(move |e| (r.name.clone(), e)));
         encode(
             &mut encoder,
             "egress_up",
             "1 while an egress of the route is usable",
-            egresses.map(|(route, e)| {
+            egresses().map(|(route, e)| {
                 let labels = EgressLabels {
                     route,
                     egress: e.name.clone(),
                 };
                 (labels, ConstGauge::new(i64::from(e.up)))
+            }),
+        )?;
+        encode(
+            &mut encoder,
+            "egress_admin_state",
+            "1 for the operator's word on each egress of the route (the admin socket's), 0 for the other (enabled, drain)",
+            egresses().flat_map(|(route, e)| {
+                [("enabled", !e.drained), ("drain", e.drained)].map(|(state, now)| {
+                    let labels = EgressStateLabels {
+                        route: route.clone(),
+                        egress: e.name.clone(),
+                        state,
+                    };
+                    (labels, ConstGauge::new(i64::from(now)))
+                })
             }),
         )
     }

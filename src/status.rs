@@ -71,17 +71,8 @@ impl StatusSocket {
         match addr {
             StatusAddr::Tcp(addr) => crate::net::bind_tcp(*addr, 64, None, false).map(StatusSocket::Tcp),
             StatusAddr::Unix(path) => {
-                if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                    return Err(io::Error::new(io::ErrorKind::AddrInUse, "a process answers on it"));
-                }
-                if std::fs::symlink_metadata(path)
-                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-                {
-                    std::fs::remove_file(path)?;
-                }
-                let listener = UnixListener::bind(path)?;
-                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
-                Ok(StatusSocket::Unix(Async::new(listener)?, path.clone()))
+                let listener = crate::net::bind_unix(path, 0o660)?;
+                Ok(StatusSocket::Unix(listener, path.clone()))
             }
         }
     }
@@ -118,6 +109,8 @@ pub(crate) struct Pages {
     /// The running config as RON, secrets hidden (`GET /config`, which `relayd --check` reads
     /// to say what a reload would change).
     pub config: Arc<str>,
+    /// The config's egress names (the admin socket's `egress NAME`).
+    pub egresses: Arc<[Arc<str>]>,
 }
 
 impl Status {
@@ -180,7 +173,8 @@ impl Pages {
         out
     }
 
-    async fn render(&self) -> String {
+    /// The page for people (`GET /`, and the admin socket's `show`).
+    pub async fn render(&self) -> String {
         let s = &self.stats;
         let mut page = format!("relayd {}\n", env!("CARGO_PKG_VERSION"));
         let _ = writeln!(
@@ -212,15 +206,16 @@ impl Pages {
         for snapshot in self.snapshots().await {
             let _ = writeln!(page, "\nroute {} listen={}", snapshot.name, snapshot.listen);
             for e in snapshot.egresses {
+                let admin = if e.drained { " admin=drain" } else { "" };
                 let _ = match &e.why {
-                    None => writeln!(page, "  egress {} up", e.name),
-                    Some(why) => writeln!(page, "  egress {} down ({why})", e.name),
+                    None => writeln!(page, "  egress {} up{admin}", e.name),
+                    Some(why) => writeln!(page, "  egress {} down ({why}){admin}", e.name),
                 };
             }
             for b in snapshot.backends {
                 let _ = writeln!(
                     page,
-                    "  backend {} ({}) {} weight={} active={} sessions={} connect_failures={} failing={}",
+                    "  backend {} ({}) {} weight={} active={} sessions={} connect_failures={} failing={} admin={}",
                     b.addr,
                     b.source,
                     b.state.word(),
@@ -228,7 +223,8 @@ impl Pages {
                     b.active,
                     b.sessions,
                     b.connect_failures,
-                    b.failing
+                    b.failing,
+                    b.admin.word()
                 );
             }
         }

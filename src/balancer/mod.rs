@@ -12,10 +12,12 @@
 //! of its worker (as nginx's least_conn without a shared zone), and a snapshot adds the
 //! shards up. A backend's trial after its cool-down is one session per shard.
 
+mod admin;
 mod health;
 mod pick;
 mod tasks;
 
+pub use admin::{ADMIN_STATES, AdminState};
 use health::{BackendHealth, EgressHealth};
 use pick::Weighed;
 use std::net::{IpAddr, SocketAddr};
@@ -47,7 +49,8 @@ pub struct Pick {
 /// Why the Balancer had no pair to offer a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NoPick {
-    /// No backend in service: none resolved, or all draining.
+    /// No backend in service: none resolved, or all draining (weight 0) or drained or
+    /// disabled by the operator.
     NoneInService,
     /// The session has tried every backend.
     EveryBackendTried,
@@ -62,7 +65,7 @@ pub enum NoPick {
 impl std::fmt::Display for NoPick {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            NoPick::NoneInService => f.write_str("no backend in service (none resolved, or all draining)"),
+            NoPick::NoneInService => f.write_str("no backend in service (none resolved, or all drained)"),
             NoPick::EveryBackendTried => f.write_str("every backend tried"),
             NoPick::NoneHealthy => f.write_str("no healthy backend"),
             NoPick::EgressDown { egress, why } => write!(f, "egress {egress} down: {why}"),
@@ -112,6 +115,8 @@ pub struct BackendSnapshot {
     pub source: String,
     pub weight: u32,
     pub state: HealthState,
+    /// The operator's word on it (the admin socket's).
+    pub admin: AdminState,
     pub active: u64,
     pub sessions: u64,
     pub connect_failures: u64,
@@ -139,6 +144,8 @@ pub struct EgressSnapshot {
     pub up: bool,
     /// Why it is down (`carrier lost on up1`), when it is.
     pub why: Option<String>,
+    /// The operator drained it: no new session leaves by it.
+    pub drained: bool,
 }
 
 pub(crate) enum BalancerMsg {
@@ -186,6 +193,15 @@ pub(crate) enum BalancerMsg {
         route: Box<Route>,
         egress_names: Arc<[Arc<str>]>,
     },
+    /// An operator's order on the route's backend `named` (an address, or a backend as
+    /// configured): the addresses it applies to, or why it applies to none.
+    AdminBackend {
+        named: String,
+        state: AdminState,
+        reply: flume::Sender<Result<Vec<SocketAddr>, String>>,
+    },
+    /// The egresses the operator has drained, relay-wide: the whole set.
+    AdminEgresses { drained: Arc<[Arc<str>]> },
     /// What the checker should check now, and by which egress.
     Targets { reply: flume::Sender<Vec<Pick>> },
     Snapshot {
@@ -320,6 +336,30 @@ impl BalancerHandle {
         .await
     }
 
+    /// An operator's order on a backend, given to every shard: the addresses it applies to
+    /// (shard 0's answer), or why it applies to none.
+    pub(crate) async fn admin_backend(
+        &self,
+        named: &str,
+        state: AdminState,
+    ) -> Result<Result<Vec<SocketAddr>, String>, Gone> {
+        let mut answer = None;
+        for shard in 0..self.shards.len() {
+            let named = named.to_string();
+            let said = (self.ask(shard, |reply| BalancerMsg::AdminBackend { named, state, reply })).await?;
+            answer.get_or_insert(said);
+        }
+        Ok(answer.expect("a balancer has a shard"))
+    }
+
+    /// The egresses the operator has drained, relay-wide.
+    pub(crate) async fn admin_egresses(&self, drained: Arc<[Arc<str>]>) -> Result<(), Gone> {
+        self.broadcast(|_| BalancerMsg::AdminEgresses {
+            drained: drained.clone(),
+        })
+        .await
+    }
+
     /// What the checker should check now: shard 0's word.
     pub(crate) async fn targets(&self) -> Result<Vec<Pick>, Gone> {
         self.ask(0, |reply| BalancerMsg::Targets { reply }).await
@@ -378,6 +418,16 @@ struct Entry {
     checks: [u64; 2],
     /// Smooth weighted round robin's running score.
     current: i64,
+    /// The operator's word on it.
+    admin: AdminState,
+}
+
+impl Entry {
+    /// New sessions may come to it, health permitting: not retired, not weighed 0, not
+    /// drained or disabled by the operator.
+    fn in_service(&self) -> bool {
+        !self.retired && self.weight > 0 && self.admin == AdminState::Enabled
+    }
 }
 
 impl Weighed for Entry {
@@ -401,7 +451,10 @@ struct Balancer {
     egress_strategy: EgressStrategy,
     health: Health,
     route_egress: Vec<EgressId>,
+    /// The route's backends as configured, then those that only retired entries still name.
     sources: Vec<Backend>,
+    /// How many of `sources` the route's config has.
+    configured: usize,
     entries: Vec<Entry>,
     next_id: u64,
     cursor: usize,
@@ -416,6 +469,8 @@ struct Balancer {
     held: Vec<HeldPick>,
     /// Shard 0: the one whose health changes are logged and counted.
     voice: bool,
+    /// The operator's orders.
+    orders: admin::Orders,
 }
 
 /// A pick waiting for the first lookup of the route's names: who asked, what they tried, and
@@ -438,6 +493,7 @@ impl Balancer {
             health: route.health.clone(),
             route_egress: route.egress.clone(),
             sources: route.backends.clone(),
+            configured: route.backends.len(),
             entries: Vec::new(),
             next_id: 0,
             cursor: 0,
@@ -449,6 +505,7 @@ impl Balancer {
             unresolved: Vec::new(),
             held: Vec::new(),
             voice,
+            orders: admin::Orders::default(),
         };
         // Addresses now; names once the resolver has looked them up (its first pass runs at
         // once): picks that come before it are held until then.
@@ -499,6 +556,10 @@ impl Balancer {
                     self.release_held();
                 }
                 BalancerMsg::Reconfigure { route, egress_names } => self.reconfigure(&route, egress_names),
+                BalancerMsg::AdminBackend { named, state, reply } => {
+                    let _ = reply.send(self.admin_backend(&named, state));
+                }
+                BalancerMsg::AdminEgresses { drained } => self.admin_egresses(drained),
                 BalancerMsg::Targets { reply } => {
                     let _ = reply.send(self.targets());
                 }
@@ -517,6 +578,7 @@ impl Balancer {
                 addr: e.addr,
                 source: self.sources[e.source].addr.to_string(),
                 weight: e.weight,
+                admin: e.admin,
                 state: match (e.retired, e.weight, e.health.is_up()) {
                     (true, _, _) => HealthState::Retired,
                     (_, _, false) if e.health.on_trial(now) => HealthState::Trial,
@@ -545,6 +607,7 @@ impl Balancer {
                     name: self.egress_names.get(g.0).map(|n| n.to_string()).unwrap_or_default(),
                     up: down.is_none(),
                     why: down.map(str::to_string),
+                    drained: self.egress_drained(*g),
                 }
             })
             .collect();

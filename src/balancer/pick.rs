@@ -124,11 +124,16 @@ impl Balancer {
         self.egresses.get(egress.0).is_some_and(|e| e.down.is_none())
     }
 
+    /// Up, and not drained by the operator: a new session may leave by it.
+    fn egress_open(&self, egress: EgressId) -> bool {
+        self.egress_usable(egress) && !self.egress_drained(egress)
+    }
+
     /// The egresses `entry` may still leave by for a session that tried `tried`.
     fn open_egresses(&self, entry: &Entry, tried: &[Tried]) -> Vec<EgressId> {
         let failed_by = |g: EgressId| tried.iter().any(|t| t.backend == entry.id && t.egress == Some(g));
         (self.egress_list(entry).iter().copied())
-            .filter(|g| self.egress_usable(*g) && !failed_by(*g))
+            .filter(|g| self.egress_open(*g) && !failed_by(*g))
             .collect()
     }
 
@@ -146,15 +151,19 @@ impl Balancer {
     pub(super) fn client_egress(&mut self, avoid: &[EgressId]) -> Result<EgressId, NoPick> {
         let list = self.route_egress.clone();
         let usable: Vec<EgressId> = (list.iter().copied())
-            .filter(|g| self.egress_usable(*g) && !avoid.contains(g))
+            .filter(|g| self.egress_open(*g) && !avoid.contains(g))
             .collect();
         self.next_egress(&usable).ok_or_else(|| self.egresses_down(&list))
     }
 
-    /// Why none of `list` is usable: the first one down and why, or that each was tried.
+    /// Why none of `list` is usable: the first one down (or drained) and why, or that each
+    /// was tried.
     fn egresses_down(&self, list: &[EgressId]) -> NoPick {
         let down = list.iter().find_map(|g| {
-            let why = self.egresses.get(g.0)?.down.clone()?;
+            let why = match self.egress_drained(*g) {
+                true => "drained by the admin".into(),
+                false => self.egresses.get(g.0)?.down.clone()?,
+            };
             let egress = self.egress_names[g.0].clone();
             Some(NoPick::EgressDown { egress, why })
         });
@@ -165,7 +174,7 @@ impl Balancer {
         let now = Instant::now();
         let failed = |id: BackendId| tried.iter().any(|t| t.backend == id && t.egress.is_none());
         let usable: Vec<usize> = (self.entries.iter().enumerate())
-            .filter(|(_, e)| !e.retired && e.weight > 0 && !failed(e.id) && e.health.usable(now))
+            .filter(|(_, e)| e.in_service() && !failed(e.id) && e.health.usable(now))
             .filter(|(_, e)| !self.open_egresses(e, tried).is_empty())
             .map(|(i, _)| i)
             .collect();
@@ -196,7 +205,7 @@ impl Balancer {
 
     /// Why no pair is left.
     fn why_none(&self, tried: &[Tried], now: Instant) -> NoPick {
-        let serving: Vec<&Entry> = (self.entries.iter()).filter(|e| !e.retired && e.weight > 0).collect();
+        let serving: Vec<&Entry> = (self.entries.iter()).filter(|e| e.in_service()).collect();
         if serving.is_empty() {
             return NoPick::NoneInService;
         }

@@ -84,6 +84,7 @@ impl Balancer {
                 added.push(addr);
             }
         }
+        self.apply_orders();
         if let BackendAddr::Name { host, .. } = &self.sources[source].addr {
             if self.voice && (!added.is_empty() || !retired.is_empty()) {
                 log::info!(route = &*self.route, backend = host.as_str(), added:? = added, retired:? = retired;
@@ -129,6 +130,7 @@ impl Balancer {
         }
         sources.extend(ghosts.iter().map(|g| self.sources[*g].clone()));
         self.sources = sources;
+        self.configured = route.backends.len();
         self.entries.retain(|e| !(e.retired && e.active == 0));
         // A source without entries is new (a name is looked up again by the new resolver).
         let fresh: Vec<usize> = (0..route.backends.len())
@@ -147,6 +149,7 @@ impl Balancer {
                 self.report(self.entries[i].id, change);
             }
         }
+        self.apply_orders();
         self.cursor = 0;
         self.release_held();
     }
@@ -173,14 +176,16 @@ impl Balancer {
             connect_failures: 0,
             checks: [0; 2],
             current: 0,
+            admin: super::AdminState::Enabled,
         });
         self.next_id += 1;
     }
 
-    /// Every live backend, by its first usable egress; by its first egress when none is usable,
-    /// so that a check through it can find the egress back.
+    /// Every live backend not disabled by the operator, by its first usable egress; by its
+    /// first egress when none is usable, so that a check through it can find the egress back.
     pub(super) fn targets(&self) -> Vec<Pick> {
-        (self.entries.iter().filter(|e| !e.retired))
+        let checked = |e: &&Entry| !e.retired && e.admin != super::AdminState::Disabled;
+        (self.entries.iter().filter(checked))
             .filter_map(|e| {
                 let list = self.egress_list(e);
                 let egress = list

@@ -352,3 +352,93 @@ fn each_worker_picks_from_its_own_shard_and_a_failure_on_one_takes_the_backend_o
     drop(handle);
     rt::block_on(futures::future::join_all(shards));
 }
+
+#[test]
+fn an_operator_drains_disables_and_enables_a_backend_and_the_order_outlives_a_reload_that_keeps_it() {
+    let mut b = balancer(&format!(r#"{THREE}, health: (check: (interval: "1s"))"#));
+    let live = b.pick(CLIENT, &[]).unwrap();
+    assert_eq!(live.addr.port(), 1);
+    assert_eq!(b.admin_backend("127.0.0.1:1", AdminState::Drain), Ok(vec![live.addr]));
+    assert_eq!(ports(&mut b, 4), [2, 3, 2, 3], "no new session on the drained backend");
+    let seen = b.snapshot().0;
+    assert_eq!(
+        (seen[0].admin, seen[0].active),
+        (AdminState::Drain, 1),
+        "its live session goes on"
+    );
+    assert_eq!(b.targets().len(), 3, "a drained backend is still checked");
+    b.admin_backend("127.0.0.1:2", AdminState::Disabled).unwrap();
+    let checked: Vec<u16> = b.targets().iter().map(|t| t.addr.port()).collect();
+    assert_eq!(checked, [1, 3], "a disabled backend's checks stop");
+    assert_eq!(ports(&mut b, 2), [3, 3]);
+    // A reload that keeps :1 and :3 keeps :1's order; :2 leaves the config and its order goes.
+    let kept = settings(r#"backends: [(addr: "127.0.0.1:3"), (addr: "127.0.0.1:1")]"#);
+    b.reconfigure(&kept.routes[0], b.egress_names.clone());
+    assert_eq!(ports(&mut b, 2), [3, 3], "still drained after the reload");
+    b.reconfigure(&settings(THREE).routes[0], b.egress_names.clone());
+    let admin: Vec<AdminState> = b.snapshot().0.iter().map(|s| s.admin).collect();
+    assert_eq!(
+        admin,
+        [AdminState::Drain, AdminState::Enabled, AdminState::Enabled],
+        "back in the config, :2 is enabled"
+    );
+    assert_eq!(b.admin_backend("127.0.0.1:1", AdminState::Enabled), Ok(vec![live.addr]));
+    let mut seen: Vec<u16> = ports(&mut b, 3);
+    seen.sort_unstable();
+    assert_eq!(seen, [1, 2, 3], "enabled: back to its health");
+    // Every backend drained: the pick says why at once.
+    for port in 1..=3 {
+        b.admin_backend(&format!("127.0.0.1:{port}"), AdminState::Drain)
+            .unwrap();
+    }
+    assert_eq!(b.pick(CLIENT, &[]), Err(NoPick::NoneInService));
+    let unknown = b.admin_backend("127.0.0.1:9", AdminState::Drain).unwrap_err();
+    assert_eq!(unknown, "route r has no backend 127.0.0.1:9");
+}
+
+#[test]
+fn an_order_on_a_name_covers_every_address_it_resolves_to_and_an_address_order_overrides_it() {
+    let mut b = balancer(r#"backends: [(addr: "db.internal:5432"), (addr: "127.0.0.1:1")]"#);
+    assert!(
+        b.admin_backend("db.internal:5432", AdminState::Drain).is_ok(),
+        "named before it resolves"
+    );
+    let (x, y) = ("192.0.2.1:5432".parse().unwrap(), "192.0.2.2:5432".parse().unwrap());
+    b.resolved(0, vec![x, y]);
+    assert_eq!(ports(&mut b, 2), [1, 1], "both addresses of the name drained");
+    assert_eq!(b.admin_backend("192.0.2.2:5432", AdminState::Enabled), Ok(vec![y]));
+    let mut seen = ports(&mut b, 4);
+    seen.sort_unstable();
+    assert_eq!(
+        seen,
+        [1, 1, 5432, 5432],
+        "the address's own order holds over its name's"
+    );
+    assert!(b.pick(CLIENT, &[]).is_ok());
+    assert!(
+        b.snapshot()
+            .0
+            .iter()
+            .any(|s| s.addr == x && s.admin == AdminState::Drain)
+    );
+}
+
+#[test]
+fn an_egress_drained_by_the_operator_takes_no_new_session_but_is_still_checked() {
+    let mut b = balancer(&format!(r#"egress: ["a", "b"], egress_strategy: Failover, {THREE}"#));
+    let (a, e_b) = (EgressId(1), EgressId(2));
+    assert_eq!(b.pick(CLIENT, &[]).unwrap().egress, a);
+    b.admin_egresses(vec![Arc::from("a")].into());
+    assert_eq!(
+        b.pick(CLIENT, &[]).unwrap().egress,
+        e_b,
+        "new sessions leave by the other"
+    );
+    assert!(b.snapshot().1[0].drained && b.snapshot().1[0].up);
+    assert!(b.targets().iter().all(|t| t.egress == a), "checks still go by it");
+    b.admin_egresses(vec![Arc::from("a"), Arc::from("b")].into());
+    let why = b.pick(CLIENT, &[]).unwrap_err();
+    assert_eq!(why.to_string(), "egress a down: drained by the admin");
+    b.admin_egresses(Vec::new().into());
+    assert_eq!(b.pick(CLIENT, &[]).unwrap().egress, a);
+}

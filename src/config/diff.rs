@@ -38,6 +38,8 @@ pub fn diff(old: &Settings, new: &Settings) -> Vec<Change> {
     out.restart = true;
     let status = |s: &Settings| Text(s.status.as_ref().map_or("none".into(), |a| a.to_string()));
     out.field("", "status", &status(old), &status(new));
+    let admin = |s: &Settings| Text(s.admin.as_ref().map_or("none".into(), |a| a.display().to_string()));
+    out.field("", "admin", &admin(old), &admin(new));
     out.field("", "workers", &old.workers, &new.workers);
     out.field("", "mailbox", &old.mailbox, &new.mailbox);
     out.restart = false;
@@ -264,6 +266,7 @@ mod tests {
             drain_timeout: _,
             status: _,
             status_allow: _,
+            admin: _,
             workers: _,
             max_connections: _,
             splice: _,
@@ -272,7 +275,7 @@ mod tests {
             routes: _,
         } = &base;
         type Edit = (&'static str, fn(&mut Settings));
-        let changes: [Edit; 10] = [
+        let changes: [Edit; 11] = [
             ("log_level", |s| s.log_level = log::LevelFilter::Trace),
             ("drain_timeout", |s| {
                 s.drain_timeout += std::time::Duration::from_secs(1)
@@ -283,6 +286,7 @@ mod tests {
             ("status_allow", |s| {
                 s.status_allow.deny.push("10.0.0.0/8".parse().unwrap())
             }),
+            ("admin", |s| s.admin = Some("/run/a.sock".into())),
             ("workers", |s| s.workers = Some(std::num::NonZeroUsize::new(7).unwrap())),
             ("max_connections", |s| {
                 s.max_connections = Some(std::num::NonZeroUsize::new(7).unwrap())

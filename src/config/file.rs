@@ -18,8 +18,11 @@ pub struct Config {
     /// `IP:port` of the status listener (the page and `/metrics`), or `unix:/path` for a Unix
     /// socket only the owner and group may use (default: none).
     pub status: Option<String>,
-    /// Client ranges that may read the status page and the metrics (default: any).
+    /// Client ranges that may read the status page and the metrics (default: loopback only).
     pub status_allow: Vec<String>,
+    /// Path of the admin socket (a Unix socket, mode 0600), where `relayd ctl` drains,
+    /// disables and enables backends and egresses at run time (default: none).
+    pub admin: Option<String>,
     /// Executor threads (default: one per core).
     pub workers: Option<usize>,
     /// Live sessions (TCP connections and UDP flows) the whole relay serves at once; past it,

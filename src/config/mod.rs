@@ -32,6 +32,8 @@ pub struct Settings {
     pub status: Option<StatusAddr>,
     /// Who may read the status listener.
     pub status_allow: ClientAcl,
+    /// The admin socket's path.
+    pub admin: Option<std::path::PathBuf>,
     /// Executor threads; `None`: one per core.
     pub workers: Option<NonZeroUsize>,
     /// Live sessions the whole relay serves at once.

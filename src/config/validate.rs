@@ -74,6 +74,10 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
     };
     let drain_timeout = p.duration("drain_timeout".into(), &config.drain_timeout, Duration::from_secs(30));
     let status = config.status.as_deref().and_then(|s| status_addr(s, &mut p));
+    let admin = config
+        .admin
+        .as_deref()
+        .and_then(|s| admin_path(s, status.as_ref(), &mut p));
     let workers = config.workers.map(|n| {
         let ok = NonZeroUsize::new(n).filter(|n| n.get() <= WORKERS_MAX);
         ok.unwrap_or_else(|| {
@@ -136,6 +140,7 @@ pub(super) fn settings(config: &Config) -> Result<Settings, Vec<Problem>> {
             drain_timeout,
             status,
             status_allow,
+            admin,
             workers,
             max_connections,
             splice: config.splice.unwrap_or(true),
@@ -527,6 +532,21 @@ fn loops_back(listen: SocketAddr, addr: SocketAddr) -> bool {
     listen.port() == addr.port()
         && (listen.ip() == addr.ip()
             || (listen.ip().is_unspecified() && (addr.ip().is_loopback() || addr.ip().is_unspecified())))
+}
+
+/// The admin socket's path: absolute, and not the status page's.
+fn admin_path(text: &str, status: Option<&StatusAddr>, p: &mut Problems) -> Option<std::path::PathBuf> {
+    let path = std::path::Path::new(text);
+    if !path.is_absolute() || path.file_name().is_none() {
+        let e = format!("{text:?}: the admin socket needs an absolute path, as in \"/run/relayd/admin.sock\"");
+        p.add("admin", e);
+        return None;
+    }
+    if status.is_some_and(|s| *s == StatusAddr::Unix(path.to_path_buf())) {
+        p.add("admin", format!("{text:?} is the status page's socket too"));
+        return None;
+    }
+    Some(path.to_path_buf())
 }
 
 /// `IP:port`, or `unix:PATH` (an absolute path) for a Unix socket.

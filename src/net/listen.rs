@@ -1,6 +1,6 @@
-//! Listening TCP sockets, as the route listeners and the status page open and serve them:
-//! bind with a real backlog, accept without extra system calls, and back off when accepting
-//! fails.
+//! Listening sockets, as the route listeners, the status page and the admin socket open and
+//! serve them: TCP with a real backlog, accepted without extra system calls; Unix with its
+//! file's mode set before anyone can connect; and the back-off when accepting fails.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -37,6 +37,31 @@ pub(crate) fn bind_tcp(
     socket.bind(&addr.into())?;
     listen(socket2::SockRef::from(&socket), backlog)?;
     Async::new(TcpListener::from(socket))
+}
+
+/// A listening Unix socket at `path` whose file has `mode` before anyone can connect: the file
+/// is made by bind(2), its mode set, and only then does listen(2) let connections in (a
+/// connect to a socket that does not listen yet is refused). A file left by a process that is
+/// gone is replaced; one a live process answers on is not.
+pub(crate) fn bind_unix(path: &std::path::Path, mode: u32) -> io::Result<Async<std::os::unix::net::UnixListener>> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(io::Error::new(io::ErrorKind::AddrInUse, "a process answers on it"));
+    }
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        std::fs::remove_file(path)?;
+    }
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None)?;
+    socket.bind(&SockAddr::unix(path)?)?;
+    let listening =
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).and_then(|()| socket.listen(64));
+    if let Err(e) = listening {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Async::new(std::os::unix::net::UnixListener::from(std::os::fd::OwnedFd::from(
+        socket,
+    )))
 }
 
 /// listen(2) with `backlog`: on a listening socket too, where it sets the backlog anew.

@@ -11,7 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 pub(crate) use endpoint::Endpoint;
-pub(crate) use listen::{Backoff, accept, bind_tcp, listen};
+pub(crate) use listen::{Backoff, accept, bind_tcp, bind_unix, listen};
 
 /// Sets an on/off socket option to on (IP_PKTINFO, IPV6_RECVPKTINFO, IP_BIND_ADDRESS_NO_PORT).
 pub(crate) fn set_flag(socket: &impl AsRawFd, level: libc::c_int, name: libc::c_int) -> io::Result<()> {

@@ -74,8 +74,8 @@ pub struct Relay {
     /// Stops the kernel watcher (a reload that changes what it judges starts another), and
     /// what it judges.
     watcher: Option<(Trigger, Vec<(EgressId, Egress)>)>,
-    /// To the status listener: a reload's pages.
-    pages: Option<Slot<Arc<Pages>>>,
+    /// To the status listener and the admin socket: a reload's pages.
+    pages: Slot<Arc<Pages>>,
     /// The listening sockets of TCP routes a reload removed, paused (bound, refusing) for a
     /// grace time, so that a reload soon after that listens there again takes one over
     /// instead of racing the old listener for the address.
@@ -162,6 +162,15 @@ impl Relay {
                 })
             })
             .transpose()?;
+        let admin_socket = (settings.admin.as_ref())
+            .map(|path| {
+                crate::net::bind_unix(path, 0o600).map_err(|source| StartError::Listen {
+                    what: "admin socket".into(),
+                    addr: path.display().to_string(),
+                    source,
+                })
+            })
+            .transpose()?;
         let (stop, stop_signal) = shutdown::signal();
         let (force, force_signal) = shutdown::signal();
         let mailbox = settings.mailbox.get();
@@ -199,7 +208,7 @@ impl Relay {
             settings: settings.clone(),
             balancers,
             watcher: None,
-            pages: None,
+            pages: Slot::new(),
             released: Vec::new(),
         };
         relay.watch_egresses(&settings.routes);
@@ -213,6 +222,9 @@ impl Relay {
         relay.balancers.put(relay.balancer_handles());
         if let Some(socket) = status_socket {
             relay.start_status(socket);
+        }
+        if let Some(socket) = admin_socket {
+            relay.start_admin(socket);
         }
         Ok(relay)
     }
@@ -412,11 +424,10 @@ impl Relay {
     }
 
     fn start_status(&mut self, socket: StatusSocket) {
-        let mut pages = Slot::new();
         let status = Status {
             socket,
             pages: self.pages(),
-            updates: pages.receiver(),
+            updates: self.pages.receiver(),
         };
         match status.socket.local_addr() {
             Some(addr) => log::info!(addr:% = addr; "status page listening"),
@@ -425,8 +436,20 @@ impl Relay {
             }
         }
         self.status = status.socket.local_addr();
-        self.pages = Some(pages);
         self.tasks.push(rt::spawn(status.run(self.common.stop.clone())));
+    }
+
+    fn start_admin(&mut self, socket: rt::Async<std::os::unix::net::UnixListener>) {
+        let path = self.settings.admin.clone().expect("an admin path");
+        log::info!(path:% = path.display(); "admin socket listening");
+        let admin = crate::admin::Admin {
+            socket,
+            path,
+            pages: self.pages(),
+            updates: self.pages.receiver(),
+            drained: Vec::new(),
+        };
+        self.tasks.push(rt::spawn(admin.run(self.common.stop.clone())));
     }
 
     fn pages(&self) -> Arc<Pages> {
@@ -436,6 +459,7 @@ impl Relay {
             stats: self.common.stats.clone(),
             metrics: self.common.metrics.clone(),
             config: self.settings.source.to_ron().into(),
+            egresses: self.settings.egress.iter().map(|e| e.name.as_str().into()).collect(),
         })
     }
 

@@ -173,9 +173,7 @@ impl Relay {
         self.enter_mut(|relay| relay.serve(serve));
         self.balancers.put(self.balancer_handles());
         self.settings = new;
-        if let Some(pages) = &self.pages {
-            pages.put(self.pages());
-        }
+        self.pages.put(self.pages());
         // Ended helpers and listeners need not be joined at the stop.
         self.tasks.retain(|task| !task.is_finished());
         Ok(changes)

@@ -7,7 +7,7 @@ use std::net::{SocketAddr, TcpStream};
 
 use harness::PATIENCE;
 use harness::backend::Backend;
-use harness::daemon::{Daemon, TempFile, field, run};
+use harness::daemon::{Daemon, TempFile, field, get, run};
 use harness::route;
 
 fn fetch(addr: std::net::SocketAddr) -> String {
@@ -182,18 +182,6 @@ async fn the_listener_survives_running_out_of_file_descriptors() {
 }
 
 /// GET `path` from the status listener at `addr`: the body.
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut stream = std::net::TcpStream::connect(addr).expect("status listener");
-    stream.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
-}
-
 /// The first line a greeter behind `addr` writes.
 fn greeted(addr: SocketAddr) -> String {
     let mut stream = std::net::TcpStream::connect(addr).expect("connect through relayd");

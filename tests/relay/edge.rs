@@ -9,21 +9,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
 use futures::AsyncWriteExt;
-use harness::daemon::{Daemon, field};
+use harness::daemon::{Daemon, field, get};
 use harness::{Harness, PATIENCE, client_hello, within};
 use relayd::SessionEnd;
-
-/// `GET path` from the status listener at `addr`: the body.
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(PATIENCE)).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
-    let mut page = String::new();
-    s.read_to_string(&mut page).unwrap();
-    page.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
-        .unwrap_or_default()
-}
 
 /// The value of the metric line that starts with `series` (0 when there is none).
 fn metric(page: &str, series: &str) -> i64 {

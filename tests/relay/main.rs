@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod admin;
 mod availability;
 mod balancing;
 mod clients;

@@ -181,3 +181,16 @@ pub fn run(args: &[&str]) -> (i32, String) {
         String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned(),
     )
 }
+
+/// `GET path` from the status listener at `addr`, blocking (bounded): the body.
+pub fn get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("status listener");
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    (answer.split_once("\r\n\r\n"))
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default()
+}
