@@ -24,6 +24,26 @@ impl fmt::Display for Problem {
     }
 }
 
+/// One problem the RON reader found, located by line and column (and by path when it is in a
+/// value: `routes[0].backends[1].weight`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Misread {
+    pub line: usize,
+    pub col: usize,
+    /// Empty when the problem is in the syntax around values.
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Misread {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.path.is_empty() {
+            true => write!(f, "{}:{}: {}", self.line, self.col, self.message),
+            false => write!(f, "{}:{}: {}: {}", self.line, self.col, self.path, self.message),
+        }
+    }
+}
+
 /// Why a config could not be loaded. Nothing starts while one of these exists.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -33,13 +53,9 @@ pub enum ConfigError {
         #[source]
         source: io::Error,
     },
-    #[error("{origin}:{line}:{col}: {message}")]
-    Syntax {
-        origin: String,
-        line: usize,
-        col: usize,
-        message: String,
-    },
+    /// What the RON reader found, each problem on a line of its own (`FILE:LINE:COL: …`).
+    #[error("{}", misread(.origin, .problems))]
+    Syntax { origin: String, problems: Vec<Misread> },
     #[error("{} invalid:\n{}", .origin, list(.problems))]
     Invalid { origin: String, problems: Vec<Problem> },
 }
@@ -52,6 +68,11 @@ impl ConfigError {
             _ => &[],
         }
     }
+}
+
+fn misread(origin: &str, problems: &[Misread]) -> String {
+    let lines: Vec<String> = problems.iter().map(|p| format!("{origin}:{p}")).collect();
+    lines.join("\n")
 }
 
 fn list(problems: &[Problem]) -> String {

@@ -2,6 +2,7 @@
 
 mod diff;
 mod file;
+mod read;
 mod validate;
 
 use std::net::{IpAddr, SocketAddr};
@@ -247,20 +248,6 @@ impl std::fmt::Display for BackendAddr {
     }
 }
 
-/// The known name nearest to a misspelt field or variant (as HAProxy offers one), when one is
-/// near enough to be what was meant: at most a third of its letters off.
-fn suggestion(error: &ron::Error) -> Option<&'static str> {
-    let (expected, found) = match error {
-        ron::Error::NoSuchStructField { expected, found, .. } => (*expected, found.as_str()),
-        ron::Error::NoSuchEnumVariant { expected, found, .. } => (*expected, found.as_str()),
-        _ => return None,
-    };
-    // Optimal string alignment: a swap of two neighbours is one edit (`Tpc` is one from `Tcp`).
-    let distance = |name: &str| strsim::osa_distance(name, found);
-    let best = *expected.iter().min_by_key(|name| distance(name))?;
-    (distance(best) <= best.len().max(found.len()) / 3).then_some(best)
-}
-
 /// What `GET /config` and `relayd --check` show in place of a password.
 pub const HIDDEN: &str = "<hidden>";
 
@@ -300,19 +287,15 @@ impl Config {
         Config::parse(&text, &path.display().to_string())?.validate_as(&path.display().to_string())
     }
 
-    /// Parses RON text; `origin` names it in errors (a path, or `<inline>`).
+    /// Parses RON text; `origin` names it in errors (a path, or `<inline>`): every value of
+    /// the wrong type and every unknown field at once, each by its path, up to the first
+    /// syntax error.
     ///
     /// `Some(..)` may be left out around optional values (RON's `implicit_some`).
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
-        options.from_str(text).map_err(|e| ConfigError::Syntax {
+        read::read(text).map_err(|problems| ConfigError::Syntax {
             origin: origin.to_string(),
-            line: e.span.start.line,
-            col: e.span.start.col,
-            message: match suggestion(&e.code) {
-                Some(near) => format!("{}; did you mean `{near}`?", e.code),
-                None => e.code.to_string(),
-            },
+            problems,
         })
     }
 

@@ -103,6 +103,23 @@ fn a_syntax_error_gives_file_line_and_column() {
 }
 
 #[test]
+fn check_names_a_misspelt_and_a_mistyped_field_by_their_paths_at_once() {
+    let bad = TempFile::new(
+        "typed.ron",
+        "(\n  routes: [\n    (name: \"a\", lisen: \"127.0.0.1:0\",\n     backends: [(addr: \"127.0.0.1:1\", weight: \"3\")]),\n  ],\n)\n",
+    );
+    let (code, stderr) = run(&["--check", "--config", bad.0.to_str().unwrap()]);
+    assert_eq!(code, 2, "{stderr}");
+    let file = bad.0.display();
+    for expected in [
+        format!("{file}:3:17: routes[0].lisen: no field named `lisen`; did you mean `listen`?"),
+        format!("{file}:4:47: routes[0].backends[0].weight: expected an integer, found a string"),
+    ] {
+        assert!(stderr.contains(&expected), "missing {expected:?} in:\n{stderr}");
+    }
+}
+
+#[test]
 fn a_missing_config_file_is_named() {
     let (code, stderr) = run(&["--config", "/nonexistent/relayd.ron"]);
     assert_eq!(code, 2);
